@@ -1,0 +1,194 @@
+"""Command line and environment -> a validated Config, then hand over to the launcher.
+
+Precedence for every option: command line, then RESNET_DDP_<OPTION>, then the
+default. OUTPUT_DIR (set by AstraGo) is the save dir when neither names one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import Mapping, Optional, Sequence
+
+from resnet_ddp.config import ALL_RANKS, ARCHITECTURES, FAIL_MODES, Config
+from resnet_ddp.errors import UsageError
+
+ENV_PREFIX = "RESNET_DDP_"
+MIN_IMAGE_SIZE = 32  # every supported ResNet downsamples by 32
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage, so errors stay one line."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see --help)")
+
+
+def _fail_rank(text: str) -> int:
+    if text == "all":
+        return ALL_RANKS
+    return int(text)
+
+
+def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="resnet-ddp",
+        description="Train torchvision ResNet with DDP and SyncBatchNorm on a lazily "
+        "generated fake dataset: a real distributed training job for testing GPU clusters.",
+        epilog=f"Every option can also be set as {ENV_PREFIX}<OPTION> in upper snake case "
+        f"(e.g. {ENV_PREFIX}BATCH_SIZE=128, {ENV_PREFIX}CPU=1); the command line wins over "
+        "the environment. OUTPUT_DIR sets the save dir when --save-dir is not given. "
+        "Exit codes: 0 finished, 1 failed during the run, 2 bad input or unusable setup, "
+        "130/143 stopped by SIGINT/SIGTERM.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = Config()
+    seed = p.add_argument_group("training (the seed's options)")
+    seed.add_argument("--epochs", type=int, default=d.epochs, help="epochs to train")
+    seed.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size per process")
+    seed.add_argument("--dataset-size", type=int, default=d.dataset_size, help="samples in the fake dataset")
+    seed.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")
+    seed.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader workers per process")
+    seed.add_argument("--save-dir", default=None, help=f"where model_final.pth goes (default: $OUTPUT_DIR, else {d.save_dir})")
+    seed.add_argument("--num-classes", type=int, default=d.num_classes, help="classes in the fake dataset and the model head")
+
+    model = p.add_argument_group("model and data")
+    model.add_argument("--arch", default=d.arch, choices=ARCHITECTURES, help="torchvision architecture (no pretrained weights)")
+    model.add_argument("--image-size", type=int, default=d.image_size, help="height and width of the fake images")
+    model.add_argument("--seed", type=int, default=d.seed, help="seed for data, weights and shuffling")
+    model.add_argument("--no-sync-bn", action="store_true", help="keep plain BatchNorm instead of SyncBatchNorm")
+    model.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
+    model.add_argument("--weight-decay", type=float, default=d.weight_decay, help="SGD weight decay")
+
+    place = p.add_argument_group("processes and devices")
+    place.add_argument("--cpu", action="store_true", help="run on CPU processes over gloo instead of GPUs")
+    place.add_argument("--nproc-per-node", type=int, default=None,
+                       help="processes on this node (default: every visible GPU; 2 with --cpu)")
+    place.add_argument("--min-gpus", type=int, default=d.min_gpus, help="refuse to start with fewer GPUs than this")
+    place.add_argument("--master-port", type=int, default=None,
+                       help="rendezvous port when this launcher starts the job (default: $MASTER_PORT, else a free port)")
+    place.add_argument("--dist-timeout", type=float, default=d.dist_timeout,
+                       help="seconds a collective may wait before the job is declared failed")
+
+    fault = p.add_argument_group("fault injection (for platform tests)")
+    fault.add_argument("--fail-at-step", type=int, default=None, help="inject a fault when this global step (1-based) starts")
+    fault.add_argument("--fail-rank", type=_fail_rank, default=d.fail_rank, help="rank that fails, or 'all'")
+    fault.add_argument("--fail-mode", default=d.fail_mode, choices=FAIL_MODES,
+                       help="exception: Python error (exit 1); exit: exit code 3; kill: SIGKILL itself")
+    _apply_environment(p, environ)
+    return p
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
+
+
+def _apply_environment(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    """Turn RESNET_DDP_<OPTION> variables into defaults, so the command line still wins."""
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        name = ENV_PREFIX + action.dest.upper()
+        if name not in environ:
+            continue
+        raw = environ[name]
+        try:
+            if isinstance(action, argparse._StoreTrueAction):
+                value = _parse_bool(raw)
+            else:
+                value = action.type(raw) if action.type else raw
+                if action.choices is not None and value not in action.choices:
+                    raise ValueError(f"choose from {', '.join(map(str, action.choices))}")
+        except ValueError as exc:
+            raise UsageError(f"{name}={raw!r} is not valid for {action.option_strings[0]}: {exc}") from None
+        parser.set_defaults(**{action.dest: value})
+
+
+def parse_config(argv: Optional[Sequence[str]] = None, environ: Mapping[str, str] = os.environ) -> Config:
+    parser = build_parser(environ)
+    args = parser.parse_args(argv)
+    save_dir = args.save_dir or environ.get("OUTPUT_DIR") or Config.save_dir
+    config = Config(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        dataset_size=args.dataset_size,
+        lr=args.lr,
+        num_workers=args.num_workers,
+        save_dir=save_dir,
+        num_classes=args.num_classes,
+        arch=args.arch,
+        image_size=args.image_size,
+        seed=args.seed,
+        sync_bn=not args.no_sync_bn,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        cpu=args.cpu,
+        nproc_per_node=args.nproc_per_node,
+        min_gpus=args.min_gpus,
+        master_port=args.master_port,
+        dist_timeout=args.dist_timeout,
+        fail_at_step=args.fail_at_step,
+        fail_rank=args.fail_rank,
+        fail_mode=args.fail_mode,
+    )
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Refuse values that could only fail later; each message names the option."""
+    at_least_one = {
+        "--epochs": config.epochs,
+        "--batch-size": config.batch_size,
+        "--dataset-size": config.dataset_size,
+        "--num-classes": config.num_classes,
+    }
+    for option, value in at_least_one.items():
+        if value < 1:
+            raise UsageError(f"{option} must be at least 1, got {value}")
+    if config.image_size < MIN_IMAGE_SIZE:
+        raise UsageError(f"--image-size must be at least {MIN_IMAGE_SIZE} for {config.arch}, got {config.image_size}")
+    if config.num_workers < 0:
+        raise UsageError(f"--num-workers must be 0 or more, got {config.num_workers}")
+    if not (math.isfinite(config.lr) and config.lr > 0):
+        raise UsageError(f"--lr must be a positive finite number, got {config.lr}")
+    for option, value in (("--momentum", config.momentum), ("--weight-decay", config.weight_decay)):
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"{option} must be a finite number of 0 or more, got {value}")
+    if not 0 <= config.seed < 2**63:
+        raise UsageError(f"--seed must be in [0, 2**63), got {config.seed}")
+    if config.nproc_per_node is not None and config.nproc_per_node < 1:
+        raise UsageError(f"--nproc-per-node must be at least 1, got {config.nproc_per_node}")
+    if config.min_gpus < 0:
+        raise UsageError(f"--min-gpus must be 0 or more, got {config.min_gpus}")
+    if config.master_port is not None and not 1 <= config.master_port <= 65535:
+        raise UsageError(f"--master-port must be in 1..65535, got {config.master_port}")
+    if not (math.isfinite(config.dist_timeout) and config.dist_timeout > 0):
+        raise UsageError(f"--dist-timeout must be a positive number of seconds, got {config.dist_timeout}")
+    if config.fail_at_step is not None and config.fail_at_step < 1:
+        raise UsageError(f"--fail-at-step must be at least 1, got {config.fail_at_step}")
+    if config.fail_rank < ALL_RANKS:
+        raise UsageError(f"--fail-rank must be a rank (0 or more) or 'all', got {config.fail_rank}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    # Imported here so that `--help` and input errors answer without loading torch.
+    try:
+        config = parse_config(argv)
+        from resnet_ddp import checkpoint, launch
+
+        plan = launch.plan_launch(config, os.environ)
+        checkpoint.ensure_writable_dir(config.save_dir)
+    except UsageError as exc:
+        print(f"resnet-ddp: error: {exc}", file=sys.stderr)
+        return 2
+    return launch.run(config, plan)

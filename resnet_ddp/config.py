@@ -1,0 +1,51 @@
+"""The one typed configuration object, built once by the CLI and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+ARCHITECTURES = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "wide_resnet50_2",
+    "resnext50_32x4d",
+)
+FAIL_MODES = ("exception", "exit", "kill")
+ALL_RANKS = -1  # --fail-rank all
+
+
+@dataclass(frozen=True)
+class Config:
+    # The seed's options, same names and defaults.
+    epochs: int = 100
+    batch_size: int = 64
+    dataset_size: int = 100_000
+    lr: float = 0.001
+    num_workers: int = 4
+    save_dir: str = "./checkpoints"
+    num_classes: int = 100
+    # Model and data.
+    arch: str = "resnet50"
+    image_size: int = 224
+    seed: int = 0
+    sync_bn: bool = True
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    # Placement and process group.
+    cpu: bool = False
+    nproc_per_node: Optional[int] = None
+    min_gpus: int = 2
+    master_port: Optional[int] = None
+    dist_timeout: float = 600.0
+    # Fault injection for platform tests.
+    fail_at_step: Optional[int] = None
+    fail_rank: int = 0
+    fail_mode: str = "exception"
+
+    @property
+    def device_type(self) -> str:
+        return "cpu" if self.cpu else "cuda"

@@ -1,0 +1,107 @@
+"""The fake dataset, its per-rank sampler, and turning its batches into model input.
+
+Nothing is stored per sample: an image and its label are computed from (seed,
+index) on demand, and the sampler's shuffle is an affine permutation computed per
+position. Host memory is therefore the same for 100 samples or 10 billion.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+# Images travel as uint8 (4x fewer bytes than float32) and are normalised on the device.
+PIXEL_MEAN = 127.5
+PIXEL_STD = 64.0
+
+
+class LazyFakeDataset(Dataset):
+    """3 x size x size uint8 images and labels in [0, num_classes), a pure function of (seed, index).
+
+    Each image is uniform noise plus a colour that depends on its class, so a
+    model can learn from it and the loss visibly falls.
+    """
+
+    def __init__(self, length: int, image_size: int, num_classes: int, seed: int):
+        self.length = length
+        self.image_size = image_size
+        self.num_classes = num_classes
+        self.seed = seed
+        colours = np.random.Generator(np.random.SFC64([seed, 2**32])).integers(0, 128, size=(num_classes, 3))
+        self._class_colours = colours.astype(np.uint8)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} outside a dataset of {self.length}")
+        rng = np.random.Generator(np.random.SFC64([self.seed, index]))
+        label = int(rng.integers(self.num_classes))
+        shape = (3, self.image_size, self.image_size)
+        image = np.frombuffer(rng.bytes(math.prod(shape)), dtype=np.uint8).reshape(shape).copy()
+        image >>= 1
+        image += self._class_colours[label][:, None, None]
+        return torch.from_numpy(image), label
+
+
+class ShardedPermutationSampler(Sampler):
+    """This rank's share of a shuffled epoch, without materialising the permutation.
+
+    Position p of epoch e maps to sample (a * p + b) mod n with gcd(a, n) = 1, a
+    bijection drawn from (seed, epoch). Rank r takes positions r, r + W, r + 2W, ...
+    and the epoch is padded by wrapping round so that every rank gets the same
+    number of samples (as DistributedSampler does).
+    """
+
+    def __init__(self, dataset_length: int, rank: int, world_size: int, seed: int):
+        self.n = dataset_length
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.epoch = 0
+        self.samples_per_rank = math.ceil(dataset_length / world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _permutation(self) -> Tuple[int, int]:
+        rng = np.random.Generator(np.random.SFC64([self.seed, 2**32 + 1, self.epoch]))
+        if self.n == 1:
+            return 1, 0
+        while True:
+            a = int(rng.integers(1, self.n))
+            if math.gcd(a, self.n) == 1:
+                return a, int(rng.integers(self.n))
+
+    def __len__(self) -> int:
+        return self.samples_per_rank
+
+    def __iter__(self) -> Iterator[int]:
+        a, b = self._permutation()
+        n, world, rank = self.n, self.world_size, self.rank
+        for k in range(self.samples_per_rank):
+            position = (k * world + rank) % n
+            yield (a * position + b) % n
+
+
+def build_loader(dataset: Dataset, sampler: Sampler, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        drop_last=False,
+    )
+
+
+def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 NCHW on the host -> normalised float32 on the device."""
+    images = images.to(device, non_blocking=True)
+    return images.float().sub_(PIXEL_MEAN).div_(PIXEL_STD)

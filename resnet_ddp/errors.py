@@ -1,0 +1,10 @@
+"""The one error type that means "the user asked for something we refuse"."""
+
+
+class UsageError(Exception):
+    """Bad option, bad environment value or unusable setup.
+
+    The entry point prints it as one line on stderr and exits 2, before any
+    training process starts. Anything else that escapes is a bug or a run-time
+    failure and keeps its traceback.
+    """

@@ -1,0 +1,231 @@
+"""Which launch mode, how many processes, spawning them and watching over them.
+
+The mode is settled here, once; every process then runs the same code (job.py).
+
+- torchrun: TORCHELASTIC_RUN_ID or LOCAL_WORLD_SIZE is set. This process is one
+  worker; torchrun already set RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous.
+- node-env: WORLD_SIZE and MASTER_ADDR are set without torchrun (AstraGo's simple
+  runtime, pytorch/examples style). RANK and WORLD_SIZE count nodes; we spawn one
+  process per local device with global rank RANK * nproc + local_rank.
+- standalone: nothing is set. We spawn one process per local device and
+  rendezvous on 127.0.0.1 at a free port unless one is given.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Dict, List, Mapping
+
+from resnet_ddp.config import Config
+from resnet_ddp.errors import UsageError
+
+DEFAULT_CPU_PROCESSES = 2
+# How long ranks get to exit on SIGTERM before SIGKILL, once one rank has failed.
+TERMINATE_GRACE_S = 10.0
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    mode: str  # "standalone", "node-env" or "torchrun"
+    device_type: str  # "cuda" or "cpu"
+    nproc: int  # processes on this node
+    node_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+
+    def worker_env(self, local_rank: int) -> Dict[str, str]:
+        """The torch.distributed env:// variables for one spawned process."""
+        return {
+            "RANK": str(self.node_rank * self.nproc + local_rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_RANK": str(local_rank),
+            "LOCAL_WORLD_SIZE": str(self.nproc),
+            "GROUP_RANK": str(self.node_rank),
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
+        }
+
+
+def _env_int(environ: Mapping[str, str], name: str, minimum: int) -> int:
+    raw = environ.get(name, "")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise UsageError(f"{name}={raw!r} must be an integer") from None
+    if value < minimum:
+        raise UsageError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _local_process_count(config: Config) -> int:
+    if config.cpu:
+        return config.nproc_per_node or DEFAULT_CPU_PROCESSES
+    import torch
+
+    visible = torch.cuda.device_count()
+    wanted = config.nproc_per_node or visible
+    if wanted > visible:
+        raise UsageError(f"--nproc-per-node {wanted} asks for more GPUs than the {visible} visible here")
+    if wanted < config.min_gpus:
+        raise UsageError(
+            f"found {visible} GPU(s), fewer than --min-gpus {config.min_gpus}: "
+            "pass --min-gpus 1 to train on fewer, or --cpu to run on CPU processes"
+        )
+    if wanted < 1:
+        raise UsageError("no GPU is visible: pass --cpu to run on CPU processes")
+    return wanted
+
+
+def plan_launch(config: Config, environ: Mapping[str, str]) -> LaunchPlan:
+    """Settle the launch mode and the process layout, refusing what cannot run."""
+    device_type = config.device_type
+    if "TORCHELASTIC_RUN_ID" in environ or "LOCAL_WORLD_SIZE" in environ:
+        world_size = _env_int(environ, "WORLD_SIZE", 1)
+        local_rank = _env_int(environ, "LOCAL_RANK", 0)
+        if not config.cpu:
+            import torch
+
+            visible = torch.cuda.device_count()
+            if local_rank >= visible:
+                raise UsageError(
+                    f"LOCAL_RANK {local_rank} has no GPU: {visible} visible here "
+                    "(start torchrun with --nproc-per-node at most the GPU count, or pass --cpu)"
+                )
+        plan = LaunchPlan(
+            mode="torchrun",
+            device_type=device_type,
+            nproc=_env_int(environ, "LOCAL_WORLD_SIZE", 1),
+            node_rank=int(environ.get("GROUP_RANK", "0") or 0),
+            world_size=world_size,
+            master_addr=environ.get("MASTER_ADDR", ""),
+            master_port=int(environ.get("MASTER_PORT", "0") or 0),
+        )
+    elif "WORLD_SIZE" in environ and "MASTER_ADDR" in environ:
+        nnodes = _env_int(environ, "WORLD_SIZE", 1)
+        node_rank = _env_int(environ, "RANK", 0) if "RANK" in environ else 0
+        if node_rank >= nnodes:
+            raise UsageError(f"RANK={node_rank} must be below WORLD_SIZE={nnodes} (they count nodes here)")
+        if config.master_port is None and "MASTER_PORT" not in environ:
+            raise UsageError("MASTER_ADDR is set but MASTER_PORT is not: set MASTER_PORT or pass --master-port")
+        port = config.master_port or _env_int(environ, "MASTER_PORT", 1)
+        nproc = _local_process_count(config)
+        plan = LaunchPlan("node-env", device_type, nproc, node_rank, nnodes * nproc, environ["MASTER_ADDR"], port)
+    else:
+        if config.master_port is not None:
+            port = config.master_port
+        elif "MASTER_PORT" in environ:
+            port = _env_int(environ, "MASTER_PORT", 1)
+        else:
+            port = _free_port()
+        nproc = _local_process_count(config)
+        plan = LaunchPlan("standalone", device_type, nproc, 0, nproc, "127.0.0.1", port)
+    if config.dataset_size < plan.world_size:
+        raise UsageError(
+            f"--dataset-size {config.dataset_size} is smaller than the {plan.world_size} processes of this job"
+        )
+    if config.fail_at_step is not None and config.fail_rank >= plan.world_size:
+        raise UsageError(f"--fail-rank {config.fail_rank} is not a rank of this {plan.world_size}-process job")
+    return plan
+
+
+def run(config: Config, plan: LaunchPlan) -> int:
+    if plan.mode == "torchrun":
+        from resnet_ddp import job
+
+        return job.run_process(config)
+    return _spawn_and_supervise(config, plan)
+
+
+def _worker_main(local_rank: int, config: Config, plan: LaunchPlan) -> None:
+    """Entry of a spawned process: become a torch.distributed worker, then run the job."""
+    os.environ.update(plan.worker_env(local_rank))
+    rank = os.environ["RANK"]
+    try:
+        from resnet_ddp import job
+
+        code = job.run_process(config)
+    except UsageError as exc:
+        print(f"resnet-ddp: error: {exc}", file=sys.stderr, flush=True)
+        code = 2
+    except Exception:
+        print(f"[Rank {rank}] failed:\n{traceback.format_exc()}", file=sys.stderr, end="", flush=True)
+        code = 1
+    sys.stdout.flush()
+    if code != 0:
+        # Skip interpreter teardown: it can block on a process group whose peers are gone.
+        os._exit(code)
+
+
+def _spawn_and_supervise(config: Config, plan: LaunchPlan) -> int:
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=_worker_main, args=(local_rank, config, plan), name=f"resnet-ddp-rank{local_rank}")
+        for local_rank in range(plan.nproc)
+    ]
+    received: List[int] = []
+
+    def forward_signal(signum, _frame):
+        # In a container this launcher is PID 1, the only process Kubernetes signals.
+        received.append(signum)
+        for process in processes:
+            if process.pid is not None and process.exitcode is None:
+                os.kill(process.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for process in processes:
+            process.start()
+        return _supervise(processes, plan, received)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _supervise(processes, plan: LaunchPlan, received: List[int]) -> int:
+    """Wait for every rank; the first failure stops the rest and sets the exit code."""
+    while True:
+        failed = [(i, p.exitcode) for i, p in enumerate(processes) if p.exitcode not in (None, 0)]
+        if failed and not received:
+            _report_failures(failed, plan)
+            _terminate(processes)
+            local_rank, code = failed[0]
+            return code if code > 0 else 1
+        running = [p for p in processes if p.exitcode is None]
+        if not running:
+            break
+        multiprocessing.connection.wait([p.sentinel for p in running], timeout=1.0)
+    if received:
+        return 128 + received[0]
+    return 0
+
+
+def _report_failures(failed, plan: LaunchPlan) -> None:
+    for local_rank, code in failed:
+        rank = plan.node_rank * plan.nproc + local_rank
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        print(f"resnet-ddp: rank {rank} {how}; stopping the other ranks", file=sys.stderr, flush=True)
+
+
+def _terminate(processes) -> None:
+    for process in processes:
+        if process.exitcode is None:
+            process.terminate()
+    for process in processes:
+        process.join(TERMINATE_GRACE_S)
+        if process.exitcode is None:
+            process.kill()
+            process.join()

@@ -1,0 +1,50 @@
+"""Building the torchvision model, SyncBatchNorm, DDP wrapping, and unwrapping for export."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn as nn
+import torchvision
+from torch.nn.parallel import DistributedDataParallel
+
+from resnet_ddp.distributed import RankInfo
+from resnet_ddp.syncbn import convert_sync_batchnorm
+
+
+_DDP_PARAMETERS = inspect.signature(DistributedDataParallel.__init__).parameters
+
+
+def build_model(arch: str, num_classes: int, sync_bn: bool) -> nn.Module:
+    """A randomly initialised torchvision model: weights=None, so never a download."""
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    if sync_bn:
+        model = convert_sync_batchnorm(model)
+    return model
+
+
+def wrap_ddp(model: nn.Module, rank: RankInfo, sync_bn: bool) -> DistributedDataParallel:
+    model = model.to(rank.device)
+    device_ids = [rank.device.index] if rank.device.type == "cuda" else None
+    # With SyncBN the running statistics are already identical on every rank,
+    # so DDP's per-step broadcast of buffers from rank 0 would only cost time.
+    # Newer torch renamed the option (the old name warns); both sync once at start.
+    name = "forward_sync_buffers" if "forward_sync_buffers" in _DDP_PARAMETERS else "broadcast_buffers"
+    return DistributedDataParallel(model, device_ids=device_ids, **{name: not sync_bn})
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare torchvision module under DDP and torch.compile wrappers."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def export_state_dict(model: nn.Module) -> dict:
+    """A plain state_dict that torchvision.models.<arch>(num_classes=N) loads as is."""
+    return {name: tensor.detach().cpu().contiguous() for name, tensor in unwrap(model).state_dict().items()}

@@ -1,0 +1,182 @@
+"""SyncBatchNorm with the maths of torch.nn.SyncBatchNorm, no host sync, and a CPU path.
+
+Why our own: the stock layer refuses CPU tensors (so the CPU test suite could not
+run it over gloo), and its forward drops empty-input ranks with boolean-mask
+indexing, which forces a host-device sync in each of ResNet-50's 53 BatchNorm
+layers. Our sampler gives every rank the same non-zero batch, so that mask is
+never needed.
+
+Statistics: each rank computes its per-channel mean and invstd, they are
+all-gathered with the element counts, and the global mean and variance are
+combined from them (the same reduction as the stock layer). The backward pass
+all-reduces sum(dy) and sum(dy * (x - mean)).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _gather_stats(local: torch.Tensor, world_size: int, group) -> torch.Tensor:
+    """All-gather a 1-D stats vector from every rank into a (world_size, len) tensor."""
+    if dist.get_backend(group) == "gloo":  # gloo has no all_gather_into_tensor
+        parts: List[torch.Tensor] = [torch.empty_like(local) for _ in range(world_size)]
+        dist.all_gather(parts, local, group=group)
+        return torch.stack(parts)
+    gathered = torch.empty((world_size, local.numel()), dtype=local.dtype, device=local.device)
+    dist.all_gather_into_tensor(gathered, local, group=group)
+    return gathered
+
+
+def _local_stats(x: torch.Tensor, eps: float):
+    if x.is_cuda:
+        return torch.batch_norm_stats(x, eps)
+    xf = x.float()
+    var, mean = torch.var_mean(xf, dim=[0, 2, 3], unbiased=False)
+    return mean, torch.rsqrt(var + eps)
+
+
+def _global_stats(x, mean_all, invstd_all, count_all, running_mean, running_var, momentum, eps):
+    """Combine per-rank statistics; update the running buffers like the stock layer."""
+    if x.is_cuda:
+        return torch.batch_norm_gather_stats_with_counts(
+            x, mean_all, invstd_all, running_mean, running_var, momentum, eps, count_all
+        )
+    counts = count_all.view(-1, 1)
+    total = counts.sum()
+    mean = (mean_all * counts).sum(0) / total
+    var_all = invstd_all.reciprocal().square() - eps
+    var = ((var_all + (mean_all - mean).square()) * counts).sum(0) / total
+    if running_mean is not None:
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        unbiased = var * total / (total - 1)
+        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    return mean, torch.rsqrt(var + eps)
+
+
+def _shape(v: torch.Tensor) -> torch.Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group, world_size):
+        memory_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        x = x.contiguous(memory_format=memory_format)
+        channels = x.shape[1]
+        mean, invstd = _local_stats(x, eps)
+        count = torch.full((1,), x.numel() // channels, dtype=mean.dtype, device=mean.device)
+        gathered = _gather_stats(torch.cat([mean, invstd, count]), world_size, group)
+        mean_all, invstd_all, count_all = torch.split(gathered, [channels, channels, 1], dim=1)
+        mean, invstd = _global_stats(
+            x, mean_all, invstd_all, count_all.view(-1), running_mean, running_var, momentum, eps
+        )
+        ctx.save_for_backward(x, weight, mean, invstd, count_all.to(torch.int32).view(-1))
+        ctx.group = group
+        if x.is_cuda:
+            return torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
+        out = (x.float() - _shape(mean)) * _shape(invstd)
+        if weight is not None:
+            out = out * _shape(weight) + _shape(bias)
+        return out.to(x.dtype).contiguous(memory_format=memory_format)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, mean, invstd, count_all = ctx.saved_tensors
+        memory_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        grad_out = grad_out.contiguous(memory_format=memory_format)
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        channels = x.shape[1]
+        if x.is_cuda:
+            sum_dy, sum_dy_xmu, grad_weight, grad_bias = torch.batch_norm_backward_reduce(
+                grad_out, x, mean, invstd, weight, need_input, need_weight, need_bias
+            )
+        else:
+            dy = grad_out.float()
+            xmu = x.float() - _shape(mean)
+            sum_dy = dy.sum(dim=[0, 2, 3])
+            sum_dy_xmu = (dy * xmu).sum(dim=[0, 2, 3])
+            grad_weight = (sum_dy_xmu * invstd).to(weight.dtype) if need_weight else None
+            grad_bias = sum_dy.to(weight.dtype) if need_bias else None
+        grad_input = None
+        if need_input:
+            sums = torch.cat([sum_dy, sum_dy_xmu])
+            dist.all_reduce(sums, group=ctx.group)
+            sum_dy, sum_dy_xmu = torch.split(sums, channels)
+            if x.is_cuda:
+                grad_input = torch.batch_norm_backward_elemt(
+                    grad_out, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count_all
+                )
+            else:
+                total = count_all.sum().to(torch.float32)
+                scale = invstd if weight is None else invstd * weight.float()
+                grad_input = (
+                    dy - _shape(sum_dy / total) - xmu * _shape(invstd.square() * sum_dy_xmu / total)
+                ) * _shape(scale)
+                grad_input = grad_input.to(x.dtype).contiguous(memory_format=memory_format)
+        if not need_weight:
+            grad_weight = None
+        if not need_bias:
+            grad_bias = None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Drop-in for nn.BatchNorm2d whose training statistics span the whole process group.
+
+    Same parameters and buffers as BatchNorm2d, so a state_dict moves freely
+    between the two.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, process_group=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        # The cumulative average (momentum=None) would need a host read of the
+        # batch counter; ResNet uses the default momentum.
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        world_size = dist.get_world_size(self.process_group) if dist.is_available() and dist.is_initialized() else 1
+        if not self.training or world_size == 1:
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias,
+                self.training or not self.track_running_stats, momentum, self.eps,
+            )
+        group = self.process_group or dist.group.WORLD
+        return _SyncBatchNormFunction.apply(
+            x, self.weight, self.bias,
+            self.running_mean if self.track_running_stats else None,
+            self.running_var if self.track_running_stats else None,
+            self.eps, momentum, group, world_size,
+        )
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Replace every BatchNorm2d in a module tree by SyncBatchNorm, keeping its state."""
+    if isinstance(module, nn.BatchNorm2d):
+        converted = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                  module.track_running_stats, process_group)
+        if module.affine:
+            with torch.no_grad():
+                converted.weight = module.weight
+                converted.bias = module.bias
+        converted.running_mean = module.running_mean
+        converted.running_var = module.running_var
+        converted.num_batches_tracked = module.num_batches_tracked
+        return converted
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child, process_group))
+    return module

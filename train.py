@@ -1,0 +1,4 @@
+from resnet_ddp.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
