@@ -80,6 +80,8 @@ def _local_process_count(config: Config) -> int:
     wanted = config.nproc_per_node or visible
     if wanted > visible:
         raise UsageError(f"--nproc-per-node {wanted} asks for more GPUs than the {visible} visible here")
+    if config.nproc_per_node is not None and wanted < config.min_gpus:
+        raise UsageError(f"--nproc-per-node {wanted} is below --min-gpus {config.min_gpus}: lower --min-gpus too")
     if wanted < config.min_gpus:
         raise UsageError(
             f"found {visible} GPU(s), fewer than --min-gpus {config.min_gpus}: "
@@ -161,6 +163,8 @@ def _worker_main(local_rank: int, config: Config, plan: LaunchPlan) -> None:
     except UsageError as exc:
         print(f"resnet-ddp: error: {exc}", file=sys.stderr, flush=True)
         code = 2
+    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal's group
+        code = 128 + signal.SIGINT
     except Exception:
         print(f"[Rank {rank}] failed:\n{traceback.format_exc()}", file=sys.stderr, end="", flush=True)
         code = 1

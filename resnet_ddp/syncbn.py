@@ -33,10 +33,15 @@ def _gather_stats(local: torch.Tensor, world_size: int, group) -> torch.Tensor:
     return gathered
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """The CPU path computes in at least float32, as the CUDA kernels accumulate."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _local_stats(x: torch.Tensor, eps: float):
     if x.is_cuda:
         return torch.batch_norm_stats(x, eps)
-    xf = x.float()
+    xf = _upcast(x)
     var, mean = torch.var_mean(xf, dim=[0, 2, 3], unbiased=False)
     return mean, torch.rsqrt(var + eps)
 
@@ -80,7 +85,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         ctx.group = group
         if x.is_cuda:
             return torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
-        out = (x.float() - _shape(mean)) * _shape(invstd)
+        out = (_upcast(x) - _shape(mean)) * _shape(invstd)
         if weight is not None:
             out = out * _shape(weight) + _shape(bias)
         return out.to(x.dtype).contiguous(memory_format=memory_format)
@@ -97,8 +102,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 grad_out, x, mean, invstd, weight, need_input, need_weight, need_bias
             )
         else:
-            dy = grad_out.float()
-            xmu = x.float() - _shape(mean)
+            dy = _upcast(grad_out)
+            xmu = _upcast(x) - _shape(mean)
             sum_dy = dy.sum(dim=[0, 2, 3])
             sum_dy_xmu = (dy * xmu).sum(dim=[0, 2, 3])
             grad_weight = (sum_dy_xmu * invstd).to(weight.dtype) if need_weight else None
@@ -113,8 +118,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                     grad_out, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count_all
                 )
             else:
-                total = count_all.sum().to(torch.float32)
-                scale = invstd if weight is None else invstd * weight.float()
+                total = count_all.sum().to(dy.dtype)
+                scale = invstd if weight is None else invstd * weight.to(dy.dtype)
                 grad_input = (
                     dy - _shape(sum_dy / total) - xmu * _shape(invstd.square() * sum_dy_xmu / total)
                 ) * _shape(scale)

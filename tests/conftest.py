@@ -1,0 +1,99 @@
+"""Helpers for running the real job in subprocesses, as users and platforms do."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Tiny settings: resnet18 at 32 px, a few steps on 2 CPU ranks over gloo.
+TINY = [
+    "--cpu", "--nproc-per-node", "2", "--arch", "resnet18", "--image-size", "32",
+    "--dataset-size", "64", "--batch-size", "8", "--epochs", "2", "--num-workers", "0",
+    "--num-classes", "10", "--lr", "0.01",
+]
+
+# Variables that would change the launch mode or options if the caller's shell had them.
+_LAUNCH_VARIABLES = (
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+    "MASTER_PORT", "TORCHELASTIC_RUN_ID", "OUTPUT_DIR",
+)
+
+
+def clean_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES and not k.startswith("RESNET_DDP_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Job:
+    """A job started in the background, tagged so that every process it made can be found."""
+
+    def __init__(self, command: Sequence[str], env: Optional[Dict[str, str]] = None):
+        self.marker = uuid.uuid4().hex
+        full_env = clean_env(env)
+        full_env["RESNET_DDP_TEST_MARKER"] = self.marker
+        self.process = subprocess.Popen(
+            list(command), cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+
+    def wait(self, timeout: float = 240) -> subprocess.CompletedProcess:
+        out, err = self.process.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(self.process.args, self.process.returncode, out, err)
+
+    def leftover_pids(self) -> List[int]:
+        return processes_with_marker(self.marker)
+
+
+def processes_with_marker(marker: str) -> List[int]:
+    """PIDs whose environment carries the marker (children inherit it, whatever their command line)."""
+    found = []
+    needle = f"RESNET_DDP_TEST_MARKER={marker}".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read():
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def wait_for_no_leftovers(job: Job, within_s: float = 15.0) -> List[int]:
+    deadline = time.monotonic() + within_s
+    while True:
+        left = job.leftover_pids()
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+def train_command(*args: str) -> List[str]:
+    return [sys.executable, "train.py", *args]
+
+
+def run_train(*args: str, env: Optional[Dict[str, str]] = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    return Job(train_command(*args), env).wait(timeout)
+
+
+@pytest.fixture
+def save_dir(tmp_path: Path) -> Path:
+    return tmp_path / "out"

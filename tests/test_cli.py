@@ -1,0 +1,87 @@
+"""Options, the environment overlay and refusals, as a user meets them."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import TINY, run_train
+from resnet_ddp.cli import build_parser, parse_config
+from resnet_ddp.config import Config
+from resnet_ddp.errors import UsageError
+
+
+def test_defaults_are_the_seeds():
+    config = parse_config([], environ={})
+    assert (config.epochs, config.batch_size, config.dataset_size, config.lr) == (100, 64, 100_000, 0.001)
+    assert (config.num_workers, config.save_dir, config.num_classes) == (4, "./checkpoints", 100)
+    assert config.arch == "resnet50" and config.image_size == 224 and config.sync_bn
+    assert config.momentum == 0.0 and config.weight_decay == 0.0 and config.min_gpus == 2
+
+
+def test_environment_sets_options_and_command_line_wins():
+    env = {"RESNET_DDP_BATCH_SIZE": "128", "RESNET_DDP_LR": "0.5", "RESNET_DDP_CPU": "1",
+           "RESNET_DDP_NO_SYNC_BN": "yes", "RESNET_DDP_ARCH": "resnet18"}
+    config = parse_config([], environ=env)
+    assert (config.batch_size, config.lr, config.cpu, config.sync_bn, config.arch) == (128, 0.5, True, False, "resnet18")
+    assert parse_config(["--batch-size", "32"], environ=env).batch_size == 32
+    assert parse_config([], environ={"RESNET_DDP_CPU": "0"}).cpu is False
+
+
+def test_output_dir_is_the_save_dir_unless_one_is_named():
+    assert parse_config([], environ={"OUTPUT_DIR": "/data/out"}).save_dir == "/data/out"
+    assert parse_config(["--save-dir", "mine"], environ={"OUTPUT_DIR": "/data/out"}).save_dir == "mine"
+    env = {"OUTPUT_DIR": "/data/out", "RESNET_DDP_SAVE_DIR": "/env/dir"}
+    assert parse_config([], environ=env).save_dir == "/env/dir"
+
+
+@pytest.mark.parametrize("name,value", [
+    ("RESNET_DDP_EPOCHS", "ten"), ("RESNET_DDP_LR", "fast"), ("RESNET_DDP_CPU", "maybe"),
+    ("RESNET_DDP_ARCH", "vgg16"),
+])
+def test_malformed_environment_value_names_the_variable(name, value):
+    with pytest.raises(UsageError, match=name):
+        parse_config([], environ={name: value})
+
+
+def test_help_documents_the_environment():
+    text = build_parser({}).format_help()
+    assert "RESNET_DDP_" in text and "OUTPUT_DIR" in text
+    for option in ("--epochs", "--batch-size", "--dataset-size", "--lr", "--num-workers", "--save-dir",
+                   "--num-classes", "--arch", "--image-size", "--seed", "--cpu", "--nproc-per-node",
+                   "--min-gpus", "--no-sync-bn", "--momentum", "--weight-decay", "--master-port", "--dist-timeout"):
+        assert option in text
+
+
+@pytest.mark.parametrize("args,env,expected", [
+    (["--epochs", "0"], {}, "--epochs"),
+    (["--batch-size", "-1"], {}, "--batch-size"),
+    (["--dataset-size", "0"], {}, "--dataset-size"),
+    (["--num-classes", "0"], {}, "--num-classes"),
+    (["--image-size", "16"], {}, "--image-size"),
+    (["--num-workers", "-1"], {}, "--num-workers"),
+    (["--lr", "nan"], {}, "--lr"),
+    (["--lr", "-0.1"], {}, "--lr"),
+    (["--lr", "inf"], {}, "--lr"),
+    (["--arch", "vgg16"], {}, "--arch"),
+    (["--epochs", "two"], {}, "--epochs"),
+    (["--no-such-option"], {}, "--no-such-option"),
+    ([], {"RESNET_DDP_BATCH_SIZE": "big"}, "RESNET_DDP_BATCH_SIZE"),
+    (TINY + ["--dataset-size", "1"], {}, "--dataset-size 1 is smaller than the 2 processes"),
+    (TINY + ["--fail-at-step", "1", "--fail-rank", "2"], {}, "--fail-rank 2"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, env, expected, save_dir):
+    result = run_train(*args, "--save-dir", str(save_dir), env=env, timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("resnet-ddp: error:") and expected in lines[0]
+    assert "Traceback" not in result.stderr and "[Rank" not in result.stdout
+
+
+def test_unwritable_save_dir_is_refused_before_training(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = run_train(*TINY, "--save-dir", str(blocker / "out"), timeout=60)
+    assert result.returncode == 2
+    assert "save dir" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "[Rank" not in result.stdout

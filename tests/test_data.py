@@ -1,0 +1,63 @@
+"""The fake dataset and its sampler: reproducible, lazy, evenly sharded."""
+
+from __future__ import annotations
+
+import pickle
+
+import torch
+from torch.utils.data import DataLoader
+
+from resnet_ddp.data import LazyFakeDataset, ShardedPermutationSampler, to_model_input
+
+
+def test_sample_is_a_pure_function_of_seed_and_index():
+    a = LazyFakeDataset(1000, 32, 10, seed=7)
+    b = LazyFakeDataset(1000, 32, 10, seed=7)
+    image, label = a[123]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
+    assert 0 <= label < 10
+    assert torch.equal(image, b[123][0]) and label == b[123][1]
+    assert not torch.equal(image, a[124][0])
+    assert not torch.equal(image, LazyFakeDataset(1000, 32, 10, seed=8)[123][0])
+
+
+def test_labels_cover_the_classes():
+    ds = LazyFakeDataset(500, 32, 5, seed=0)
+    assert {ds[i][1] for i in range(len(ds))} == set(range(5))
+
+
+def test_workers_give_the_same_samples_as_the_main_process():
+    ds = LazyFakeDataset(16, 32, 10, seed=3)
+    loaded = list(DataLoader(ds, batch_size=4, num_workers=2))
+    images = torch.cat([batch[0] for batch in loaded])
+    labels = torch.cat([batch[1] for batch in loaded])
+    assert torch.equal(images, torch.stack([ds[i][0] for i in range(16)]))
+    assert labels.tolist() == [ds[i][1] for i in range(16)]
+
+
+def test_nothing_is_stored_per_sample():
+    small = pickle.dumps(LazyFakeDataset(100, 224, 100, seed=0))
+    huge = pickle.dumps(LazyFakeDataset(10**12, 224, 100, seed=0))
+    assert abs(len(huge) - len(small)) < 16  # only the digits of the length differ
+    sampler = ShardedPermutationSampler(10**12, rank=1, world_size=8, seed=0)
+    first = [index for _, index in zip(range(5), iter(sampler))]
+    assert len(first) == 5 and all(0 <= i < 10**12 for i in first)
+
+
+def test_sampler_shards_a_permutation_evenly_and_reshuffles_each_epoch():
+    n, world = 10, 3
+    samplers = [ShardedPermutationSampler(n, rank, world, seed=0) for rank in range(world)]
+    shards = [list(s) for s in samplers]
+    assert all(len(shard) == 4 == len(s) for shard, s in zip(shards, samplers))
+    everything = sum(shards, [])
+    assert set(everything) == set(range(n))  # every sample, padding by wrapping round
+    for s in samplers:
+        s.set_epoch(1)
+    assert [list(s) for s in samplers] != shards
+    assert sorted(list(ShardedPermutationSampler(n, 0, 1, seed=5))) == list(range(n))
+
+
+def test_model_input_is_normalised_float():
+    images = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
+    x = to_model_input(images, torch.device("cpu"))
+    assert x.dtype == torch.float32 and torch.allclose(x, torch.full_like(x, (255 - 127.5) / 64.0))

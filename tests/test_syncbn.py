@@ -1,0 +1,90 @@
+"""Our SyncBatchNorm over 2 gloo ranks equals BatchNorm over the concatenated batch."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from conftest import free_port
+from resnet_ddp.syncbn import SyncBatchNorm, convert_sync_batchnorm
+
+WORLD = 2
+CHANNELS = 5
+
+
+def _reference(full_x, full_dy):
+    bn = nn.BatchNorm2d(CHANNELS).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+        bn.bias.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(2))
+    x = full_x.clone().requires_grad_(True)
+    out = bn(x)
+    out.backward(full_dy)
+    return out.detach(), x.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var
+
+
+def _rank_main(rank, port, full_x, full_dy, channels_last, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        bn = SyncBatchNorm(CHANNELS).double()
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+            bn.bias.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(2))
+        # Unequal shares, as a padded last batch could give.
+        split = [3, 5][rank]
+        start = 0 if rank == 0 else 3
+        x = full_x[start:start + split].clone()
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        out = bn(x)
+        out.backward(full_dy[start:start + split])
+        grads = torch.stack([bn.weight.grad, bn.bias.grad])
+        dist.all_reduce(grads)  # what DDP does with parameter gradients (as a sum here)
+        results[rank] = (out.detach(), x.grad, grads[0], grads[1], bn.running_mean, bn.running_var)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(channels_last):
+    full_x = torch.randn(8, CHANNELS, 4, 3, dtype=torch.float64) * 3 + 1
+    full_dy = torch.randn(8, CHANNELS, 4, 3, dtype=torch.float64)
+    manager = mp.get_context("spawn").Manager()
+    results = manager.dict()
+    mp.start_processes(_rank_main, args=(free_port(), full_x, full_dy, channels_last, results),
+                       nprocs=WORLD, start_method="spawn")
+    out_ref, dx_ref, dw_ref, db_ref, rm_ref, rv_ref = _reference(full_x, full_dy)
+    out = torch.cat([results[0][0], results[1][0]])
+    dx = torch.cat([results[0][1], results[1][1]])
+    torch.testing.assert_close(out, out_ref)
+    torch.testing.assert_close(dx, dx_ref)
+    for rank in range(WORLD):
+        _, _, dw, db, rm, rv = results[rank]
+        torch.testing.assert_close(dw, dw_ref)
+        torch.testing.assert_close(db, db_ref)
+        torch.testing.assert_close(rm, rm_ref)
+        torch.testing.assert_close(rv, rv_ref)
+
+
+def test_syncbn_matches_batchnorm_over_the_whole_batch():
+    _run(channels_last=False)
+
+
+def test_syncbn_matches_batchnorm_in_channels_last():
+    _run(channels_last=True)
+
+
+def test_conversion_keeps_state_and_state_dict_keys():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm2d(4)))
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.25)
+    keys = list(model.state_dict())
+    converted = convert_sync_batchnorm(model)
+    assert isinstance(converted[1], SyncBatchNorm) and isinstance(converted[2][0], SyncBatchNorm)
+    assert list(converted.state_dict()) == keys
+    assert torch.all(converted[1].running_mean == 0.25)

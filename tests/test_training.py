@@ -1,0 +1,131 @@
+"""The real job, launched every way our users launch it, on CPU ranks over gloo."""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+import time
+
+import pytest
+import torch
+import torchvision
+
+from conftest import TINY, Job, free_port, run_train, train_command, wait_for_no_leftovers
+
+EPOCH_LINE = re.compile(r"^\[Rank (\d+)\] Epoch +(\d+) - Avg Loss: (\d+\.\d{4})$", re.M)
+GLOBAL_LINE = re.compile(r"^\[Rank 0\] Epoch +(\d+) - Global Avg Loss: (\d+\.\d{4}) \((\d+) ranks\)$", re.M)
+DONE_LINE = re.compile(r"^\[Rank (\d+)\] Training completed in \d+\.\d\d seconds$", re.M)
+
+
+def assert_trained(result, save_dir, ranks, epochs, arch="resnet18", num_classes=10):
+    assert result.returncode == 0, result.stderr[-3000:]
+    epoch_lines = EPOCH_LINE.findall(result.stdout)
+    assert sorted({int(r) for r, _, _ in epoch_lines}) == list(range(ranks))
+    assert len(epoch_lines) == ranks * epochs
+    assert [int(e) for e, _, n in GLOBAL_LINE.findall(result.stdout)] == list(range(1, epochs + 1))
+    assert all(int(n) == ranks for _, _, n in GLOBAL_LINE.findall(result.stdout))
+    assert sorted(int(r) for r in DONE_LINE.findall(result.stdout)) == list(range(ranks))
+    model = getattr(torchvision.models, arch)(num_classes=num_classes)
+    model.load_state_dict(torch.load(save_dir / "model_final.pth"))  # plain keys, strict
+    return [float(loss) for _, loss, _ in GLOBAL_LINE.findall(result.stdout)]
+
+
+def test_standalone_spawn_trains_learns_and_exports(save_dir):
+    result = run_train(*TINY, "--dataset-size", "128", "--epochs", "4", "--save-dir", str(save_dir))
+    losses = assert_trained(result, save_dir, ranks=2, epochs=4)
+    assert losses[-1] < losses[0] * 0.8, losses  # the model learns the fake classes
+    assert sorted(p.name for p in save_dir.iterdir()) == ["model_final.pth"]
+
+
+def test_same_seed_gives_the_same_losses(tmp_path):
+    first = run_train(*TINY, "--save-dir", str(tmp_path / "a"), "--seed", "3")
+    second = run_train(*TINY, "--save-dir", str(tmp_path / "b"), "--seed", "3")
+    assert assert_trained(first, tmp_path / "a", 2, 2) == assert_trained(second, tmp_path / "b", 2, 2)
+
+
+def test_torchrun_launch(save_dir):
+    job = Job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "train.py", *TINY, "--save-dir", str(save_dir)])
+    assert_trained(job.wait(), save_dir, ranks=2, epochs=2)
+
+
+def test_node_level_environment_spawns_a_process_per_device(save_dir):
+    env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    assert_trained(run_train(*TINY, "--save-dir", str(save_dir), env=env), save_dir, ranks=2, epochs=2)
+
+
+def test_node_level_environment_over_two_nodes_numbers_ranks_across_them(tmp_path):
+    port = str(free_port())
+    nodes = []
+    for node in range(2):
+        env = {"RANK": str(node), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        args = [*TINY, "--nproc-per-node", "1", "--save-dir", str(tmp_path / f"node{node}")]
+        nodes.append(Job(train_command(*args), env))
+    first, second = (job.wait() for job in nodes)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert set(EPOCH_LINE.findall(first.stdout)) and {r for r, _, _ in EPOCH_LINE.findall(first.stdout)} == {"0"}
+    assert {r for r, _, _ in EPOCH_LINE.findall(second.stdout)} == {"1"}
+    assert "(2 ranks)" in first.stdout
+    assert (tmp_path / "node0" / "model_final.pth").exists()
+    assert not (tmp_path / "node1" / "model_final.pth").exists()  # only global rank 0 saves
+
+
+def test_resnet50_smoke(save_dir):
+    result = run_train("--cpu", "--nproc-per-node", "2", "--image-size", "64", "--dataset-size", "8",
+                       "--batch-size", "2", "--epochs", "1", "--num-workers", "1", "--save-dir", str(save_dir))
+    assert_trained(result, save_dir, ranks=2, epochs=1, arch="resnet50", num_classes=100)
+
+
+def test_two_standalone_jobs_on_one_node_do_not_collide(tmp_path):
+    jobs = [Job(train_command(*TINY, "--epochs", "1", "--save-dir", str(tmp_path / name))) for name in "ab"]
+    for job in jobs:
+        assert job.wait().returncode == 0
+
+
+@pytest.mark.parametrize("mode,code,says", [
+    ("exception", 1, "rank 1 exited with code 1"),
+    ("exit", 3, "rank 1 exited with code 3"),
+    ("kill", 1, "rank 1 was killed by SIGKILL"),
+])
+def test_a_failing_rank_ends_the_whole_job(mode, code, says, save_dir):
+    job = Job(train_command(*TINY, "--epochs", "50", "--fail-at-step", "3", "--fail-rank", "1",
+                            "--fail-mode", mode, "--save-dir", str(save_dir)))
+    started = time.monotonic()
+    result = job.wait(timeout=120)
+    assert time.monotonic() - started < 90
+    assert result.returncode == code, result.stderr[-2000:]
+    assert says in result.stderr
+    assert wait_for_no_leftovers(job) == []
+    assert not (save_dir / "model_final.pth").exists()
+
+
+def test_a_failing_rank_ends_a_torchrun_job(save_dir):
+    job = Job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "train.py", *TINY, "--epochs", "50", "--fail-at-step", "2", "--fail-rank", "0",
+               "--save-dir", str(save_dir)])
+    result = job.wait(timeout=120)
+    assert result.returncode != 0
+    assert "InjectedFault" in result.stderr
+    assert wait_for_no_leftovers(job) == []
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_with_143(save_dir):
+    job = Job(train_command(*TINY, "--epochs", "500", "--save-dir", str(save_dir)))
+    deadline = time.monotonic() + 120
+    line = ""
+    while "Epoch   1 - Avg Loss" not in line and time.monotonic() < deadline:
+        line = job.process.stdout.readline()
+    job.process.send_signal(signal.SIGTERM)
+    result = job.wait(timeout=60)
+    assert result.returncode == 143
+    assert wait_for_no_leftovers(job) == []
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has enough GPUs")
+def test_too_few_gpus_is_refused_with_exit_2(save_dir):
+    result = run_train("--save-dir", str(save_dir), timeout=60)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert f"found {torch.cuda.device_count()} GPU" in line and "--min-gpus 1" in line and "--cpu" in line
+    assert "[Rank" not in result.stdout
