@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Mapping, Optional, Sequence
 
-from resnet_ddp.config import ALL_RANKS, ARCHITECTURES, FAIL_MODES, Config
+from resnet_ddp.config import ALL_RANKS, AMP_MODES, ARCHITECTURES, DATA_SOURCES, FAIL_MODES, Config
 from resnet_ddp.errors import UsageError
 
 ENV_PREFIX = "RESNET_DDP_"
@@ -49,7 +49,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     d = Config()
     seed = p.add_argument_group("training (the seed's options)")
     seed.add_argument("--epochs", type=int, default=d.epochs, help="epochs to train")
-    seed.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size per process")
+    seed.add_argument("--batch-size", type=int, default=None, help=f"batch size per process (default: {d.batch_size}; 256 with --fast)")
     seed.add_argument("--dataset-size", type=int, default=d.dataset_size, help="samples in the fake dataset")
     seed.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")
     seed.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader workers per process")
@@ -63,6 +63,24 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     model.add_argument("--no-sync-bn", action="store_true", help="keep plain BatchNorm instead of SyncBatchNorm")
     model.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
     model.add_argument("--weight-decay", type=float, default=d.weight_decay, help="SGD weight decay")
+
+    speed = p.add_argument_group("speed (only --amp changes the arithmetic)")
+    speed.add_argument("--fast", action="store_true",
+                       help="maximum load: --amp bf16 --data gpu --batch-size 256, unless those are given")
+    speed.add_argument("--amp", default=None, choices=AMP_MODES,
+                       help="mixed precision: bf16 autocast, or fp16 autocast with a gradient scaler (default: off)")
+    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="NHWC memory layout (default: on for GPUs)")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the model")
+    speed.add_argument("--data", default=None, choices=DATA_SOURCES,
+                       help="cpu: LazyFakeDataset in DataLoader workers; gpu: fake batches made on the device (default: cpu)")
+    speed.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                       help="capture the whole training step in one CUDA graph (default: on for GPUs, except --amp fp16)")
+
+    length = p.add_argument_group("run length and measurement")
+    length.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in all, whatever --epochs says")
+    length.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                        help="steps left out of the summary's throughput and step times (start-up, autotuning, capture)")
 
     place = p.add_argument_group("processes and devices")
     place.add_argument("--cpu", action="store_true", help="run on CPU processes over gloo instead of GPUs")
@@ -102,7 +120,7 @@ def _apply_environment(parser: argparse.ArgumentParser, environ: Mapping[str, st
             continue
         raw = environ[name]
         try:
-            if isinstance(action, argparse._StoreTrueAction):
+            if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
                 value = _parse_bool(raw)
             else:
                 value = action.type(raw) if action.type else raw
@@ -119,7 +137,7 @@ def parse_config(argv: Optional[Sequence[str]] = None, environ: Mapping[str, str
     save_dir = args.save_dir or environ.get("OUTPUT_DIR") or Config.save_dir
     config = Config(
         epochs=args.epochs,
-        batch_size=args.batch_size,
+        batch_size=_given(args.batch_size, 256 if args.fast else None, Config.batch_size),
         dataset_size=args.dataset_size,
         lr=args.lr,
         num_workers=args.num_workers,
@@ -139,9 +157,23 @@ def parse_config(argv: Optional[Sequence[str]] = None, environ: Mapping[str, str
         fail_at_step=args.fail_at_step,
         fail_rank=args.fail_rank,
         fail_mode=args.fail_mode,
+        amp=_given(args.amp, "bf16" if args.fast else None, Config.amp),
+        channels_last=args.channels_last,
+        compile=args.compile,
+        data=_given(args.data, "gpu" if args.fast else None, Config.data),
+        cuda_graphs=args.cuda_graphs,
+        max_steps=args.max_steps,
+        warmup_steps=args.warmup_steps,
     )
     validate(config)
     return config
+
+
+def _given(value, fast_value, default):
+    """An option's value: what was given, else what --fast implies, else the default."""
+    if value is not None:
+        return value
+    return fast_value if fast_value is not None else default
 
 
 def validate(config: Config) -> None:
@@ -176,6 +208,12 @@ def validate(config: Config) -> None:
         raise UsageError(f"--dist-timeout must be a positive number of seconds, got {config.dist_timeout}")
     if config.fail_at_step is not None and config.fail_at_step < 1:
         raise UsageError(f"--fail-at-step must be at least 1, got {config.fail_at_step}")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise UsageError(f"--max-steps must be at least 1, got {config.max_steps}")
+    if config.warmup_steps < 0:
+        raise UsageError(f"--warmup-steps must be 0 or more, got {config.warmup_steps}")
+    if config.cpu and config.amp == "fp16":
+        raise UsageError("--amp fp16 is for GPUs: use --amp bf16 on CPU, or drop --cpu")
     if config.fail_rank < ALL_RANKS:
         raise UsageError(f"--fail-rank must be a rank (0 or more) or 'all', got {config.fail_rank}")
 

@@ -15,6 +15,8 @@ ARCHITECTURES = (
     "resnext50_32x4d",
 )
 FAIL_MODES = ("exception", "exit", "kill")
+AMP_MODES = ("off", "bf16", "fp16")
+DATA_SOURCES = ("cpu", "gpu")
 ALL_RANKS = -1  # --fail-rank all
 
 
@@ -35,6 +37,15 @@ class Config:
     sync_bn: bool = True
     momentum: float = 0.0
     weight_decay: float = 0.0
+    # Speed: none of these changes the maths except --amp.
+    amp: str = "off"
+    channels_last: Optional[bool] = None  # None: on for GPUs, off on CPU
+    compile: bool = False
+    data: str = "cpu"
+    cuda_graphs: Optional[bool] = None  # None: on where the step can be captured
+    # Run length and measurement.
+    max_steps: Optional[int] = None
+    warmup_steps: int = 20
     # Placement and process group.
     cpu: bool = False
     nproc_per_node: Optional[int] = None
@@ -49,3 +60,13 @@ class Config:
     @property
     def device_type(self) -> str:
         return "cpu" if self.cpu else "cuda"
+
+    @property
+    def use_channels_last(self) -> bool:
+        return (not self.cpu) if self.channels_last is None else self.channels_last
+
+    @property
+    def use_cuda_graphs(self) -> bool:
+        """Graph the whole step on GPUs unless asked not to; fp16's gradient scaler reads the host."""
+        capturable = not self.cpu and self.amp != "fp16"
+        return capturable if self.cuda_graphs is None else (self.cuda_graphs and capturable)

@@ -89,19 +89,75 @@ class ShardedPermutationSampler(Sampler):
             yield (a * position + b) % n
 
 
-def build_loader(dataset: Dataset, sampler: Sampler, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
-        drop_last=False,
-    )
+class HostBatches:
+    """Batches of LazyFakeDataset from DataLoader worker processes (pinned when a GPU takes them)."""
+
+    def __init__(self, dataset: LazyFakeDataset, sampler: ShardedPermutationSampler, batch_size: int,
+                 num_workers: int, pin_memory: bool):
+        self.sampler = sampler
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,
+            drop_last=False,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
 
 
-def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 NCHW on the host -> normalised float32 on the device."""
-    images = images.to(device, non_blocking=True)
-    return images.float().sub_(PIXEL_MEAN).div_(PIXEL_STD)
+class DeviceBatches:
+    """Fake batches made on the training device: no host work and no data loader at all.
+
+    Same image recipe as LazyFakeDataset (uniform noise plus the class colour),
+    drawn from a device generator seeded by (seed, rank, epoch), into buffers
+    allocated once. The epoch has as many steps as the host dataset would give.
+    """
+
+    def __init__(self, dataset: LazyFakeDataset, sampler: ShardedPermutationSampler, batch_size: int,
+                 device: torch.device):
+        self.device = device
+        self.seed = dataset.seed
+        self.rank = sampler.rank
+        self.num_classes = dataset.num_classes
+        self.samples = len(sampler)
+        self.batch_size = batch_size
+        self.epoch = 0
+        size = dataset.image_size
+        self.colours = torch.from_numpy(dataset._class_colours).to(device)
+        self.images = torch.empty((batch_size, 3, size, size), dtype=torch.uint8, device=device)
+        self.labels = torch.empty((batch_size,), dtype=torch.int64, device=device)
+        self.label_colours = torch.empty((batch_size, 3), dtype=torch.uint8, device=device)
+        self.generator = torch.Generator(device=device)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.samples / self.batch_size)
+
+    def __iter__(self):
+        self.generator.manual_seed(int(np.random.SeedSequence([self.seed, self.rank, self.epoch]).generate_state(1)[0]))
+        for start in range(0, self.samples, self.batch_size):
+            n = min(self.batch_size, self.samples - start)
+            images, labels, colours = self.images[:n], self.labels[:n], self.label_colours[:n]
+            torch.randint(self.num_classes, (n,), generator=self.generator, device=self.device, out=labels)
+            torch.randint(128, images.shape, generator=self.generator, device=self.device, dtype=torch.uint8, out=images)
+            torch.index_select(self.colours, 0, labels, out=colours)
+            images += colours.view(n, 3, 1, 1)
+            yield images, labels
+
+
+def normalise(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 NCHW on the device -> normalised float32, in the layout the model runs in."""
+    x = images.float().sub_(PIXEL_MEAN).div_(PIXEL_STD)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

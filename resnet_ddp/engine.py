@@ -1,34 +1,134 @@
-"""The training loop: one step, one epoch. No host sync inside either."""
+"""The training loop: one step, one epoch. No host sync inside either.
+
+A step takes a batch of uint8 images (on the host or the device) and labels and
+returns the loss as a device tensor. `EagerStep` runs it op by op;
+`GraphedStep` captures the whole step (normalisation, forward, backward with
+DDP's and SyncBatchNorm's collectives, optimizer) in one CUDA graph and replays
+it, which removes the per-kernel and per-collective launch cost that otherwise
+leaves the GPUs waiting on Python.
+"""
 
 from __future__ import annotations
 
-from typing import Iterable, Tuple
+import contextlib
+import time
+from typing import Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from resnet_ddp.data import to_model_input
+from resnet_ddp.data import normalise
 from resnet_ddp.scenarios import FaultInjector
+from resnet_ddp.telemetry import StepTimer
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-               images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    loss = criterion(model(images), labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
+class EagerStep:
+    def __init__(self, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                 device: torch.device, amp: str = "off", channels_last: bool = False):
+        self.model = model
+        self.criterion = criterion
+        self.optimizer = optimizer
+        self.device = device
+        self.channels_last = channels_last
+        self.amp_dtype = AMP_DTYPES.get(amp)
+        self.scaler = _grad_scaler(device) if amp == "fp16" else None
+
+    def compute(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The step on device tensors: everything here can be captured in a CUDA graph (but the scaler)."""
+        x = normalise(images, self.channels_last)
+        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
+                    else contextlib.nullcontext())
+        with autocast:
+            loss = self.criterion(self.model(x), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        return loss.detach()
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.compute(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
 
 
-def train_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-                device: torch.device, faults: FaultInjector, first_step: int) -> Tuple[torch.Tensor, int]:
-    """Run one epoch; return the summed loss (still on the device) and the number of steps."""
+def _grad_scaler(device: torch.device):
+    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device.type)
+    return torch.cuda.amp.GradScaler()  # torch < 2.3
+
+
+class GraphedStep:
+    """Runs the first steps eagerly on a side stream, then captures one step and replays it.
+
+    The warm-up steps are real training steps on real batches (DDP needs about
+    ten before its buckets settle and capture is safe), so the arithmetic is
+    exactly that of eager training. A batch of another shape (the last, short
+    batch of an epoch) runs eagerly.
+    """
+
+    WARMUP_STEPS = 11
+
+    def __init__(self, eager: EagerStep):
+        self.eager = eager
+        self.device = eager.device
+        self.side_stream = torch.cuda.Stream(self.device)
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.full_shape: Optional[torch.Size] = None
+        self.eager_steps = 0
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.graph is not None and images.shape == self.static_images.shape:
+            self.static_images.copy_(images, non_blocking=True)
+            self.static_labels.copy_(labels, non_blocking=True)
+            self.graph.replay()
+            return self.static_loss
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        if self.graph is not None:
+            return self.eager.compute(images, labels)
+        if self.full_shape is None:
+            self.full_shape = images.shape
+        if self.eager_steps >= self.WARMUP_STEPS and images.shape == self.full_shape:
+            return self._capture(images, labels)
+        self.eager_steps += 1
+        current = torch.cuda.current_stream(self.device)
+        self.side_stream.wait_stream(current)
+        with torch.cuda.stream(self.side_stream):
+            loss = self.eager.compute(images, labels)
+        current.wait_stream(self.side_stream)
+        return loss
+
+    def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.static_images, self.static_labels = images, labels
+        self.graph = torch.cuda.CUDAGraph()
+        # Gradients are then allocated inside the graph's memory pool, and rewritten by every replay.
+        self.eager.optimizer.zero_grad(set_to_none=True)
+        # thread_local: the DataLoader's pin-memory thread may allocate while we capture.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.static_loss = self.eager.compute(self.static_images, self.static_labels)
+        self.graph.replay()  # capturing does not run the step: run it for this batch
+        return self.static_loss
+
+
+def train_epoch(step, batches: Iterable, faults: FaultInjector, timer: StepTimer, device: torch.device,
+                first_step: int, max_steps: Optional[int]) -> Tuple[torch.Tensor, int]:
+    """Run one epoch (or up to the global step limit); return the summed loss, still on the device, and the steps."""
     loss_sum = torch.zeros((), device=device)
     steps = 0
-    for images, labels in loader:
+    batch_iter = iter(batches)
+    while max_steps is None or first_step + steps <= max_steps:
+        waited_from = time.perf_counter()
+        batch = next(batch_iter, None)
+        if batch is None:
+            break
+        timer.data_waited(time.perf_counter() - waited_from)
         faults.before_step(first_step + steps)
-        images = to_model_input(images, device)
-        labels = labels.to(device, non_blocking=True)
-        loss_sum += train_step(model, criterion, optimizer, images, labels)
+        loss_sum += step(*batch)
         steps += 1
+        timer.step_done()
     return loss_sum, steps

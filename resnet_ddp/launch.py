@@ -89,7 +89,14 @@ def _local_process_count(config: Config) -> int:
         )
     if wanted < 1:
         raise UsageError("no GPU is visible: pass --cpu to run on CPU processes")
+    _check_gpu_features(config, torch)
     return wanted
+
+
+def _check_gpu_features(config: Config, torch) -> None:
+    if config.amp == "bf16" and not torch.cuda.is_bf16_supported():
+        name = torch.cuda.get_device_name(0)
+        raise UsageError(f"--amp bf16 needs an Ampere or newer GPU; {name} lacks bfloat16: use --amp fp16")
 
 
 def plan_launch(config: Config, environ: Mapping[str, str]) -> LaunchPlan:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -24,8 +25,23 @@ def build_model(arch: str, num_classes: int, sync_bn: bool) -> nn.Module:
     return model
 
 
-def wrap_ddp(model: nn.Module, rank: RankInfo, sync_bn: bool) -> DistributedDataParallel:
+def wrap_ddp(model: nn.Module, rank: RankInfo, sync_bn: bool, on_side_stream: bool = False) -> DistributedDataParallel:
+    """DDP over the job's process group; built on a side stream when the step will be graph-captured."""
     model = model.to(rank.device)
+    cuda = rank.device.type == "cuda"
+    side = torch.cuda.Stream(rank.device) if cuda and on_side_stream else None
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        ddp = _ddp(model, rank, sync_bn)
+    if side is not None:
+        torch.cuda.current_stream(rank.device).wait_stream(side)
+    return ddp
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    return torch.compile(model)
+
+
+def _ddp(model: nn.Module, rank: RankInfo, sync_bn: bool) -> DistributedDataParallel:
     device_ids = [rank.device.index] if rank.device.type == "cuda" else None
     # With SyncBN the running statistics are already identical on every rank,
     # so DDP's per-step broadcast of buffers from rank 0 would only cost time.

@@ -7,7 +7,7 @@ import pickle
 import torch
 from torch.utils.data import DataLoader
 
-from resnet_ddp.data import LazyFakeDataset, ShardedPermutationSampler, to_model_input
+from resnet_ddp.data import DeviceBatches, LazyFakeDataset, ShardedPermutationSampler, normalise
 
 
 def test_sample_is_a_pure_function_of_seed_and_index():
@@ -57,7 +57,25 @@ def test_sampler_shards_a_permutation_evenly_and_reshuffles_each_epoch():
     assert sorted(list(ShardedPermutationSampler(n, 0, 1, seed=5))) == list(range(n))
 
 
-def test_model_input_is_normalised_float():
+def test_model_input_is_normalised_float_in_the_asked_layout():
     images = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
-    x = to_model_input(images, torch.device("cpu"))
+    x = normalise(images, channels_last=False)
     assert x.dtype == torch.float32 and torch.allclose(x, torch.full_like(x, (255 - 127.5) / 64.0))
+    assert normalise(images, channels_last=True).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_device_batches_match_the_epoch_length_and_are_reproducible():
+    ds = LazyFakeDataset(10, 32, 4, seed=1)
+    sampler = ShardedPermutationSampler(10, rank=0, world_size=2, seed=1)
+    batches = DeviceBatches(ds, sampler, batch_size=2, device=torch.device("cpu"))
+    first = [(i.clone(), l.clone()) for i, l in batches]
+    assert len(first) == len(batches) == 3 and [len(l) for _, l in first] == [2, 2, 1]
+    again = [(i.clone(), l.clone()) for i, l in batches]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    for images, labels in first:
+        assert images.dtype == torch.uint8 and labels.max() < 4
+        # the class colour is in every pixel: each image's minimum is at least its colour
+        colours = torch.from_numpy(ds._class_colours)[labels]
+        assert torch.all(images.amin(dim=(2, 3)) >= colours)
+    batches.set_epoch(1)
+    assert not torch.equal(next(iter(batches))[0], first[0][0])

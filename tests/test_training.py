@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import sys
@@ -35,7 +36,7 @@ def test_standalone_spawn_trains_learns_and_exports(save_dir):
     result = run_train(*TINY, "--dataset-size", "128", "--epochs", "4", "--save-dir", str(save_dir))
     losses = assert_trained(result, save_dir, ranks=2, epochs=4)
     assert losses[-1] < losses[0] * 0.8, losses  # the model learns the fake classes
-    assert sorted(p.name for p in save_dir.iterdir()) == ["model_final.pth"]
+    assert sorted(p.name for p in save_dir.iterdir()) == ["model_final.pth", "summary.json"]
 
 
 def test_same_seed_gives_the_same_losses(tmp_path):
@@ -129,3 +130,16 @@ def test_too_few_gpus_is_refused_with_exit_2(save_dir):
     (line,) = result.stderr.strip().splitlines()
     assert f"found {torch.cuda.device_count()} GPU" in line and "--min-gpus 1" in line and "--cpu" in line
     assert "[Rank" not in result.stdout
+
+
+def test_speed_options_train_on_cpu_and_summary_is_written(save_dir):
+    result = run_train(*TINY, "--amp", "bf16", "--channels-last", "--data", "gpu", "--max-steps", "6",
+                       "--warmup-steps", "2", "--epochs", "5", "--save-dir", str(save_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "amp bf16" in result.stdout and "channels_last on" in result.stdout and "data gpu" in result.stdout
+    summary = json.loads((save_dir / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["exit_reason"] == "finished" and summary["world_size"] == 2
+    assert summary["epochs_done"] == 2  # 4 steps per epoch: the limit falls in the second
+    for key in ("img_s", "img_s_per_gpu", "step_ms_p50", "step_ms_p90", "step_ms_p99", "data_wait_frac"):
+        assert summary[key] >= 0
+    assert summary["img_s"] == pytest.approx(2 * summary["img_s_per_gpu"])

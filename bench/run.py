@@ -1,0 +1,167 @@
+"""Benchmark harness: the seed-equivalent baseline, our defaults and fast mode over 1, 2, 4 ... GPUs.
+
+Runs on the GPU machine, from the repository root, in one process tree:
+
+    python bench/run.py                       # every GPU count the machine allows
+    python bench/run.py --gpus 1,2 --configs default,fast
+
+Each run is a real `python train.py` (or the baseline script) on the first N
+GPUs; the figures come from its summary.json, and GPU utilisation from NVML,
+sampled by this process over the second half of the run. Writes
+bench/results/<date>-<gpu>-x<N>.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Keep NVLink multicast off (a shared machine's rule) in every child.
+SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+CONFIGS = {
+    # name: (train.py arguments, steps, warm-up steps)
+    "default": ([], 300, 60),
+    "fast": (["--fast"], 300, 60),
+}
+BASELINE_STEPS, BASELINE_WARMUP = 80, 20
+
+
+class UtilisationSampler:
+    """Samples NVML GPU utilisation for the chosen GPUs every 0.2 s in a thread."""
+
+    def __init__(self, gpu_indices: List[int]):
+        self.gpu_indices = gpu_indices
+        self.samples: List[tuple] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        try:
+            import pynvml
+        except ImportError:
+            return
+        pynvml.nvmlInit()
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in self.gpu_indices]
+        while not self._stop.is_set():
+            utils = [pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in handles]
+            self.samples.append((time.monotonic(), sum(utils) / len(utils)))
+            self._stop.wait(0.2)
+        pynvml.nvmlShutdown()
+
+    def __enter__(self):
+        self.started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.ended = time.monotonic()
+        self._stop.set()
+        self._thread.join()
+
+    def second_half_mean(self) -> Optional[float]:
+        middle = (self.started + self.ended) / 2
+        late = [u for t, u in self.samples if t >= middle]
+        return sum(late) / len(late) if late else None
+
+
+def _run_one(name: str, gpus: int, extra_args: List[str], log_dir: str) -> Dict:
+    env = dict(os.environ, **SAFE_ENV, CUDA_VISIBLE_DEVICES=",".join(map(str, range(gpus))))
+    workdir = tempfile.mkdtemp(prefix=f"bench-{name}-{gpus}-")
+    if name == "seed-equivalent":
+        out = os.path.join(workdir, "summary.json")
+        command = [sys.executable, "bench/seed_equivalent.py", "--gpus", str(gpus),
+                   "--steps", str(BASELINE_STEPS), "--warmup", str(BASELINE_WARMUP), "--out", out]
+    else:
+        args, steps, warmup = CONFIGS.get(name, ([], 300, 60))
+        out = os.path.join(workdir, "summary.json")
+        command = [sys.executable, "train.py", *args, *extra_args, "--nproc-per-node", str(gpus), "--min-gpus", "1",
+                   "--max-steps", str(steps), "--warmup-steps", str(warmup), "--save-dir", workdir]
+    log_path = os.path.join(log_dir, f"{name}-x{gpus}.log")
+    started = time.monotonic()
+    with UtilisationSampler(list(range(gpus))) as sampler, open(log_path, "w") as log:
+        completed = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    result = {"name": name, "gpus": gpus, "command": " ".join(command[1:]), "wall_s": time.monotonic() - started}
+    if completed.returncode != 0 or not os.path.exists(out):
+        result["error"] = f"exit code {completed.returncode}; see {log_path}"
+        return result
+    with open(out) as f:
+        summary = json.load(f)
+    for key in ("img_s", "img_s_per_gpu", "step_ms_p50", "step_ms_p95", "data_wait_frac", "peak_mem_gib_per_rank"):
+        result[key] = summary.get(key)
+    result["gpu_util_pct"] = sampler.second_half_mean()
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    available = torch.cuda.device_count()
+    counts = [n for n in (1, 2, 4, 8) if n <= available]
+    parser.add_argument("--gpus", default=",".join(map(str, counts)), help="GPU counts to run")
+    parser.add_argument("--configs", default="seed-equivalent,default,fast")
+    parser.add_argument("--experiment", action="append", default=[],
+                        help="NAME:GPUS:ARGS, an extra train.py run recorded under experiments (e.g. "
+                             "'default-no-graphs:2:--no-cuda-graphs')")
+    parser.add_argument("--log-dir", default=os.environ.get("OUT", tempfile.gettempdir()))
+    parser.add_argument("--results-dir", default=os.path.join(REPO, "bench", "results"))
+    args = parser.parse_args()
+    if available == 0:
+        print("bench: no GPU visible", file=sys.stderr)
+        return 2
+
+    card = torch.cuda.get_device_name(0)
+    runs, experiments = [], []
+    for gpus in (int(g) for g in args.gpus.split(",")):
+        for name in args.configs.split(","):
+            runs.append(_run_one(name, gpus, [], args.log_dir))
+            _print_row(runs[-1])
+    for spec in args.experiment:
+        name, gpus, extra = spec.split(":", 2)
+        base = "fast" if extra.split()[:1] == ["--fast"] else "default"
+        args_list = extra.split()
+        result = _run_one(name, int(gpus), args_list, args.log_dir)
+        result["base"] = base
+        experiments.append(result)
+        _print_row(result)
+
+    payload = {
+        "card": card,
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "gpus_on_machine": available,
+        "runs": runs,
+        "experiments": experiments,
+    }
+    os.makedirs(args.results_dir, exist_ok=True)
+    slug = card.replace("NVIDIA ", "").replace(" ", "-").lower()
+    path = os.path.join(args.results_dir, f"{payload['date']}-{slug}-x{available}.json")
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    print(f"wrote {path}")
+    return 0
+
+
+def _print_row(r: Dict) -> None:
+    if "error" in r:
+        print(f"{r['name']:<28} x{r['gpus']}  ERROR {r['error']}", flush=True)
+        return
+    util = f"{r['gpu_util_pct']:.0f}%" if r.get("gpu_util_pct") is not None else "n/a"
+    print(f"{r['name']:<28} x{r['gpus']}  {r['img_s']:>9.1f} img/s  {r['img_s_per_gpu']:>8.1f}/gpu  "
+          f"p50 {r['step_ms_p50']:.1f} ms  p95 {r['step_ms_p95']:.1f} ms  data wait {100 * r['data_wait_frac']:.1f}%  "
+          f"util {util}  wall {r['wall_s']:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

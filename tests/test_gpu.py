@@ -1,0 +1,107 @@
+"""GPU behaviour (run on the GPU machine: python -m pytest -m gpu). CI has no GPU and skips these."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import Job, free_port, run_train
+from test_training import GLOBAL_LINE, assert_trained
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs"),
+]
+
+GPU_TINY = ["--nproc-per-node", "2", "--arch", "resnet18", "--image-size", "64", "--dataset-size", "404",
+            "--batch-size", "8", "--epochs", "2", "--num-workers", "2", "--num-classes", "10", "--lr", "0.01"]
+# Keep NVLink multicast off on shared machines.
+SAFE = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def _losses(result):
+    return [float(loss) for _, loss, _ in GLOBAL_LINE.findall(result.stdout)]
+
+
+def test_standalone_spawn_with_syncbn_over_nccl(save_dir):
+    result = run_train(*GPU_TINY, "--save-dir", str(save_dir), env=SAFE)
+    assert_trained(result, save_dir, ranks=2, epochs=2)
+    assert "SyncBatchNorm on" in result.stdout and "CUDA graphs on" in result.stdout
+    summary = json.loads((save_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["img_s"] > 0
+
+
+def test_torchrun_launch_on_gpus(save_dir):
+    job = Job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "train.py", *GPU_TINY, "--save-dir", str(save_dir)], SAFE)
+    assert_trained(job.wait(), save_dir, ranks=2, epochs=2)
+
+
+def test_node_level_environment_on_gpus(save_dir):
+    env = dict(SAFE, RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    assert_trained(run_train(*GPU_TINY, "--save-dir", str(save_dir), env=env), save_dir, ranks=2, epochs=2)
+
+
+def test_graphed_step_keeps_the_eager_loss_trajectory(tmp_path):
+    eager = run_train(*GPU_TINY, "--epochs", "3", "--no-cuda-graphs", "--save-dir", str(tmp_path / "e"), env=SAFE)
+    graphed = run_train(*GPU_TINY, "--epochs", "3", "--save-dir", str(tmp_path / "g"), env=SAFE)
+    a = assert_trained(eager, tmp_path / "e", 2, 3)
+    b = assert_trained(graphed, tmp_path / "g", 2, 3)
+    assert a == pytest.approx(b, rel=0.02), (a, b)
+
+
+def test_channels_last_keeps_the_loss_trajectory(tmp_path):
+    nchw = run_train(*GPU_TINY, "--no-channels-last", "--save-dir", str(tmp_path / "a"), env=SAFE)
+    nhwc = run_train(*GPU_TINY, "--channels-last", "--save-dir", str(tmp_path / "b"), env=SAFE)
+    assert assert_trained(nchw, tmp_path / "a", 2, 2) == pytest.approx(
+        assert_trained(nhwc, tmp_path / "b", 2, 2), rel=0.02)
+
+
+@pytest.mark.parametrize("options", [
+    ["--amp", "bf16"], ["--amp", "fp16"], ["--data", "gpu"], ["--fast", "--batch-size", "8"],
+    ["--compile", "--no-cuda-graphs"], ["--compile"], ["--no-sync-bn"],
+])
+def test_every_speed_option_trains(options, save_dir):
+    result = run_train(*GPU_TINY, *options, "--save-dir", str(save_dir), env=SAFE, timeout=600)
+    losses = assert_trained(result, save_dir, ranks=2, epochs=2)
+    assert all(loss == loss and loss < 10 for loss in losses)
+
+
+def _syncbn_rank(rank, port, x_full, dy_full, channels_last, out):
+    import torch.distributed as dist
+
+    from resnet_ddp.syncbn import SyncBatchNorm
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("nccl", rank=rank, world_size=2)
+    torch.cuda.set_device(rank)
+    results = {}
+    for name, layer in (("ours", SyncBatchNorm(8)), ("stock", torch.nn.SyncBatchNorm(8))):
+        layer = layer.cuda()
+        x = x_full.chunk(2)[rank].cuda()
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        y = layer(x)
+        y.backward(dy_full.chunk(2)[rank].cuda())
+        results[name] = [t.detach().cpu() for t in (y, x.grad, layer.weight.grad, layer.running_mean, layer.running_var)]
+    out[rank] = results
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_our_syncbn_matches_torch_syncbn_on_cuda(channels_last):
+    import torch.multiprocessing as mp
+
+    os.environ.update(SAFE)
+    x = torch.randn(16, 8, 7, 7) * 2 + 0.5
+    dy = torch.randn(16, 8, 7, 7)
+    out = mp.get_context("spawn").Manager().dict()
+    mp.start_processes(_syncbn_rank, args=(free_port(), x, dy, channels_last, out), nprocs=2, start_method="spawn")
+    for rank in range(2):
+        for ours, stock in zip(out[rank]["ours"], out[rank]["stock"]):
+            torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-5)
