@@ -32,8 +32,8 @@ SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "N
 
 CONFIGS = {
     # name: (train.py arguments, steps, warm-up steps)
-    "default": ([], 300, 60),
-    "fast": (["--fast"], 300, 60),
+    "default": ([], 500, 100),
+    "fast": (["--fast"], 400, 100),
 }
 BASELINE_STEPS, BASELINE_WARMUP = 80, 20
 
@@ -56,27 +56,26 @@ class UtilisationSampler:
         handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in self.gpu_indices]
         while not self._stop.is_set():
             utils = [pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in handles]
-            self.samples.append((time.monotonic(), sum(utils) / len(utils)))
+            self.samples.append((time.time(), sum(utils) / len(utils)))
             self._stop.wait(0.2)
         pynvml.nvmlShutdown()
 
     def __enter__(self):
-        self.started = time.monotonic()
+        self.started = time.time()
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
-        self.ended = time.monotonic()
+        self.ended = time.time()
         self._stop.set()
         self._thread.join()
 
-    def second_half_mean(self) -> Optional[float]:
-        middle = (self.started + self.ended) / 2
-        late = [u for t, u in self.samples if t >= middle]
-        return sum(late) / len(late) if late else None
+    def mean_between(self, start: float, end: float) -> Optional[float]:
+        inside = [u for t, u in self.samples if start <= t <= end]
+        return sum(inside) / len(inside) if inside else None
 
 
-def _run_one(name: str, gpus: int, extra_args: List[str], log_dir: str) -> Dict:
+def _run_one(name: str, gpus: int, extra_args: List[str], log_dir: str, timeout_s: float) -> Dict:
     env = dict(os.environ, **SAFE_ENV, CUDA_VISIBLE_DEVICES=",".join(map(str, range(gpus))))
     workdir = tempfile.mkdtemp(prefix=f"bench-{name}-{gpus}-")
     if name == "seed-equivalent":
@@ -84,23 +83,30 @@ def _run_one(name: str, gpus: int, extra_args: List[str], log_dir: str) -> Dict:
         command = [sys.executable, "bench/seed_equivalent.py", "--gpus", str(gpus),
                    "--steps", str(BASELINE_STEPS), "--warmup", str(BASELINE_WARMUP), "--out", out]
     else:
-        args, steps, warmup = CONFIGS.get(name, ([], 300, 60))
+        args, steps, warmup = CONFIGS.get(name, ([], 400, 100))
         out = os.path.join(workdir, "summary.json")
         command = [sys.executable, "train.py", *args, *extra_args, "--nproc-per-node", str(gpus), "--min-gpus", "1",
                    "--max-steps", str(steps), "--warmup-steps", str(warmup), "--save-dir", workdir]
     log_path = os.path.join(log_dir, f"{name}-x{gpus}.log")
     started = time.monotonic()
     with UtilisationSampler(list(range(gpus))) as sampler, open(log_path, "w") as log:
-        completed = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            code = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            code = f"none: still running after {timeout_s:.0f} s"
     result = {"name": name, "gpus": gpus, "command": " ".join(command[1:]), "wall_s": time.monotonic() - started}
-    if completed.returncode != 0 or not os.path.exists(out):
-        result["error"] = f"exit code {completed.returncode}; see {log_path}"
+    if code != 0 or not os.path.exists(out):
+        result["error"] = f"exit code {code}; see {log_path}"
         return result
     with open(out) as f:
         summary = json.load(f)
-    for key in ("img_s", "img_s_per_gpu", "step_ms_p50", "step_ms_p95", "data_wait_frac", "peak_mem_gib_per_rank"):
+    for key in ("img_s", "img_s_per_gpu", "step_ms_p50", "step_ms_p95", "step_ms_p99", "data_wait_frac",
+                "peak_mem_gib_per_rank"):
         result[key] = summary.get(key)
-    result["gpu_util_pct"] = sampler.second_half_mean()
+    # Over the steady window the job reports; the baseline reports none: its second half.
+    start, end = summary.get("steady_window_unix", [(sampler.started + sampler.ended) / 2, sampler.ended])
+    result["gpu_util_pct"] = sampler.mean_between(start, end)
     return result
 
 
@@ -115,40 +121,35 @@ def main() -> int:
                              "'default-no-graphs:2:--no-cuda-graphs')")
     parser.add_argument("--log-dir", default=os.environ.get("OUT", tempfile.gettempdir()))
     parser.add_argument("--results-dir", default=os.path.join(REPO, "bench", "results"))
+    parser.add_argument("--run-timeout", type=float, default=300, help="seconds one run may take")
     args = parser.parse_args()
     if available == 0:
         print("bench: no GPU visible", file=sys.stderr)
         return 2
 
     card = torch.cuda.get_device_name(0)
-    runs, experiments = [], []
-    for gpus in (int(g) for g in args.gpus.split(",")):
-        for name in args.configs.split(","):
-            runs.append(_run_one(name, gpus, [], args.log_dir))
-            _print_row(runs[-1])
-    for spec in args.experiment:
-        name, gpus, extra = spec.split(":", 2)
-        base = "fast" if extra.split()[:1] == ["--fast"] else "default"
-        args_list = extra.split()
-        result = _run_one(name, int(gpus), args_list, args.log_dir)
-        result["base"] = base
-        experiments.append(result)
-        _print_row(result)
-
     payload = {
         "card": card,
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
         "gpus_on_machine": available,
-        "runs": runs,
-        "experiments": experiments,
+        "runs": [],
+        "experiments": [],
     }
     os.makedirs(args.results_dir, exist_ok=True)
     slug = card.replace("NVIDIA ", "").replace(" ", "-").lower()
     path = os.path.join(args.results_dir, f"{payload['date']}-{slug}-x{available}.json")
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
+    plan = [("runs", name, int(gpus), []) for gpus in args.gpus.split(",") for name in args.configs.split(",")]
+    for spec in args.experiment:
+        name, gpus, extra = spec.split(":", 2)
+        plan.append(("experiments", name, int(gpus), extra.split()))
+    for section, name, gpus, extra in plan:
+        result = _run_one(name, gpus, extra, args.log_dir, args.run_timeout)
+        payload[section].append(result)
+        _print_row(result)
+        with open(path, "w") as f:  # after every run, so a cut-short session keeps what it measured
+            json.dump(payload, f, indent=2)
+            f.write("\n")
     print(f"wrote {path}")
     return 0
 

@@ -54,17 +54,18 @@ class ShardedPermutationSampler(Sampler):
 
     Position p of epoch e maps to sample (a * p + b) mod n with gcd(a, n) = 1, a
     bijection drawn from (seed, epoch). Rank r takes positions r, r + W, r + 2W, ...
-    and the epoch is padded by wrapping round so that every rank gets the same
-    number of samples (as DistributedSampler does).
+    The epoch is padded by wrapping round (as DistributedSampler pads to equal
+    shares) up to whole batches on every rank: every step then has the same
+    shape, which SyncBatchNorm, cuDNN's autotuning and CUDA graphs all want.
     """
 
-    def __init__(self, dataset_length: int, rank: int, world_size: int, seed: int):
+    def __init__(self, dataset_length: int, rank: int, world_size: int, seed: int, batch_size: int = 1):
         self.n = dataset_length
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
         self.epoch = 0
-        self.samples_per_rank = math.ceil(dataset_length / world_size)
+        self.samples_per_rank = math.ceil(dataset_length / (world_size * batch_size)) * batch_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -120,7 +121,7 @@ class DeviceBatches:
 
     Same image recipe as LazyFakeDataset (uniform noise plus the class colour),
     drawn from a device generator seeded by (seed, rank, epoch), into buffers
-    allocated once. The epoch has as many steps as the host dataset would give.
+    allocated once. The epoch has as many steps as the host dataset gives.
     """
 
     def __init__(self, dataset: LazyFakeDataset, sampler: ShardedPermutationSampler, batch_size: int,
@@ -147,13 +148,12 @@ class DeviceBatches:
 
     def __iter__(self):
         self.generator.manual_seed(int(np.random.SeedSequence([self.seed, self.rank, self.epoch]).generate_state(1)[0]))
-        for start in range(0, self.samples, self.batch_size):
-            n = min(self.batch_size, self.samples - start)
-            images, labels, colours = self.images[:n], self.labels[:n], self.label_colours[:n]
-            torch.randint(self.num_classes, (n,), generator=self.generator, device=self.device, out=labels)
+        images, labels, colours = self.images, self.labels, self.label_colours
+        for _ in range(len(self)):
+            torch.randint(self.num_classes, labels.shape, generator=self.generator, device=self.device, out=labels)
             torch.randint(128, images.shape, generator=self.generator, device=self.device, dtype=torch.uint8, out=images)
             torch.index_select(self.colours, 0, labels, out=colours)
-            images += colours.view(n, 3, 1, 1)
+            images += colours.view(-1, 3, 1, 1)
             yield images, labels
 
 

@@ -67,8 +67,8 @@ class GraphedStep:
 
     The warm-up steps are real training steps on real batches (DDP needs about
     ten before its buckets settle and capture is safe), so the arithmetic is
-    exactly that of eager training. A batch of another shape (the last, short
-    batch of an epoch) runs eagerly.
+    exactly that of eager training. Every batch has the same shape (the sampler
+    pads epochs to whole batches), so one graph serves the whole run.
     """
 
     WARMUP_STEPS = 11
@@ -78,22 +78,17 @@ class GraphedStep:
         self.device = eager.device
         self.side_stream = torch.cuda.Stream(self.device)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
-        self.full_shape: Optional[torch.Size] = None
         self.eager_steps = 0
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.graph is not None and images.shape == self.static_images.shape:
+        if self.graph is not None:
             self.static_images.copy_(images, non_blocking=True)
             self.static_labels.copy_(labels, non_blocking=True)
             self.graph.replay()
             return self.static_loss
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
-        if self.graph is not None:
-            return self.eager.compute(images, labels)
-        if self.full_shape is None:
-            self.full_shape = images.shape
-        if self.eager_steps >= self.WARMUP_STEPS and images.shape == self.full_shape:
+        if self.eager_steps >= self.WARMUP_STEPS:
             return self._capture(images, labels)
         self.eager_steps += 1
         current = torch.cuda.current_stream(self.device)
@@ -104,7 +99,8 @@ class GraphedStep:
         return loss
 
     def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        self.static_images, self.static_labels = images, labels
+        # Own copies: the caller may reuse its buffers for the next batch.
+        self.static_images, self.static_labels = images.clone(), labels.clone()
         self.graph = torch.cuda.CUDAGraph()
         # Gradients are then allocated inside the graph's memory pool, and rewritten by every replay.
         self.eager.optimizer.zero_grad(set_to_none=True)

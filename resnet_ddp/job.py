@@ -26,7 +26,7 @@ def run_process(config: Config) -> int:
 
 def _build_batches(config: Config, rank: distributed.RankInfo):
     dataset = LazyFakeDataset(config.dataset_size, config.image_size, config.num_classes, config.seed)
-    sampler = ShardedPermutationSampler(len(dataset), rank.rank, rank.world_size, config.seed)
+    sampler = ShardedPermutationSampler(len(dataset), rank.rank, rank.world_size, config.seed, config.batch_size)
     if config.data == "gpu":
         return DeviceBatches(dataset, sampler, config.batch_size, rank.device)
     return HostBatches(dataset, sampler, config.batch_size, config.num_workers,

@@ -64,6 +64,50 @@ def _global_stats(x, mean_all, invstd_all, count_all, running_mean, running_var,
     return mean, torch.rsqrt(var + eps)
 
 
+def _all_gather_autograd():
+    """The differentiable functional all-gather that torch.compile can trace (name varies by release)."""
+    try:
+        from torch.distributed import _functional_collectives as fc
+    except ImportError:
+        return None
+    return getattr(fc, "all_gather_single_autograd", None) or getattr(fc, "all_gather_tensor_autograd", None)
+
+
+def _traceable_sync_batch_norm(x, weight, bias, running_mean, running_var, eps, momentum, group, world_size):
+    """The same statistics in plain tensor ops and a differentiable all-gather, for torch.compile.
+
+    Autograd derives the backward (the all-gather's backward is a reduce-scatter),
+    and the compiler can fuse the normalisation with its neighbours. Every rank
+    has the same batch size (the sampler pads to whole batches), so each rank's
+    count is this rank's count.
+    """
+    channels = x.shape[1]
+    count = x.numel() // channels
+    xf = _upcast(x)
+    local_mean = xf.mean(dim=(0, 2, 3))
+    local_m2 = (xf - _shape(local_mean)).square().sum(dim=(0, 2, 3))
+    gathered = _all_gather_autograd()(torch.cat([local_mean, local_m2]), 0, group).view(world_size, 2, channels)
+    means, m2s = gathered[:, 0], gathered[:, 1]
+    mean = means.mean(0)
+    total = count * world_size
+    var = (m2s.sum(0) + count * (means - mean).square().sum(0)) / total
+    if running_mean is not None:
+        with torch.no_grad():
+            running_mean.lerp_(mean.detach().to(running_mean.dtype), momentum)
+            running_var.lerp_((var.detach() * (total / (total - 1))).to(running_var.dtype), momentum)
+    out = (xf - _shape(mean)) * _shape(torch.rsqrt(var + eps))
+    if weight is not None:
+        out = out * _shape(weight) + _shape(bias)
+    return out.to(x.dtype)
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return False
+
+
 def _shape(v: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1, 1, 1)
 
@@ -161,6 +205,13 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.training or not self.track_running_stats, momentum, self.eps,
             )
         group = self.process_group or dist.group.WORLD
+        if _is_compiling() and _all_gather_autograd() is not None:
+            return _traceable_sync_batch_norm(
+                x, self.weight, self.bias,
+                self.running_mean if self.track_running_stats else None,
+                self.running_var if self.track_running_stats else None,
+                self.eps, momentum, group, world_size,
+            )
         return _SyncBatchNormFunction.apply(
             x, self.weight, self.bias,
             self.running_mean if self.track_running_stats else None,

@@ -52,6 +52,7 @@ class StepTimer:
         self._steady_data_wait_s = 0.0
         self._steady_started: Optional[float] = None
         self._steady_ended: Optional[float] = None
+        self.steady_window_unix = [time.time(), time.time()]
 
     @property
     def steady(self) -> bool:
@@ -66,6 +67,7 @@ class StepTimer:
         self.steps += 1
         if self.steps == self.warmup_steps:
             self._steady_started = time.perf_counter()
+            self.steady_window_unix[0] = time.time()
         if self.device.type == "cuda":
             event = self._free_events.pop() if self._free_events else torch.cuda.Event(enable_timing=True)
             event.record()
@@ -92,6 +94,7 @@ class StepTimer:
         """Read the last events (one sync, after training) and close the steady window."""
         self._drain(block=True)
         self._steady_ended = time.perf_counter()
+        self.steady_window_unix[1] = time.time()
 
     def stats(self, batch_size: int) -> Dict[str, float]:
         """This rank's steady-state figures (steps after the warm-up, or all but the first if too few)."""
@@ -102,6 +105,7 @@ class StepTimer:
                     if self._steady_started is not None and self._steady_ended is not None else total_s)
         wait_s = self._steady_data_wait_s if self._steady_started is not None else self._data_wait_s
         result = {
+            "steady_window_unix": self.steady_window_unix,
             "steps": self.steps,
             "steady_steps": len(steady),
             "img_s": len(steady) * batch_size / total_s if total_s > 0 else 0.0,
@@ -133,6 +137,7 @@ def summarise(rank_stats: List[Dict[str, float]], world_size: int) -> Dict[str, 
         "data_wait_frac": max(s["data_wait_frac"] for s in rank_stats),
         "steps": rank_stats[0]["steps"],
         "steady_steps": rank_stats[0]["steady_steps"],
+        "steady_window_unix": rank_stats[0]["steady_window_unix"],
     }
     for q in (50, 90, 95, 99):
         summary[f"step_ms_p{q}"] = max(s[f"step_ms_p{q}"] for s in rank_stats)

@@ -66,10 +66,10 @@ def test_model_input_is_normalised_float_in_the_asked_layout():
 
 def test_device_batches_match_the_epoch_length_and_are_reproducible():
     ds = LazyFakeDataset(10, 32, 4, seed=1)
-    sampler = ShardedPermutationSampler(10, rank=0, world_size=2, seed=1)
+    sampler = ShardedPermutationSampler(10, rank=0, world_size=2, seed=1, batch_size=2)
     batches = DeviceBatches(ds, sampler, batch_size=2, device=torch.device("cpu"))
     first = [(i.clone(), l.clone()) for i, l in batches]
-    assert len(first) == len(batches) == 3 and [len(l) for _, l in first] == [2, 2, 1]
+    assert len(first) == len(batches) == 3 and [len(l) for _, l in first] == [2, 2, 2]
     again = [(i.clone(), l.clone()) for i, l in batches]
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
     for images, labels in first:
@@ -79,3 +79,11 @@ def test_device_batches_match_the_epoch_length_and_are_reproducible():
         assert torch.all(images.amin(dim=(2, 3)) >= colours)
     batches.set_epoch(1)
     assert not torch.equal(next(iter(batches))[0], first[0][0])
+
+
+def test_sampler_pads_epochs_to_whole_batches_on_every_rank():
+    samplers = [ShardedPermutationSampler(100, rank, 2, seed=0, batch_size=8) for rank in range(2)]
+    loaders = [DataLoader(LazyFakeDataset(100, 32, 3, seed=0), batch_size=8, sampler=s) for s in samplers]
+    sizes = [[len(labels) for _, labels in loader] for loader in loaders]
+    assert sizes[0] == sizes[1] == [8] * 7  # 100 samples over 2 ranks: 56 each, 7 full batches
+    assert set(sum((list(s) for s in samplers), [])) == set(range(100))

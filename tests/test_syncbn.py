@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
 from conftest import free_port
+from resnet_ddp import syncbn
 from resnet_ddp.syncbn import SyncBatchNorm, convert_sync_batchnorm
 
 WORLD = 2
@@ -88,3 +90,35 @@ def test_conversion_keeps_state_and_state_dict_keys():
     assert isinstance(converted[1], SyncBatchNorm) and isinstance(converted[2][0], SyncBatchNorm)
     assert list(converted.state_dict()) == keys
     assert torch.all(converted[1].running_mean == 0.25)
+
+
+def _traceable_rank(rank, port, x, dy, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        outs = []
+        for path in (syncbn._SyncBatchNormFunction.apply, syncbn._traceable_sync_batch_norm):
+            w = torch.linspace(0.5, 1.5, CHANNELS, dtype=torch.float64, requires_grad=True)
+            b = torch.linspace(-1, 1, CHANNELS, dtype=torch.float64, requires_grad=True)
+            rm, rv = torch.zeros(CHANNELS, dtype=torch.float64), torch.ones(CHANNELS, dtype=torch.float64)
+            xi = x.chunk(WORLD)[rank].clone().requires_grad_(True)
+            y = path(xi, w, b, rm, rv, 1e-5, 0.1, dist.group.WORLD, WORLD)
+            y.backward(dy.chunk(WORLD)[rank])
+            outs.append([y.detach(), xi.grad, w.grad, b.grad, rm, rv])
+        results[rank] = outs
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_compiler_friendly_path_computes_the_same_as_the_fused_one():
+    """torch.compile runs SyncBatchNorm through plain ops and an autograd all-gather: same numbers."""
+    if syncbn._all_gather_autograd() is None:
+        pytest.skip("this torch has no differentiable functional all-gather")
+    x = torch.randn(8, CHANNELS, 4, 3, dtype=torch.float64) * 2 + 1
+    dy = torch.randn(8, CHANNELS, 4, 3, dtype=torch.float64)
+    results = mp.get_context("spawn").Manager().dict()
+    mp.start_processes(_traceable_rank, args=(free_port(), x, dy, results), nprocs=WORLD, start_method="spawn")
+    for rank in range(WORLD):
+        fused, traceable = results[rank]
+        for a, b in zip(fused, traceable):
+            torch.testing.assert_close(a, b)
