@@ -73,10 +73,11 @@ class GraphedStep:
 
     WARMUP_STEPS = 11
 
-    def __init__(self, eager: EagerStep):
+    def __init__(self, eager: EagerStep, side_stream: torch.cuda.Stream):
+        """`side_stream` is the stream DDP was built on (see model.wrap_ddp)."""
         self.eager = eager
         self.device = eager.device
-        self.side_stream = torch.cuda.Stream(self.device)
+        self.side_stream = side_stream
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.eager_steps = 0
 

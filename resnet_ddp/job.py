@@ -37,14 +37,15 @@ def _build_step(config: Config, rank: distributed.RankInfo):
     model = build_model(config.arch, config.num_classes, config.sync_bn)
     if config.use_channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model = wrap_ddp(model, rank, config.sync_bn, on_side_stream=config.use_cuda_graphs)
+    side_stream = torch.cuda.Stream(rank.device) if config.use_cuda_graphs else None
+    model = wrap_ddp(model, rank, config.sync_bn, stream=side_stream)
     if config.compile:
         model = compile_model(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     step = engine.EagerStep(model, torch.nn.CrossEntropyLoss(), optimizer, rank.device,
                             amp=config.amp, channels_last=config.use_channels_last)
-    return model, (engine.GraphedStep(step) if config.use_cuda_graphs else step)
+    return model, (engine.GraphedStep(step, side_stream) if side_stream is not None else step)
 
 
 def train(config: Config, rank: distributed.RankInfo) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -25,15 +26,19 @@ def build_model(arch: str, num_classes: int, sync_bn: bool) -> nn.Module:
     return model
 
 
-def wrap_ddp(model: nn.Module, rank: RankInfo, sync_bn: bool, on_side_stream: bool = False) -> DistributedDataParallel:
-    """DDP over the job's process group; built on a side stream when the step will be graph-captured."""
+def wrap_ddp(model: nn.Module, rank: RankInfo, sync_bn: bool,
+             stream: Optional[torch.cuda.Stream] = None) -> DistributedDataParallel:
+    """DDP over the job's process group, built on `stream` when the step will be graph-captured.
+
+    DDP keeps the gradient-accumulation nodes it makes here; the warm-up steps
+    before capture must run on this same stream, or autograd synchronises
+    between streams (and warns that capture may break).
+    """
     model = model.to(rank.device)
-    cuda = rank.device.type == "cuda"
-    side = torch.cuda.Stream(rank.device) if cuda and on_side_stream else None
-    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         ddp = _ddp(model, rank, sync_bn)
-    if side is not None:
-        torch.cuda.current_stream(rank.device).wait_stream(side)
+    if stream is not None:
+        torch.cuda.current_stream(rank.device).wait_stream(stream)
     return ddp
 
 
