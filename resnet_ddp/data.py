@@ -93,6 +93,8 @@ class ShardedPermutationSampler(Sampler):
 class HostBatches:
     """Batches of LazyFakeDataset from DataLoader worker processes (pinned when a GPU takes them)."""
 
+    made_on_host = True  # the step can wait on these: the wait is worth measuring
+
     def __init__(self, dataset: LazyFakeDataset, sampler: ShardedPermutationSampler, batch_size: int,
                  num_workers: int, pin_memory: bool):
         self.sampler = sampler
@@ -123,6 +125,10 @@ class DeviceBatches:
     drawn from a device generator seeded by (seed, rank, epoch), into buffers
     allocated once. The epoch has as many steps as the host dataset gives.
     """
+
+    # Making a batch only enqueues kernels; time the host spends here is launch
+    # back-pressure from a busy GPU, not the GPU waiting for data.
+    made_on_host = False
 
     def __init__(self, dataset: LazyFakeDataset, sampler: ShardedPermutationSampler, batch_size: int,
                  device: torch.device):

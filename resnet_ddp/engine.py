@@ -123,7 +123,8 @@ def train_epoch(step, batches: Iterable, faults: FaultInjector, timer: StepTimer
         batch = next(batch_iter, None)
         if batch is None:
             break
-        timer.data_waited(time.perf_counter() - waited_from)
+        if batches.made_on_host:
+            timer.data_waited(time.perf_counter() - waited_from)
         faults.before_step(first_step + steps)
         loss_sum += step(*batch)
         steps += 1
