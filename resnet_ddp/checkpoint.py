@@ -1,9 +1,15 @@
-"""Writing files so that a kill at any instant leaves either the old file or the new one."""
+"""Checkpoints and the final model: atomic writes, pruning, finding where to resume.
+
+Every file is written to a temporary name, flushed, fsynced and renamed, so a
+kill at any instant leaves either the old file or the new one.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -58,3 +64,80 @@ def export_final_model(state_dict: dict, save_dir: str) -> str:
     path = os.path.join(save_dir, FINAL_MODEL_NAME)
     save_atomically(state_dict, path)
     return path
+
+
+CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_SUFFIX = ".pt"
+FORMAT_VERSION = 1
+
+
+def checkpoint_path(save_dir: str, global_step: int) -> str:
+    return os.path.join(save_dir, f"{CHECKPOINT_PREFIX}{global_step:09d}{CHECKPOINT_SUFFIX}")
+
+
+def list_checkpoints(save_dir: str) -> List[str]:
+    """The checkpoints in the save dir, newest (highest step) first."""
+    if not os.path.isdir(save_dir):
+        return []
+    names = [n for n in os.listdir(save_dir) if n.startswith(CHECKPOINT_PREFIX) and n.endswith(CHECKPOINT_SUFFIX)
+             and n[len(CHECKPOINT_PREFIX):-len(CHECKPOINT_SUFFIX)].isdigit()]
+    return [os.path.join(save_dir, n) for n in sorted(names, reverse=True)]
+
+
+def save_checkpoint(state: dict, save_dir: str, keep: int) -> str:
+    """Write atomically, then prune the older ones: a failed write leaves the previous checkpoints as they were."""
+    path = checkpoint_path(save_dir, state["global_step"])
+    try:
+        save_atomically(dict(state, format=FORMAT_VERSION), path)
+    except OSError as exc:
+        raise CheckpointWriteError(f"could not write checkpoint {path}: {exc.strerror or exc}; "
+                                   "the previous checkpoints are intact") from exc
+    for old in list_checkpoints(save_dir)[keep:]:
+        os.unlink(old)
+    return path
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (full or read-only disk)."""
+
+
+def _load(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except TypeError:  # torch < 1.13 has no weights_only
+        return torch.load(path, map_location="cpu")
+
+
+def _describe_mismatch(saved: dict, wanted: dict) -> str:
+    return ", ".join(f"{k} {saved.get(k)!r} (now {wanted[k]!r})" for k in wanted if saved.get(k) != wanted[k])
+
+
+def find_resume_point(config, report: bool = True) -> Optional[Tuple[str, dict]]:
+    """The checkpoint to continue from, loaded, or None to start afresh.
+
+    auto: the newest checkpoint in the save dir that loads; an unreadable one is
+    reported and the one before it tried. A checkpoint made with other
+    arithmetic options is refused (UsageError), not loaded and not overwritten.
+    """
+    if config.resume == "never":
+        return None
+    candidates = [config.resume] if config.resume != "auto" else list_checkpoints(config.save_dir)
+    for path in candidates:
+        try:
+            state = _load(path)
+            state["global_step"]  # a file torch can read but that is no checkpoint of ours
+        except Exception as exc:  # truncated, corrupt, or not ours
+            if config.resume != "auto":
+                raise UsageError(f"--resume {path}: not a readable checkpoint ({type(exc).__name__})") from None
+            if report:
+                print(f"resnet-ddp: checkpoint {path} is unreadable ({type(exc).__name__}); "
+                      "trying the one before it", file=sys.stderr, flush=True)
+            continue
+        wanted = config.fingerprint()
+        if state.get("fingerprint") != wanted:
+            raise UsageError(
+                f"checkpoint {path} was made with other arithmetic: {_describe_mismatch(state.get('fingerprint') or {}, wanted)}; "
+                "run with the same options, or with --resume never and another --save-dir"
+            )
+        return path, state
+    return None

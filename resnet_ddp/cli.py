@@ -82,6 +82,14 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     length.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
                         help="steps left out of the summary's throughput and step times (start-up, autotuning, capture)")
 
+    ckpt = p.add_argument_group("checkpoints and resume")
+    ckpt.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                      help="also write <save-dir>/checkpoint-*.pt every N steps (0: at epoch ends and on stop only)")
+    ckpt.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
+                      help="keep this many newest checkpoints; older ones go after a good write")
+    ckpt.add_argument("--resume", default=d.resume,
+                      help="auto: continue from the newest good checkpoint in the save dir, if any; never; or a path")
+
     place = p.add_argument_group("processes and devices")
     place.add_argument("--cpu", action="store_true", help="run on CPU processes over gloo instead of GPUs")
     place.add_argument("--nproc-per-node", type=int, default=None,
@@ -164,6 +172,9 @@ def parse_config(argv: Optional[Sequence[str]] = None, environ: Mapping[str, str
         cuda_graphs=args.cuda_graphs,
         max_steps=args.max_steps,
         warmup_steps=args.warmup_steps,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
+        resume=args.resume,
     )
     validate(config)
     return config
@@ -212,6 +223,12 @@ def validate(config: Config) -> None:
         raise UsageError(f"--max-steps must be at least 1, got {config.max_steps}")
     if config.warmup_steps < 0:
         raise UsageError(f"--warmup-steps must be 0 or more, got {config.warmup_steps}")
+    if config.checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every must be 0 or more, got {config.checkpoint_every}")
+    if config.keep_checkpoints < 1:
+        raise UsageError(f"--keep-checkpoints must be at least 1, got {config.keep_checkpoints}")
+    if config.resume not in ("auto", "never") and not os.path.isfile(config.resume):
+        raise UsageError(f"--resume {config.resume!r}: no such checkpoint file (or use auto / never)")
     if config.cpu and config.amp == "fp16":
         raise UsageError("--amp fp16 is for GPUs: use --amp bf16 on CPU, or drop --cpu")
     if config.fail_rank < ALL_RANKS:
@@ -226,6 +243,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         plan = launch.plan_launch(config, os.environ)
         checkpoint.ensure_writable_dir(config.save_dir)
+        if plan.holds_rank_zero:
+            # Refuse a mismatched checkpoint before any training process starts; rank 0 reports the rest.
+            checkpoint.find_resume_point(config, report=False)
     except UsageError as exc:
         print(f"resnet-ddp: error: {exc}", file=sys.stderr)
         return 2

@@ -46,6 +46,10 @@ class Config:
     # Run length and measurement.
     max_steps: Optional[int] = None
     warmup_steps: int = 20
+    # Checkpoints and resume.
+    checkpoint_every: int = 0  # steps; 0: at epoch ends (and on stop) only
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto, never, or a checkpoint's path
     # Placement and process group.
     cpu: bool = False
     nproc_per_node: Optional[int] = None
@@ -60,6 +64,10 @@ class Config:
     @property
     def device_type(self) -> str:
         return "cpu" if self.cpu else "cuda"
+
+    def fingerprint(self) -> dict:
+        """The options that change the arithmetic: a checkpoint made with others is refused."""
+        return {"arch": self.arch, "num_classes": self.num_classes, "image_size": self.image_size, "amp": self.amp}
 
     @property
     def use_channels_last(self) -> bool:

@@ -66,9 +66,12 @@ class ShardedPermutationSampler(Sampler):
         self.seed = seed
         self.epoch = 0
         self.samples_per_rank = math.ceil(dataset_length / (world_size * batch_size)) * batch_size
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Start `epoch`, at its `start`-th sample of this rank (to resume mid-epoch)."""
         self.epoch = epoch
+        self.start = start
 
     def _permutation(self) -> Tuple[int, int]:
         rng = np.random.Generator(np.random.SFC64([self.seed, 2**32 + 1, self.epoch]))
@@ -80,12 +83,12 @@ class ShardedPermutationSampler(Sampler):
                 return a, int(rng.integers(self.n))
 
     def __len__(self) -> int:
-        return self.samples_per_rank
+        return self.samples_per_rank - self.start
 
     def __iter__(self) -> Iterator[int]:
         a, b = self._permutation()
         n, world, rank = self.n, self.world_size, self.rank
-        for k in range(self.samples_per_rank):
+        for k in range(self.start, self.samples_per_rank):
             position = (k * world + rank) % n
             yield (a * position + b) % n
 
@@ -108,8 +111,8 @@ class HostBatches:
             drop_last=False,
         )
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_step * self.loader.batch_size)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -122,7 +125,7 @@ class DeviceBatches:
     """Fake batches made on the training device: no host work and no data loader at all.
 
     Same image recipe as LazyFakeDataset (uniform noise plus the class colour),
-    drawn from a device generator seeded by (seed, rank, epoch), into buffers
+    drawn from a device generator seeded by (seed, rank, epoch, step), into buffers
     allocated once. The epoch has as many steps as the host dataset gives.
     """
 
@@ -136,9 +139,10 @@ class DeviceBatches:
         self.seed = dataset.seed
         self.rank = sampler.rank
         self.num_classes = dataset.num_classes
-        self.samples = len(sampler)
+        self.steps_per_epoch = len(sampler) // batch_size
         self.batch_size = batch_size
         self.epoch = 0
+        self.start_step = 0
         size = dataset.image_size
         self.colours = torch.from_numpy(dataset._class_colours).to(device)
         self.images = torch.empty((batch_size, 3, size, size), dtype=torch.uint8, device=device)
@@ -146,16 +150,19 @@ class DeviceBatches:
         self.label_colours = torch.empty((batch_size, 3), dtype=torch.uint8, device=device)
         self.generator = torch.Generator(device=device)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch = epoch
+        self.start_step = start_step
 
     def __len__(self) -> int:
-        return math.ceil(self.samples / self.batch_size)
+        return self.steps_per_epoch - self.start_step
 
     def __iter__(self):
-        self.generator.manual_seed(int(np.random.SeedSequence([self.seed, self.rank, self.epoch]).generate_state(1)[0]))
         images, labels, colours = self.images, self.labels, self.label_colours
-        for _ in range(len(self)):
+        for step in range(self.start_step, self.steps_per_epoch):
+            # Seeded per step, so that a resumed epoch continues with the same batches.
+            seed = np.random.SeedSequence([self.seed, self.rank, self.epoch, step]).generate_state(1)[0]
+            self.generator.manual_seed(int(seed))
             torch.randint(self.num_classes, labels.shape, generator=self.generator, device=self.device, out=labels)
             torch.randint(128, images.shape, generator=self.generator, device=self.device, dtype=torch.uint8, out=images)
             torch.index_select(self.colours, 0, labels, out=colours)

