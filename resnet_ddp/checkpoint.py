@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from resnet_ddp.errors import UsageError
+from resnet_ddp.errors import CheckpointWriteError, UsageError
 
 FINAL_MODEL_NAME = "model_final.pth"
 
@@ -89,16 +89,22 @@ def save_checkpoint(state: dict, save_dir: str, keep: int) -> str:
     path = checkpoint_path(save_dir, state["global_step"])
     try:
         save_atomically(dict(state, format=FORMAT_VERSION), path)
-    except OSError as exc:
-        raise CheckpointWriteError(f"could not write checkpoint {path}: {exc.strerror or exc}; "
+    except Exception as exc:  # torch.save wraps the disk's OSError in a RuntimeError
+        raise CheckpointWriteError(f"could not write checkpoint {path}: {_root_cause(exc)}; "
                                    "the previous checkpoints are intact") from exc
     for old in list_checkpoints(save_dir)[keep:]:
         os.unlink(old)
     return path
 
 
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (full or read-only disk)."""
+def _root_cause(exc: BaseException) -> str:
+    """The operating system's words for a failed write, if an OSError lies under the exception."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    return str(exc)
 
 
 def _load(path: str) -> dict:

@@ -104,7 +104,8 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     fault.add_argument("--fail-at-step", type=int, default=None, help="inject a fault when this global step (1-based) starts")
     fault.add_argument("--fail-rank", type=_fail_rank, default=d.fail_rank, help="rank that fails, or 'all'")
     fault.add_argument("--fail-mode", default=d.fail_mode, choices=FAIL_MODES,
-                       help="exception: Python error (exit 1); exit: exit code 3; kill: SIGKILL itself")
+                       help="exception: Python error (exit 1); exit: exit code 3; kill: SIGKILL itself; "
+                            "hang: stop taking part in collectives (the job ends through --dist-timeout)")
     _apply_environment(p, environ)
     return p
 

@@ -14,7 +14,7 @@ ARCHITECTURES = (
     "wide_resnet50_2",
     "resnext50_32x4d",
 )
-FAIL_MODES = ("exception", "exit", "kill")
+FAIL_MODES = ("exception", "exit", "kill", "hang")
 AMP_MODES = ("off", "bf16", "fp16")
 DATA_SOURCES = ("cpu", "gpu")
 ALL_RANKS = -1  # --fail-rank all

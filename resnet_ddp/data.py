@@ -8,6 +8,7 @@ position. Host memory is therefore the same for 100 samples or 10 billion.
 from __future__ import annotations
 
 import math
+import os
 from typing import Iterator, Tuple
 
 import numpy as np
@@ -93,13 +94,41 @@ class ShardedPermutationSampler(Sampler):
             yield (a * position + b) % n
 
 
+SHM_PATH = "/dev/shm"
+SHM_MARGIN = 1.25  # allocator slack on top of the batches in flight
+
+
+def shm_free_bytes(path: str = SHM_PATH) -> int:
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return 0
+    return stats.f_bavail * stats.f_frsize
+
+
+def fit_workers_to_shm(num_workers: int, batch_bytes: int, local_processes: int, free_bytes: int) -> Tuple[int, int]:
+    """(workers, prefetch per worker) whose batches in flight fit in /dev/shm, where workers hand them over.
+
+    Kubernetes gives a container 64 MB of /dev/shm unless a memory-backed volume
+    is mounted there; DataLoader workers then die with a bus error mid-run. We
+    keep as many workers as fit, prefetching 2 batches each, then 1; else none
+    (batches made in the training process, which needs no shared memory).
+    """
+    for workers in range(num_workers, 0, -1):
+        for prefetch in (2, 1):
+            in_flight = local_processes * (workers * prefetch + 1) * batch_bytes * SHM_MARGIN
+            if in_flight <= free_bytes:
+                return workers, prefetch
+    return 0, 2
+
+
 class HostBatches:
     """Batches of LazyFakeDataset from DataLoader worker processes (pinned when a GPU takes them)."""
 
     made_on_host = True  # the step can wait on these: the wait is worth measuring
 
     def __init__(self, dataset: LazyFakeDataset, sampler: ShardedPermutationSampler, batch_size: int,
-                 num_workers: int, pin_memory: bool):
+                 num_workers: int, pin_memory: bool, prefetch: int = 2):
         self.sampler = sampler
         self.loader = DataLoader(
             dataset,
@@ -108,6 +137,7 @@ class HostBatches:
             num_workers=num_workers,
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
+            prefetch_factor=prefetch if num_workers > 0 else None,
             drop_last=False,
         )
 

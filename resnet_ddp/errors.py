@@ -8,3 +8,7 @@ class UsageError(Exception):
     training process starts. Anything else that escapes is a bug or a run-time
     failure and keeps its traceback.
     """
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (full or read-only disk); the previous ones are intact."""

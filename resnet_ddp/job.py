@@ -12,7 +12,8 @@ import torch.distributed as dist
 
 from resnet_ddp import checkpoint, distributed, engine, telemetry
 from resnet_ddp.config import Config
-from resnet_ddp.data import DeviceBatches, HostBatches, LazyFakeDataset, ShardedPermutationSampler
+from resnet_ddp.data import (SHM_MARGIN, DeviceBatches, HostBatches, LazyFakeDataset, ShardedPermutationSampler,
+                             fit_workers_to_shm, shm_free_bytes)
 from resnet_ddp.model import build_model, compile_model, export_state_dict, unwrap, wrap_ddp
 from resnet_ddp.scenarios import FaultInjector
 from resnet_ddp.stopping import StopAgreement
@@ -43,8 +44,18 @@ def _build_batches(config: Config, rank: distributed.RankInfo):
     sampler = ShardedPermutationSampler(len(dataset), rank.rank, rank.world_size, config.seed, config.batch_size)
     if config.data == "gpu":
         return DeviceBatches(dataset, sampler, config.batch_size, rank.device)
-    return HostBatches(dataset, sampler, config.batch_size, config.num_workers,
-                       pin_memory=rank.device.type == "cuda")
+    batch_bytes = config.batch_size * (3 * config.image_size**2 + 8)
+    free = shm_free_bytes()
+    workers, prefetch = fit_workers_to_shm(config.num_workers, batch_bytes, rank.local_world_size, free)
+    if workers < config.num_workers and rank.local_rank == 0:
+        need = rank.local_world_size * (config.num_workers * 2 + 1) * batch_bytes * SHM_MARGIN
+        telemetry.log(rank.rank, (
+            f"/dev/shm has {free / 2**20:.0f} MiB free; {config.num_workers} DataLoader workers in each of "
+            f"{rank.local_world_size} processes need about {need / 2**20:.0f} MiB: using {workers} worker(s) "
+            f"with {prefetch} batch(es) prefetched (mount a larger memory-backed /dev/shm for more)"
+        ))
+    return HostBatches(dataset, sampler, config.batch_size, workers,
+                       pin_memory=rank.device.type == "cuda", prefetch=prefetch)
 
 
 def _build_model_and_optimizer(config: Config, rank: distributed.RankInfo):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping
 
 from resnet_ddp.config import Config
-from resnet_ddp.errors import UsageError
+from resnet_ddp.errors import CheckpointWriteError, UsageError
 
 DEFAULT_CPU_PROCESSES = 2
 # How long ranks get to exit on SIGTERM before SIGKILL, once one rank has failed.
@@ -177,6 +177,9 @@ def _worker_main(local_rank: int, config: Config, plan: LaunchPlan) -> None:
     except UsageError as exc:
         print(f"resnet-ddp: error: {exc}", file=sys.stderr, flush=True)
         code = 2
+    except CheckpointWriteError as exc:  # a full or read-only disk: a clear line, not a traceback
+        print(f"[Rank {rank}] error: {exc}", file=sys.stderr, flush=True)
+        code = 1
     except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal's group
         code = 128 + signal.SIGINT
     except Exception:

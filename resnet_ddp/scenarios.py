@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 from resnet_ddp import telemetry
 from resnet_ddp.config import ALL_RANKS, Config
@@ -33,3 +34,7 @@ class FaultInjector:
             os._exit(3)
         if self.mode == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.mode == "hang":
+            # Alive but out of every collective: the others must give up after --dist-timeout.
+            while True:
+                time.sleep(3600)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
+import subprocess
 import sys
 import time
 
@@ -136,4 +138,72 @@ def test_sigterm_to_torchrun_stops_its_workers_with_a_checkpoint(save_dir):
     stops = STOP_LINE.findall(result.stdout)
     assert sorted(rank for rank, _, _ in stops) == ["0", "1"] and len({s for _, s, _ in stops}) == 1
     assert checkpoints(save_dir)
+    assert wait_for_no_leftovers(job) == []
+
+
+def _in_small_shm(size: str, command):
+    """Run a command with a private tmpfs of `size` over /dev/shm, as a Kubernetes pod has by default."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a private mount namespace")
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"unshare -m is not allowed here: {probe.stderr.decode().strip()}")
+    script = f"mount -t tmpfs -o size={size} tmpfs /dev/shm && exec {shlex.join(command)}"
+    return ["unshare", "-m", "sh", "-c", script]
+
+
+def test_small_dev_shm_is_detected_and_the_loader_fits_in_it(save_dir):
+    # 224 px, batch 16: 2.4 MB a batch; 2 processes x (2 workers x 2 + 1) batches do not fit in 16 MB.
+    args = ["--cpu", "--nproc-per-node", "2", "--arch", "resnet18", "--image-size", "224", "--batch-size", "16",
+            "--dataset-size", "64", "--epochs", "1", "--max-steps", "2", "--num-workers", "2",
+            "--save-dir", str(save_dir)]
+    job = Job(_in_small_shm("16m", train_command(*args)))
+    result = job.wait(timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (line,) = [l for l in result.stdout.splitlines() if "/dev/shm has" in l]
+    assert "16 MiB free" in line and "using 1 worker(s) with 1 batch(es) prefetched" in line
+
+
+def test_loader_settings_for_shared_memory():
+    from resnet_ddp.data import fit_workers_to_shm
+
+    mb = 2**20
+    assert fit_workers_to_shm(4, 10 * mb, 2, 10_000 * mb) == (4, 2)
+    assert fit_workers_to_shm(4, 10 * mb, 2, 64 * mb) == (1, 1)  # Kubernetes' default 64 MB, ResNet-50 batches
+    assert fit_workers_to_shm(4, 10 * mb, 2, 20 * mb) == (0, 2)
+    assert fit_workers_to_shm(0, 10 * mb, 2, 0) == (0, 2)
+
+
+def test_a_hung_rank_ends_the_job_through_the_dist_timeout(save_dir):
+    job = Job(train_command(*TINY, "--epochs", "50", "--fail-at-step", "3", "--fail-rank", "1",
+                            "--fail-mode", "hang", "--dist-timeout", "10", "--save-dir", str(save_dir)))
+    started = time.monotonic()
+    result = job.wait(timeout=150)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 120
+    assert "injecting fault 'hang'" in result.stdout
+    assert "stopping the other ranks" in result.stderr
+    assert wait_for_no_leftovers(job) == []
+
+
+def test_a_full_disk_while_checkpointing_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path):
+    save_dir = tmp_path / "small-disk"
+    save_dir.mkdir()
+    # resnet18 checkpoints are about 45 MB: the first fits in 60 MB, the second cannot be written beside it.
+    train = shlex.join(train_command(*TINY, "--epochs", "3", "--save-dir", str(save_dir)))
+    check = shlex.join([sys.executable, "-c",
+                        "import sys, torch; from pathlib import Path; d = Path(sys.argv[1]);"
+                        "print('files:', sorted(p.name for p in d.iterdir()));"
+                        "print('loads at step', torch.load(d / 'checkpoint-000000004.pt')['global_step'])",
+                        str(save_dir)])
+    command = _in_small_shm("16m", ["true"])  # the same root and unshare checks
+    command[-1] = (f"mount -t tmpfs -o size=60m tmpfs {shlex.quote(str(save_dir))} && "
+                   f"{{ {train}; echo exit=$?; {check}; }}")
+    job = Job(command)
+    result = job.wait(timeout=180)
+    assert "exit=1" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+    (line,) = [l for l in result.stderr.splitlines() if "could not write checkpoint" in l]
+    assert "No space left on device" in line and "previous checkpoints are intact" in line
+    assert "files: ['checkpoint-000000004.pt']" in result.stdout  # no half-written file beside it
+    assert "loads at step 4" in result.stdout
     assert wait_for_no_leftovers(job) == []
