@@ -7,6 +7,7 @@ default. OUTPUT_DIR (set by AstraGo) is the save dir when neither names one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -143,40 +144,17 @@ def _apply_environment(parser: argparse.ArgumentParser, environ: Mapping[str, st
 def parse_config(argv: Optional[Sequence[str]] = None, environ: Mapping[str, str] = os.environ) -> Config:
     parser = build_parser(environ)
     args = parser.parse_args(argv)
-    save_dir = args.save_dir or environ.get("OUTPUT_DIR") or Config.save_dir
-    config = Config(
-        epochs=args.epochs,
-        batch_size=_given(args.batch_size, 256 if args.fast else None, Config.batch_size),
-        dataset_size=args.dataset_size,
-        lr=args.lr,
-        num_workers=args.num_workers,
-        save_dir=save_dir,
-        num_classes=args.num_classes,
-        arch=args.arch,
-        image_size=args.image_size,
-        seed=args.seed,
+    # Options map onto Config fields by name; these few are derived.
+    fields = {field.name for field in dataclasses.fields(Config)}
+    values = {name: value for name, value in vars(args).items() if name in fields}
+    values.update(
+        save_dir=args.save_dir or environ.get("OUTPUT_DIR") or Config.save_dir,
         sync_bn=not args.no_sync_bn,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        cpu=args.cpu,
-        nproc_per_node=args.nproc_per_node,
-        min_gpus=args.min_gpus,
-        master_port=args.master_port,
-        dist_timeout=args.dist_timeout,
-        fail_at_step=args.fail_at_step,
-        fail_rank=args.fail_rank,
-        fail_mode=args.fail_mode,
+        batch_size=_given(args.batch_size, 256 if args.fast else None, Config.batch_size),
         amp=_given(args.amp, "bf16" if args.fast else None, Config.amp),
-        channels_last=args.channels_last,
-        compile=args.compile,
         data=_given(args.data, "gpu" if args.fast else None, Config.data),
-        cuda_graphs=args.cuda_graphs,
-        max_steps=args.max_steps,
-        warmup_steps=args.warmup_steps,
-        checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints,
-        resume=args.resume,
     )
+    config = Config(**values)
     validate(config)
     return config
 

@@ -133,7 +133,8 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
     model, optimizer, side_stream = _build_model_and_optimizer(config, rank)
     step = engine.EagerStep(model if not config.compile else compile_model(model), torch.nn.CrossEntropyLoss(),
                             optimizer, rank.device, amp=config.amp, channels_last=config.use_channels_last)
-    progress = _resume(config, rank, model, optimizer, step.scaler)
+    scaler = step.scaler
+    progress = _resume(config, rank, model, optimizer, scaler)
     if side_stream is not None:
         step = engine.GraphedStep(step, side_stream)
     faults = FaultInjector(config, rank.rank)
@@ -154,10 +155,9 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
         loss_sums = [None] * rank.world_size
         dist.all_gather_object(loss_sums, state_progress.epoch_loss_sum)
         if rank.is_main:
-            state = _checkpoint_state(config, rank, model, optimizer, step_scaler, state_progress, loss_sums)
+            state = _checkpoint_state(config, rank, model, optimizer, scaler, state_progress, loss_sums)
             checkpoint.save_checkpoint(state, config.save_dir, config.keep_checkpoints)
 
-    step_scaler = getattr(step, "eager", step).scaler
     stopped_by = 0
     start = time.perf_counter()
     epochs_done = progress.epoch - 1
@@ -197,7 +197,7 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
         else:  # --max-steps ended the run inside the epoch
             progress = Progress(progress.epoch, steps_in_epoch, progress.global_step, loss_sum.item())
         save(progress)
-    stopped_by = stopped_by or stop.settle()
+    stop.settle()  # a signal that comes with the last step is too late: the run is complete
     timer.finish()
     elapsed = time.perf_counter() - start
     stop.barrier()  # every rank leaves after rank 0's last checkpoint is on disk

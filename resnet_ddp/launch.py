@@ -226,22 +226,20 @@ def _supervise(processes, plan: LaunchPlan, received: List[int]) -> int:
     forwarded, or sent to one of them): that is a stop, not a failure.
     """
     while True:
-        failed = [(i, p.exitcode) for i, p in enumerate(processes) if p.exitcode not in (None, 0, *STOP_CODES)]
+        # A rank killed by the signal we forwarded (before it could handle it) was stopped too.
+        stopped = (*STOP_CODES, *(-sig for sig in received))
+        failed = [(i, p.exitcode) for i, p in enumerate(processes) if p.exitcode not in (None, 0, *stopped)]
         if failed:
             _report_failures(failed, plan)
             _terminate(processes)
-            local_rank, code = failed[0]
+            code = failed[0][1]
             return code if code > 0 else 1
         running = [p for p in processes if p.exitcode is None]
         if not running:
             break
         multiprocessing.connection.wait([p.sentinel for p in running], timeout=1.0)
-    stops = [p.exitcode for p in processes if p.exitcode in STOP_CODES]
-    if stops:
-        return stops[0]
-    if received:
-        return 128 + received[0]
-    return 0
+    stops = [p.exitcode if p.exitcode > 0 else 128 - p.exitcode for p in processes if p.exitcode != 0]
+    return stops[0] if stops else 0
 
 
 def _report_failures(failed, plan: LaunchPlan) -> None:

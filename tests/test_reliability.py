@@ -207,3 +207,14 @@ def test_a_full_disk_while_checkpointing_is_a_clear_error_and_keeps_the_previous
     assert "files: ['checkpoint-000000004.pt']" in result.stdout  # no half-written file beside it
     assert "loads at step 4" in result.stdout
     assert wait_for_no_leftovers(job) == []
+
+
+def test_a_restart_with_another_world_size_redoes_the_interrupted_epoch(save_dir):
+    cut = run_train(*TINY, "--epochs", "2", "--checkpoint-every", "3", "--fail-at-step", "4", "--fail-mode", "exit",
+                    "--save-dir", str(save_dir))
+    assert cut.returncode == 3 and checkpoints(save_dir)[-1] == "checkpoint-000000003.pt"
+    # One process instead of two: step 3 of the old layout is other samples now.
+    resumed = run_train(*TINY, "--epochs", "2", "--nproc-per-node", "1", "--save-dir", str(save_dir))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "epoch 1, step 0 of the epoch, 0 steps done" in resumed.stdout
+    assert [e for e, _, _ in GLOBAL_LINE.findall(resumed.stdout)] == ["1", "2"]
