@@ -29,6 +29,23 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '10m', '2h', '1d' or plain seconds -> seconds."""
+    text = text.strip().lower()
+    unit = _DURATION_UNITS.get(text[-1:], None)
+    number = text[:-1] if unit else text
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 10m or 2h") from None
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive duration")
+    return seconds
+
+
 def _fail_rank(text: str) -> int:
     if text == "all":
         return ALL_RANKS
@@ -79,6 +96,9 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
                        help="capture the whole training step in one CUDA graph (default: on for GPUs, except --amp fp16)")
 
     length = p.add_argument_group("run length and measurement")
+    length.add_argument("--duration", type=parse_duration, default=None, dest="duration_s",
+                        help="stop cleanly once training has run this long (90s, 10m, 2h, or seconds), whatever "
+                             "--epochs says: every rank stops after the same step, the final model is saved, exit 0")
     length.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in all, whatever --epochs says")
     length.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
                         help="steps left out of the summary's throughput and step times (start-up, autotuning, capture)")
@@ -125,7 +145,8 @@ def _apply_environment(parser: argparse.ArgumentParser, environ: Mapping[str, st
     for action in parser._actions:
         if not action.option_strings or action.dest == "help":
             continue
-        name = ENV_PREFIX + action.dest.upper()
+        # Named after the option (--batch-size -> RESNET_DDP_BATCH_SIZE), not its destination.
+        name = ENV_PREFIX + action.option_strings[0].lstrip("-").replace("-", "_").upper()
         if name not in environ:
             continue
         raw = environ[name]
@@ -136,7 +157,7 @@ def _apply_environment(parser: argparse.ArgumentParser, environ: Mapping[str, st
                 value = action.type(raw) if action.type else raw
                 if action.choices is not None and value not in action.choices:
                     raise ValueError(f"choose from {', '.join(map(str, action.choices))}")
-        except ValueError as exc:
+        except (ValueError, argparse.ArgumentTypeError) as exc:
             raise UsageError(f"{name}={raw!r} is not valid for {action.option_strings[0]}: {exc}") from None
         parser.set_defaults(**{action.dest: value})
 

@@ -44,6 +44,7 @@ class Config:
     data: str = "cpu"
     cuda_graphs: Optional[bool] = None  # None: on where the step can be captured
     # Run length and measurement.
+    duration_s: Optional[float] = None
     max_steps: Optional[int] = None
     warmup_steps: int = 20
     # Checkpoints and resume.

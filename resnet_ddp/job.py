@@ -16,7 +16,7 @@ from resnet_ddp.data import (SHM_MARGIN, DeviceBatches, HostBatches, LazyFakeDat
                              fit_workers_to_shm, shm_free_bytes)
 from resnet_ddp.model import build_model, compile_model, export_state_dict, unwrap, wrap_ddp
 from resnet_ddp.scenarios import FaultInjector
-from resnet_ddp.stopping import StopAgreement
+from resnet_ddp.stopping import TIME_UP, StopAgreement
 
 SUMMARY_NAME = "summary.json"
 
@@ -170,6 +170,8 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
 
         def after_step(global_step: int, steps_done: int) -> bool:
             nonlocal stopped_by
+            if config.duration_s is not None and time.perf_counter() - start >= config.duration_s:
+                stop.time_is_up()
             stopped_by = stop.poll()
             if stopped_by:
                 stop.announce(stopped_by, global_step)
@@ -198,6 +200,9 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
             progress = Progress(progress.epoch, steps_in_epoch, progress.global_step, loss_sum.item())
         save(progress)
     stop.settle()  # a signal that comes with the last step is too late: the run is complete
+    time_up = stopped_by == TIME_UP
+    if time_up:
+        stopped_by = 0  # the run ends as a finished one
     timer.finish()
     elapsed = time.perf_counter() - start
     stop.barrier()  # every rank leaves after rank 0's last checkpoint is on disk
@@ -209,7 +214,8 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
             path = checkpoint.export_final_model(export_state_dict(model), config.save_dir)
             telemetry.log(rank.rank, f"Saved the final model to {path}")
         summary = telemetry.summarise(rank_stats, rank.world_size)
-        summary.update(exit_reason="stopped by signal" if stopped_by else "finished", wall_s=elapsed,
+        reason = "stopped by signal" if stopped_by else "duration reached" if time_up else "finished"
+        summary.update(exit_reason=reason, wall_s=elapsed,
                        epochs_done=epochs_done, world_size=rank.world_size, device=_device_name(rank.device),
                        torch=torch.__version__)
         telemetry.write_json(os.path.join(config.save_dir, SUMMARY_NAME), summary)

@@ -1,6 +1,8 @@
 """Agreeing to stop: a signal to any rank becomes a stop at the same step on every rank.
 
-SIGTERM (Kubernetes' preemption and deletion) and SIGINT only set a flag here.
+SIGTERM (Kubernetes' preemption and deletion) and SIGINT only set a flag here,
+and so does the end of --duration on a rank whose clock says the time is up
+(flag TIME_UP, below any signal number, so that a signal wins).
 Each step every rank contributes its flag to an all-reduce (MAX) on a small gloo
 group of its own, started asynchronously and read one step later, so the
 training stream never waits on it and every rank reads the same answer after
@@ -18,6 +20,7 @@ import torch.distributed as dist
 from resnet_ddp import telemetry
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+TIME_UP = 1  # not a signal: --duration has run out
 
 
 class StopAgreement:
@@ -31,8 +34,12 @@ class StopAgreement:
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, _frame) -> None:
-        if not self.requested:
+        if self.requested in (0, TIME_UP):
             self.requested = signum
+
+    def time_is_up(self) -> None:
+        if not self.requested:
+            self.requested = TIME_UP
 
     def poll(self) -> int:
         """Called once after every step on every rank: the agreed signal (0 to go on) as of the previous call."""
@@ -55,8 +62,9 @@ class StopAgreement:
             return int(self._flag.item())
         return 0
 
-    def announce(self, signum: int, global_step: int) -> None:
-        telemetry.log(self.rank, f"stopping after step {global_step} ({signal.Signals(signum).name})")
+    def announce(self, code: int, global_step: int) -> None:
+        reason = "--duration reached" if code == TIME_UP else signal.Signals(code).name
+        telemetry.log(self.rank, f"stopping after step {global_step} ({reason})")
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)

@@ -85,3 +85,14 @@ def test_unwritable_save_dir_is_refused_before_training(tmp_path):
     assert result.returncode == 2
     assert "save dir" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert "[Rank" not in result.stdout
+
+
+def test_durations_read_as_people_write_them():
+    assert [parse_config(["--duration", d], environ={}).duration_s for d in ("90s", "10m", "2h", "45")] == [
+        90, 600, 7200, 45]
+    assert parse_config([], environ={"RESNET_DDP_DURATION": "1.5m"}).duration_s == 90
+    for bad in ("0", "-5m", "ten minutes", "5x"):
+        with pytest.raises(UsageError, match="--duration"):
+            parse_config(["--duration", bad], environ={})
+    with pytest.raises(UsageError, match="RESNET_DDP_DURATION"):
+        parse_config([], environ={"RESNET_DDP_DURATION": "soon"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -17,6 +18,7 @@ from conftest import TINY, Job, run_train, train_command, wait_for_no_leftovers
 from test_training import GLOBAL_LINE
 
 STOP_LINE = re.compile(r"^\[Rank (\d+)\] stopping after step (\d+) \((SIG\w+)\)$", re.M)
+STOP_LINE_ANY = re.compile(r"^\[Rank (\d+)\] stopping after step (\d+) \((.+)\)$", re.M)
 
 
 def checkpoints(save_dir):
@@ -218,3 +220,16 @@ def test_a_restart_with_another_world_size_redoes_the_interrupted_epoch(save_dir
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "epoch 1, step 0 of the epoch, 0 steps done" in resumed.stdout
     assert [e for e, _, _ in GLOBAL_LINE.findall(resumed.stdout)] == ["1", "2"]
+
+
+def test_duration_stops_every_rank_at_the_same_step_and_finishes_the_job(save_dir):
+    started = time.monotonic()
+    result = run_train(*TINY, "--epochs", "500", "--duration", "4s", "--save-dir", str(save_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert time.monotonic() - started < 90
+    stops = STOP_LINE_ANY.findall(result.stdout)
+    assert sorted(rank for rank, _, _ in stops) == ["0", "1"] and len({step for _, step, _ in stops}) == 1
+    assert {reason for _, _, reason in stops} == {"--duration reached"}
+    assert (save_dir / "model_final.pth").exists()
+    summary = json.loads((save_dir / "summary.json").read_text())
+    assert summary["exit_reason"] == "duration reached"
