@@ -101,7 +101,8 @@ def _local_process_count(config: Config) -> int:
 
 
 def _check_gpu_features(config: Config, torch) -> None:
-    if config.amp == "bf16" and not torch.cuda.is_bf16_supported():
+    # Compute capability, not torch.cuda.is_bf16_supported(): newer torch counts emulated bf16 (V100) as support.
+    if config.amp == "bf16" and torch.cuda.get_device_capability(0) < (8, 0):
         name = torch.cuda.get_device_name(0)
         raise UsageError(f"--amp bf16 needs an Ampere or newer GPU; {name} lacks bfloat16: use --amp fp16")
 
