@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -29,7 +28,6 @@ class Progress:
     step_in_epoch: int = 0  # steps of that epoch already done
     global_step: int = 0  # steps done in all
     epoch_loss_sum: float = 0.0  # this rank's, so that a resumed epoch's line reports the whole epoch
-    layout: Optional[dict] = None
 
 
 def run_process(config: Config) -> int:
