@@ -103,6 +103,12 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     length.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
                         help="steps left out of the summary's throughput and step times (start-up, autotuning, capture)")
 
+    out = p.add_argument_group("reporting")
+    out.add_argument("--log-interval", type=int, default=None,
+                     help="a step line (and a record in <save-dir>/logs/metrics.jsonl) every N steps "
+                          "(default: about every 10 seconds of work)")
+    out.add_argument("--quiet", action="store_true", help="print only the seed's per-epoch lines and errors")
+
     ckpt = p.add_argument_group("checkpoints and resume")
     ckpt.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                       help="also write <save-dir>/checkpoint-*.pt every N steps (0: at epoch ends and on stop only)")
@@ -223,6 +229,8 @@ def validate(config: Config) -> None:
         raise UsageError(f"--max-steps must be at least 1, got {config.max_steps}")
     if config.warmup_steps < 0:
         raise UsageError(f"--warmup-steps must be 0 or more, got {config.warmup_steps}")
+    if config.log_interval is not None and config.log_interval < 1:
+        raise UsageError(f"--log-interval must be at least 1, got {config.log_interval}")
     if config.checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every must be 0 or more, got {config.checkpoint_every}")
     if config.keep_checkpoints < 1:

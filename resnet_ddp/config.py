@@ -47,6 +47,8 @@ class Config:
     duration_s: Optional[float] = None
     max_steps: Optional[int] = None
     warmup_steps: int = 20
+    log_interval: Optional[int] = None  # steps; None: about every 10 s of work
+    quiet: bool = False
     # Checkpoints and resume.
     checkpoint_every: int = 0  # steps; 0: at epoch ends (and on stop) only
     keep_checkpoints: int = 2

@@ -13,11 +13,13 @@ from resnet_ddp import checkpoint, distributed, engine, telemetry
 from resnet_ddp.config import Config
 from resnet_ddp.data import (SHM_MARGIN, DeviceBatches, HostBatches, LazyFakeDataset, ShardedPermutationSampler,
                              fit_workers_to_shm, shm_free_bytes)
-from resnet_ddp.model import build_model, compile_model, export_state_dict, unwrap, wrap_ddp
+from resnet_ddp.model import build_model, compile_model, export_state_dict, train_flops_per_image, unwrap, wrap_ddp
 from resnet_ddp.scenarios import FaultInjector
 from resnet_ddp.stopping import TIME_UP, StopAgreement
 
 SUMMARY_NAME = "summary.json"
+METRICS_PATH = os.path.join("logs", "metrics.jsonl")
+LOG_EVERY_S = 10.0
 
 
 @dataclass
@@ -95,7 +97,7 @@ def _resume(config: Config, rank: distributed.RankInfo, model, optimizer, scaler
         # Another world size or batch size maps steps to other samples: redo the epoch from its start.
         progress.global_step -= progress.step_in_epoch
         progress.step_in_epoch, progress.epoch_loss_sum = 0, 0.0
-    if rank.is_main:
+    if rank.is_main and not config.quiet:
         telemetry.log(rank.rank, f"resuming from {path}: epoch {progress.epoch}, step {progress.step_in_epoch} "
                                  f"of the epoch, {progress.global_step} steps done")
     return progress
@@ -137,8 +139,18 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
         step = engine.GraphedStep(step, side_stream)
     faults = FaultInjector(config, rank.rank)
     timer = telemetry.StepTimer(rank.device, config.warmup_steps)
+    total_steps = config.epochs * len(batches)  # no resume offset is set yet: a whole epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    device_name = _device_name(rank.device)
+    logger = telemetry.StepLogger(
+        rank.rank, rank.world_size, rank.device, config.batch_size, total_steps,
+        os.path.join(config.save_dir, METRICS_PATH), config.log_interval, LOG_EVERY_S, config.quiet,
+        train_flops_per_image(config.arch, config.num_classes, config.image_size),
+        telemetry.assumed_peak_tflops(device_name, config.amp) if rank.device.type == "cuda" else None,
+    )
 
-    if rank.is_main:
+    if rank.is_main and not config.quiet:
         telemetry.log(rank.rank, (
             f"{config.arch} on {rank.world_size} x {rank.device.type}, batch {config.batch_size} per process, "
             f"{len(batches)} steps per epoch, {config.epochs} epochs, "
@@ -165,13 +177,16 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
         batches.set_epoch(progress.epoch, progress.step_in_epoch)
         loss_sum = torch.full((), progress.epoch_loss_sum, device=rank.device)
         epoch_start_step = progress.step_in_epoch
+        logger.epoch_started(progress.epoch_loss_sum, progress.global_step)
 
         def after_step(global_step: int, steps_done: int) -> bool:
             nonlocal stopped_by
             if config.duration_s is not None and time.perf_counter() - start >= config.duration_s:
                 stop.time_is_up()
+            logger.after_step(global_step, progress.epoch, epoch_start_step + steps_done, len_epoch, loss_sum,
+                              timer.data_wait_s)
             stopped_by = stop.poll()
-            if stopped_by:
+            if stopped_by and not config.quiet:
                 stop.announce(stopped_by, global_step)
             every = config.checkpoint_every
             if stopped_by or (every and global_step % every == 0 and steps_done + epoch_start_step < len_epoch):
@@ -186,10 +201,14 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
             break
         steps_in_epoch = epoch_start_step + steps
         totals = torch.stack([loss_sum, torch.tensor(float(steps_in_epoch), device=rank.device)])
-        telemetry.epoch_line(rank.rank, progress.epoch, (totals[0] / totals[1]).item())
+        avg_loss = (totals[0] / totals[1]).item()
+        telemetry.epoch_line(rank.rank, progress.epoch, avg_loss)
         distributed.all_reduce_sum(totals)
-        if rank.is_main:
-            telemetry.global_epoch_line(rank.rank, progress.epoch, (totals[0] / totals[1]).item(), rank.world_size)
+        global_loss = (totals[0] / totals[1]).item()
+        logger.record({"kind": "epoch", "epoch": progress.epoch, "global_step": progress.global_step,
+                       "avg_loss": avg_loss, "global_avg_loss": global_loss})
+        if rank.is_main and not config.quiet:
+            telemetry.global_epoch_line(rank.rank, progress.epoch, global_loss, rank.world_size)
         finished_epoch = steps_in_epoch == len_epoch
         if finished_epoch:
             epochs_done = progress.epoch
@@ -210,18 +229,20 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
     if rank.is_main:
         if not stopped_by:
             path = checkpoint.export_final_model(export_state_dict(model), config.save_dir)
-            telemetry.log(rank.rank, f"Saved the final model to {path}")
+            if not config.quiet:
+                telemetry.log(rank.rank, f"Saved the final model to {path}")
         summary = telemetry.summarise(rank_stats, rank.world_size)
         reason = "stopped by signal" if stopped_by else "duration reached" if time_up else "finished"
         summary.update(exit_reason=reason, wall_s=elapsed,
                        epochs_done=epochs_done, world_size=rank.world_size, device=_device_name(rank.device),
                        torch=torch.__version__)
         telemetry.write_json(os.path.join(config.save_dir, SUMMARY_NAME), summary)
-        if summary["steady_steps"]:
+        if summary["steady_steps"] and not config.quiet:
             telemetry.log(rank.rank, (
                 f"{summary['img_s']:.1f} img/s ({summary['img_s_per_gpu']:.1f} per process), "
                 f"step p50 {summary['step_ms_p50']:.1f} ms, waiting on data {100 * summary['data_wait_frac']:.1f}%"
             ))
+    logger.close()
     telemetry.completed_line(rank.rank, elapsed)
     return 128 + stopped_by if stopped_by else 0
 

@@ -69,3 +69,17 @@ def unwrap(model: nn.Module) -> nn.Module:
 def export_state_dict(model: nn.Module) -> dict:
     """A plain state_dict that torchvision.models.<arch>(num_classes=N) loads as is."""
     return {name: tensor.detach().cpu().contiguous() for name, tensor in unwrap(model).state_dict().items()}
+
+
+def train_flops_per_image(arch: str, num_classes: int, image_size: int) -> Optional[float]:
+    """Forward FLOPs of one image, counted on a meta-device copy, times 3 for forward and backward."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with torch.device("meta"):
+            model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes).eval()
+            with FlopCounterMode(display=False) as counter:
+                model(torch.empty(1, 3, image_size, image_size))
+        return 3.0 * counter.get_total_flops()
+    except Exception:  # an old torch without the counter or meta support: no MFU, training goes on
+        return None

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import time
-from typing import Deque, Dict, List, Optional
+from typing import Deque, Dict, List, Optional, Tuple
 
 import torch
 
@@ -57,6 +57,10 @@ class StepTimer:
     @property
     def steady(self) -> bool:
         return self.steps >= self.warmup_steps
+
+    @property
+    def data_wait_s(self) -> float:
+        return self._data_wait_s
 
     def data_waited(self, seconds: float) -> None:
         self._data_wait_s += seconds
@@ -152,3 +156,116 @@ def write_json(path: str, payload: dict) -> None:
         json.dump(payload, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
+
+
+# Dense datasheet peaks, TFLOP/s per GPU, by the precision the convolutions run in. fp32
+# training runs its convolutions in TF32 (PyTorch's default for cuDNN), so it is rated at tf32.
+_PEAK_TFLOPS = (
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0}),
+    ("H100", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7}),
+    ("H200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0}),
+    ("L40S", {"bf16": 362.0, "fp16": 362.0, "tf32": 183.0}),
+    ("V100", {"fp16": 125.0, "tf32": 15.7}),  # no TF32 on Volta: fp32 runs at its fp32 rate
+)
+
+
+def assumed_peak_tflops(device_name: str, amp: str) -> Optional[Tuple[float, str]]:
+    """(peak, precision) from the datasheet table, or None for a device we have no figure for."""
+    precision = {"bf16": "bf16", "fp16": "fp16"}.get(amp, "tf32")
+    for name, peaks in _PEAK_TFLOPS:
+        if name in device_name and precision in peaks:
+            return peaks[precision], precision
+    return None
+
+
+class StepLogger:
+    """Step lines on the console and step records in <save-dir>/logs/metrics.jsonl.
+
+    A line is due every `interval_steps` steps, or when `interval_s` seconds have
+    passed. Only then is the loss read from the device (one sync per line), so
+    the time between two lines is the GPU's time for the steps between them.
+    Each record is one write to a file opened for appending, so ranks sharing
+    the file never interleave and a crash loses at most the line being written.
+    """
+
+    def __init__(self, rank: int, world_size: int, device: torch.device, batch_size: int, total_steps: int,
+                 metrics_path: str, interval_steps: Optional[int], interval_s: float, quiet: bool,
+                 train_flops_per_image: Optional[float], peak: Optional[Tuple[float, str]]):
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.batch_size, self.total_steps = batch_size, total_steps
+        self.interval_steps, self.interval_s, self.quiet = interval_steps, interval_s, quiet
+        self.train_flops_per_image, self.peak = train_flops_per_image, peak
+        os.makedirs(os.path.dirname(metrics_path), exist_ok=True)
+        self._fd = os.open(metrics_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._last_time = time.perf_counter()
+        self._last_step = 0
+        self._last_loss_sum = 0.0
+        self._last_wait = 0.0
+
+    def record(self, payload: dict) -> None:
+        line = json.dumps(dict(time=time.time(), rank=self.rank, **payload), allow_nan=False, default=float)
+        os.write(self._fd, (line + "\n").encode())
+
+    def epoch_started(self, loss_sum_so_far: float, global_step: int) -> None:
+        self._last_loss_sum = loss_sum_so_far
+        self._last_step = global_step
+
+    def after_step(self, global_step: int, epoch: int, step_in_epoch: int, steps_per_epoch: int,
+                   loss_sum: torch.Tensor, data_wait_s: float) -> None:
+        now = time.perf_counter()
+        steps = global_step - self._last_step
+        if self.interval_steps is not None:
+            due = global_step % self.interval_steps == 0
+        else:
+            due = now - self._last_time >= self.interval_s
+        if not due or steps <= 0:
+            return
+        loss_now = loss_sum.item()  # the one sync a line costs; after it the host clock is the GPU's
+        now = time.perf_counter()
+        elapsed = now - self._last_time
+        step_s = elapsed / steps
+        img_s = steps * self.batch_size / elapsed
+        figures = {
+            "kind": "step", "epoch": epoch, "step": step_in_epoch, "steps_per_epoch": steps_per_epoch,
+            "global_step": global_step, "total_steps": self.total_steps,
+            "loss": (loss_now - self._last_loss_sum) / steps, "img_s": img_s,
+            "job_img_s": img_s * self.world_size, "step_ms": step_s * 1000,
+            "data_wait_frac": min(1.0, (data_wait_s - self._last_wait) / elapsed),
+            "eta_s": (self.total_steps - global_step) * step_s,
+        }
+        if self.device.type == "cuda":
+            figures["mem_gib"] = torch.cuda.memory_allocated(self.device) / 2**30
+            figures["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.train_flops_per_image and self.peak:
+            figures["mfu"] = img_s * self.train_flops_per_image / (self.peak[0] * 1e12)
+            figures["peak_tflops"], figures["peak_precision"] = self.peak
+        self.record(figures)
+        if not self.quiet:
+            log(self.rank, _step_line(figures, self.rank == 0))
+        self._last_time, self._last_step, self._last_loss_sum, self._last_wait = now, global_step, loss_now, data_wait_s
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _step_line(f: dict, main: bool) -> str:
+    parts = [
+        f"epoch {f['epoch']} step {f['step']}/{f['steps_per_epoch']} ({f['global_step']}/{f['total_steps']})",
+        f"loss {f['loss']:.4f}",
+        f"{f['img_s']:.0f} img/s" + (f" (job {f['job_img_s']:.0f})" if main else ""),
+        f"step {f['step_ms']:.1f} ms",
+        f"data wait {100 * f['data_wait_frac']:.1f}%",
+    ]
+    if "mem_gib" in f:
+        parts.append(f"mem {f['mem_gib']:.1f}/{f['peak_mem_gib']:.1f} GiB")
+    if "mfu" in f:
+        parts.append(f"MFU {100 * f['mfu']:.1f}% of {f['peak_tflops']:g} TFLOP/s {f['peak_precision']}")
+    parts.append(f"ETA {_duration(f['eta_s'])}")
+    return " | ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"

@@ -206,7 +206,7 @@ def test_a_full_disk_while_checkpointing_is_a_clear_error_and_keeps_the_previous
     assert "exit=1" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
     (line,) = [l for l in result.stderr.splitlines() if "could not write checkpoint" in l]
     assert "No space left on device" in line and "previous checkpoints are intact" in line
-    assert "files: ['checkpoint-000000004.pt']" in result.stdout  # no half-written file beside it
+    assert "files: ['checkpoint-000000004.pt', 'logs']" in result.stdout  # no half-written file beside it
     assert "loads at step 4" in result.stdout
     assert wait_for_no_leftovers(job) == []
 

@@ -37,7 +37,7 @@ def test_standalone_spawn_trains_learns_and_exports(save_dir):
     losses = assert_trained(result, save_dir, ranks=2, epochs=4)
     assert losses[-1] < losses[0] * 0.8, losses  # the model learns the fake classes
     names = sorted(p.name for p in save_dir.iterdir())
-    assert names == ["checkpoint-000000024.pt", "checkpoint-000000032.pt", "model_final.pth", "summary.json"]
+    assert names == ["checkpoint-000000024.pt", "checkpoint-000000032.pt", "logs", "model_final.pth", "summary.json"]
 
 
 def test_same_seed_gives_the_same_losses(tmp_path):
