@@ -233,8 +233,10 @@ def _supervise(processes, plan: LaunchPlan, received: List[int]) -> int:
         if failed:
             _report_failures(failed, plan)
             _terminate(processes)
-            code = failed[0][1]
-            return code if code > 0 else 1
+            # Peers of a failed rank fail too, with 1, once their collectives break, and they may
+            # end before we look: a more specific code (3 from --fail-mode exit, 2) says more.
+            specific = [code for _, code in failed if code > 1]
+            return specific[0] if specific else 1
         running = [p for p in processes if p.exitcode is None]
         if not running:
             break
