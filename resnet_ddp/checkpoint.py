@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from typing import List, Optional, Tuple
+from typing import BinaryIO, Callable, List, Optional, Tuple
 
 import torch
 
@@ -42,14 +42,14 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def save_atomically(obj, path: str) -> None:
-    """torch.save to a temporary file beside `path`, fsync it, rename it over `path`, fsync the dir."""
+def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """`write` into a temporary file beside `path`, fsync it, rename it over `path`, fsync the dir."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -58,6 +58,10 @@ def save_atomically(obj, path: str) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(directory)
+
+
+def save_atomically(obj, path: str) -> None:
+    write_atomically(path, lambda f: torch.save(obj, f))
 
 
 def export_final_model(state_dict: dict, save_dir: str) -> str:

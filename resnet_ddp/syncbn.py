@@ -73,6 +73,9 @@ def _all_gather_autograd():
     return getattr(fc, "all_gather_single_autograd", None) or getattr(fc, "all_gather_tensor_autograd", None)
 
 
+_ALL_GATHER_AUTOGRAD = _all_gather_autograd()
+
+
 def _traceable_sync_batch_norm(x, weight, bias, running_mean, running_var, eps, momentum, group, world_size):
     """The same statistics in plain tensor ops and a differentiable all-gather, for torch.compile.
 
@@ -86,7 +89,7 @@ def _traceable_sync_batch_norm(x, weight, bias, running_mean, running_var, eps, 
     xf = _upcast(x)
     local_mean = xf.mean(dim=(0, 2, 3))
     local_m2 = (xf - _shape(local_mean)).square().sum(dim=(0, 2, 3))
-    gathered = _all_gather_autograd()(torch.cat([local_mean, local_m2]), 0, group).view(world_size, 2, channels)
+    gathered = _ALL_GATHER_AUTOGRAD(torch.cat([local_mean, local_m2]), 0, group).view(world_size, 2, channels)
     means, m2s = gathered[:, 0], gathered[:, 1]
     mean = means.mean(0)
     total = count * world_size
@@ -205,7 +208,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.training or not self.track_running_stats, momentum, self.eps,
             )
         group = self.process_group or dist.group.WORLD
-        if _is_compiling() and _all_gather_autograd() is not None:
+        if _is_compiling() and _ALL_GATHER_AUTOGRAD is not None:
             return _traceable_sync_batch_norm(
                 x, self.weight, self.bias,
                 self.running_mean if self.track_running_stats else None,

@@ -5,11 +5,14 @@ from __future__ import annotations
 import collections
 import json
 import os
+import statistics
 import sys
 import time
 from typing import Deque, Dict, List, Optional, Tuple
 
 import torch
+
+from resnet_ddp.checkpoint import write_atomically
 
 
 def log(rank: int, message: str) -> None:
@@ -122,14 +125,10 @@ class StepTimer:
         return result
 
 
-def _percentile(values: List[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100.0
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+def _percentile(values: List[float], q: int) -> float:
+    if len(values) < 2:
+        return values[0] if values else float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 def summarise(rank_stats: List[Dict[str, float]], world_size: int) -> Dict[str, float]:
@@ -151,11 +150,8 @@ def summarise(rank_stats: List[Dict[str, float]], world_size: int) -> Dict[str, 
 
 
 def write_json(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+    write_atomically(path, lambda f: f.write(text.encode()))
 
 
 # Dense datasheet peaks, TFLOP/s per GPU, by the precision the convolutions run in. fp32
