@@ -122,6 +122,7 @@ def plan_launch(config: Config, environ: Mapping[str, str]) -> LaunchPlan:
                     f"LOCAL_RANK {local_rank} has no GPU: {visible} visible here "
                     "(start torchrun with --nproc-per-node at most the GPU count, or pass --cpu)"
                 )
+            _check_gpu_features(config, torch)
         plan = LaunchPlan(
             mode="torchrun",
             device_type=device_type,

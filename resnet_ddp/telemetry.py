@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import statistics
 import sys
@@ -200,7 +201,9 @@ class StepLogger:
         self._last_wait = 0.0
 
     def record(self, payload: dict) -> None:
-        line = json.dumps(dict(time=time.time(), rank=self.rank, **payload), allow_nan=False, default=float)
+        # A diverged loss is NaN: written as null, so every line stays strict JSON for jq.
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in payload.items()}
+        line = json.dumps(dict(time=time.time(), rank=self.rank, **record))
         os.write(self._fd, (line + "\n").encode())
 
     def epoch_started(self, loss_sum_so_far: float, global_step: int) -> None:

@@ -48,3 +48,15 @@ def test_mfu_counts_the_flops_of_a_training_image():
     assert assumed_peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == (989.4, "bf16")
     assert assumed_peak_tflops("NVIDIA H100 80GB HBM3", "off") == (494.7, "tf32")
     assert assumed_peak_tflops("Some Future GPU", "bf16") is None
+
+
+def test_a_nan_loss_is_written_as_null(tmp_path):
+    from resnet_ddp.telemetry import StepLogger
+    import torch
+
+    path = tmp_path / "logs" / "metrics.jsonl"
+    logger = StepLogger(0, 1, torch.device("cpu"), 8, 10, str(path), 1, 10.0, True, None, None)
+    logger.after_step(1, 1, 1, 10, torch.tensor(float("nan")), 0.0)
+    logger.close()
+    (record,) = [json.loads(line) for line in path.read_text().splitlines()]
+    assert record["loss"] is None and record["global_step"] == 1
