@@ -165,8 +165,15 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
         loss_sums = [None] * rank.world_size
         dist.all_gather_object(loss_sums, state_progress.epoch_loss_sum)
         if rank.is_main:
+            started = time.perf_counter()
             state = _checkpoint_state(config, rank, model, optimizer, scaler, state_progress, loss_sums)
-            checkpoint.save_checkpoint(state, config.save_dir, config.keep_checkpoints)
+            path = checkpoint.save_checkpoint(state, config.save_dir, config.keep_checkpoints)
+            # Gathering the state from the device and writing it with fsync: what a preemption's grace period must cover.
+            seconds, size = time.perf_counter() - started, os.path.getsize(path)
+            logger.record({"kind": "checkpoint", "global_step": state_progress.global_step, "path": path,
+                           "bytes": size, "write_s": seconds})
+            if not config.quiet:
+                telemetry.log(rank.rank, f"saved {path} ({size / 2**20:.0f} MiB in {seconds:.2f} s)")
 
     stopped_by = 0
     start = time.perf_counter()

@@ -103,3 +103,21 @@ def test_our_syncbn_matches_torch_syncbn_on_cuda(channels_last):
     for rank in range(2):
         for ours, stock in zip(out[rank]["ours"], out[rank]["stock"]):
             torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-5)
+
+
+def test_two_torchrun_agents_over_nccl_one_gpu_each(tmp_path):
+    """Two 'nodes' (torchrun agents, one GPU each, as two pods would have) make one job over NCCL."""
+    port = free_port()
+    agents = [
+        Job([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "gpu-nodes",
+             "train.py", *GPU_TINY, "--nproc-per-node", "1", "--min-gpus", "1", "--save-dir", str(tmp_path / f"node{i}")],
+            dict(SAFE, CUDA_VISIBLE_DEVICES=str(i)))
+        for i in range(2)
+    ]
+    results = [agent.wait(timeout=400) for agent in agents]
+    assert all(r.returncode == 0 for r in results), [r.stderr[-1500:] for r in results]
+    assert any("on 2 x cuda" in r.stdout for r in results)
+    main = next(i for i, r in enumerate(results) if "(2 ranks)" in r.stdout)
+    assert (tmp_path / f"node{main}" / "model_final.pth").exists()
+    assert not (tmp_path / f"node{1 - main}" / "model_final.pth").exists()

@@ -44,6 +44,12 @@ def test_checkpoints_at_epoch_ends_are_pruned_and_hold_the_training_state(save_d
     assert state["fingerprint"] == {"arch": "resnet18", "num_classes": 10, "image_size": 32, "amp": "off"}
     assert {"model", "optimizer", "rng", "scaler"} <= state.keys()
     assert not list(save_dir.glob(".*.tmp"))  # no temporary file left behind
+    # each write is reported with its size and time, the figure a preemption grace period must cover
+    records = [json.loads(line) for line in (save_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    written = [r for r in records if r["kind"] == "checkpoint"]
+    assert [r["global_step"] for r in written] == [4, 8, 12] and all(r["rank"] == 0 for r in written)
+    assert written[-1]["bytes"] == (save_dir / "checkpoint-000000012.pt").stat().st_size
+    assert f"saved {save_dir / 'checkpoint-000000012.pt'} (" in result.stdout
 
 
 def test_resume_mid_epoch_ends_with_the_same_weights_bitwise(tmp_path):
