@@ -64,44 +64,75 @@ def _global_stats(x, mean_all, invstd_all, count_all, running_mean, running_var,
     return mean, torch.rsqrt(var + eps)
 
 
-def _all_gather_autograd():
-    """The differentiable functional all-gather that torch.compile can trace (name varies by release)."""
+def _functional_collectives():
+    """torch's traceable collectives (torch.compile records them in its graph), or None on a torch without them."""
     try:
         from torch.distributed import _functional_collectives as fc
     except ImportError:
         return None
-    return getattr(fc, "all_gather_single_autograd", None) or getattr(fc, "all_gather_tensor_autograd", None)
+    return fc if hasattr(fc, "all_gather_tensor") and hasattr(fc, "all_reduce") else None
 
 
-_ALL_GATHER_AUTOGRAD = _all_gather_autograd()
+_FC = _functional_collectives()
+
+
+class _TraceableSyncBatchNorm(torch.autograd.Function):
+    """The same statistics and gradients in plain tensor ops and functional collectives, for torch.compile.
+
+    The compiler turns each pass into one fused kernel (a Welford reduction for
+    the statistics, the normalisation with its neighbours such as ReLU), while
+    the explicit backward keeps what is saved to the input, not float32 copies
+    of it. Every rank has the same batch size (the sampler pads to whole
+    batches), so the global statistics are plain means over the ranks.
+    Returns the output and the detached global mean and biased variance (for the
+    running statistics).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, group, world_size):
+        xf = _upcast(x)
+        var, mean = torch.var_mean(xf, dim=(0, 2, 3), unbiased=False)
+        gathered = _FC.all_gather_tensor(torch.cat([mean, var]), 0, group).view(world_size, 2, -1)
+        means, variances = gathered[:, 0], gathered[:, 1]
+        global_mean = means.mean(0)
+        global_var = (variances + (means - global_mean).square()).mean(0)
+        invstd = torch.rsqrt(global_var + eps)
+        scale = invstd if weight is None else invstd * weight
+        out = (xf - _shape(global_mean)) * _shape(scale)
+        if bias is not None:
+            out = out + _shape(bias)
+        ctx.save_for_backward(x, weight, global_mean, invstd)
+        ctx.group, ctx.world_size = group, world_size
+        ctx.mark_non_differentiable(global_mean, global_var)
+        return out.to(x.dtype), global_mean, global_var
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
+        x, weight, mean, invstd = ctx.saved_tensors
+        dy = _upcast(grad_out)
+        xmu = _upcast(x) - _shape(mean)
+        sum_dy = dy.sum(dim=(0, 2, 3))
+        sum_dy_xmu = (dy * xmu).sum(dim=(0, 2, 3))
+        grad_weight = sum_dy_xmu * invstd if weight is not None else None  # this rank's: DDP all-reduces it
+        grad_bias = sum_dy if weight is not None else None
+        global_sums = _FC.all_reduce(torch.cat([sum_dy, sum_dy_xmu]), "sum", ctx.group)
+        total = x.numel() // x.shape[1] * ctx.world_size
+        mean_dy, mean_dy_xmu = (global_sums / total).chunk(2)
+        scale = invstd if weight is None else invstd * weight
+        grad_input = (dy - _shape(mean_dy) - xmu * _shape(invstd.square() * mean_dy_xmu)) * _shape(scale)
+        if weight is not None:
+            grad_weight, grad_bias = grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+        return grad_input.to(x.dtype), grad_weight, grad_bias, None, None, None
 
 
 def _traceable_sync_batch_norm(x, weight, bias, running_mean, running_var, eps, momentum, group, world_size):
-    """The same statistics in plain tensor ops and a differentiable all-gather, for torch.compile.
-
-    Autograd derives the backward (the all-gather's backward is a reduce-scatter),
-    and the compiler can fuse the normalisation with its neighbours. Every rank
-    has the same batch size (the sampler pads to whole batches), so each rank's
-    count is this rank's count.
-    """
-    channels = x.shape[1]
-    count = x.numel() // channels
-    xf = _upcast(x)
-    local_mean = xf.mean(dim=(0, 2, 3))
-    local_m2 = (xf - _shape(local_mean)).square().sum(dim=(0, 2, 3))
-    gathered = _ALL_GATHER_AUTOGRAD(torch.cat([local_mean, local_m2]), 0, group).view(world_size, 2, channels)
-    means, m2s = gathered[:, 0], gathered[:, 1]
-    mean = means.mean(0)
-    total = count * world_size
-    var = (m2s.sum(0) + count * (means - mean).square().sum(0)) / total
+    out, mean, var = _TraceableSyncBatchNorm.apply(x, weight, bias, eps, group, world_size)
     if running_mean is not None:
+        total = x.numel() // x.shape[1] * world_size
         with torch.no_grad():
-            running_mean.lerp_(mean.detach().to(running_mean.dtype), momentum)
-            running_var.lerp_((var.detach() * (total / (total - 1))).to(running_var.dtype), momentum)
-    out = (xf - _shape(mean)) * _shape(torch.rsqrt(var + eps))
-    if weight is not None:
-        out = out * _shape(weight) + _shape(bias)
-    return out.to(x.dtype)
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_((var * (total / (total - 1))).to(running_var.dtype), momentum)
+    return out
 
 
 def _is_compiling() -> bool:
@@ -208,7 +239,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.training or not self.track_running_stats, momentum, self.eps,
             )
         group = self.process_group or dist.group.WORLD
-        if _is_compiling() and _ALL_GATHER_AUTOGRAD is not None:
+        if _is_compiling() and _FC is not None:
             return _traceable_sync_batch_norm(
                 x, self.weight, self.bias,
                 self.running_mean if self.track_running_stats else None,

@@ -96,13 +96,24 @@ def _traceable_rank(rank, port, x, dy, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
+        layer = syncbn.SyncBatchNorm(CHANNELS).double()
+        # What torch.compile makes of the layer: dynamo and AOTAutograd trace it as one graph
+        # (fullgraph: a graph break fails the test), run without code generation.
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
         outs = []
-        for path in (syncbn._SyncBatchNormFunction.apply, syncbn._traceable_sync_batch_norm):
+        for path in (syncbn._SyncBatchNormFunction.apply, syncbn._traceable_sync_batch_norm, "compiled"):
             w = torch.linspace(0.5, 1.5, CHANNELS, dtype=torch.float64, requires_grad=True)
             b = torch.linspace(-1, 1, CHANNELS, dtype=torch.float64, requires_grad=True)
             rm, rv = torch.zeros(CHANNELS, dtype=torch.float64), torch.ones(CHANNELS, dtype=torch.float64)
             xi = x.chunk(WORLD)[rank].clone().requires_grad_(True)
-            y = path(xi, w, b, rm, rv, 1e-5, 0.1, dist.group.WORLD, WORLD)
+            if path == "compiled":
+                with torch.no_grad():
+                    layer.weight.copy_(w)
+                    layer.bias.copy_(b)
+                w, b, rm, rv = layer.weight, layer.bias, layer.running_mean, layer.running_var
+                y = compiled(xi)
+            else:
+                y = path(xi, w, b, rm, rv, 1e-5, 0.1, dist.group.WORLD, WORLD)
             y.backward(dy.chunk(WORLD)[rank])
             outs.append([y.detach(), xi.grad, w.grad, b.grad, rm, rv])
         results[rank] = outs
@@ -111,14 +122,15 @@ def _traceable_rank(rank, port, x, dy, results):
 
 
 def test_the_compiler_friendly_path_computes_the_same_as_the_fused_one():
-    """torch.compile runs SyncBatchNorm through plain ops and an autograd all-gather: same numbers."""
-    if syncbn._all_gather_autograd() is None:
-        pytest.skip("this torch has no differentiable functional all-gather")
+    """torch.compile runs SyncBatchNorm through plain ops and functional collectives: same numbers, one graph."""
+    if syncbn._FC is None:
+        pytest.skip("this torch has no functional collectives")
     x = torch.randn(8, CHANNELS, 4, 3, dtype=torch.float64) * 2 + 1
     dy = torch.randn(8, CHANNELS, 4, 3, dtype=torch.float64)
     results = mp.get_context("spawn").Manager().dict()
     mp.start_processes(_traceable_rank, args=(free_port(), x, dy, results), nprocs=WORLD, start_method="spawn")
     for rank in range(WORLD):
-        fused, traceable = results[rank]
-        for a, b in zip(fused, traceable):
-            torch.testing.assert_close(a, b)
+        fused, traceable, compiled = results[rank]
+        for a, b, c in zip(fused, traceable, compiled):
+            torch.testing.assert_close(b, a)
+            torch.testing.assert_close(c.detach(), a)
