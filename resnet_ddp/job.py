@@ -16,6 +16,7 @@ from resnet_ddp.data import (SHM_MARGIN, DeviceBatches, HostBatches, LazyFakeDat
 from resnet_ddp.model import build_model, compile_model, export_state_dict, train_flops_per_image, unwrap, wrap_ddp
 from resnet_ddp.scenarios import FaultInjector
 from resnet_ddp.stopping import TIME_UP, StopAgreement
+from resnet_ddp.watchdog import ProgressWatchdog
 
 SUMMARY_NAME = "summary.json"
 METRICS_PATH = os.path.join("logs", "metrics.jsonl")
@@ -176,6 +177,7 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
                 telemetry.log(rank.rank, f"saved {path} ({size / 2**20:.0f} MiB in {seconds:.2f} s)")
 
     stopped_by = 0
+    watchdog = ProgressWatchdog(rank.rank, config.dist_timeout)
     start = time.perf_counter()
     epochs_done = progress.epoch - 1
     while progress.epoch <= config.epochs and not stopped_by:
@@ -188,6 +190,7 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
 
         def after_step(global_step: int, steps_done: int) -> bool:
             nonlocal stopped_by
+            watchdog.beat()
             if config.duration_s is not None and time.perf_counter() - start >= config.duration_s:
                 stop.time_is_up()
             logger.after_step(global_step, progress.epoch, epoch_start_step + steps_done, len_epoch, loss_sum,
@@ -223,6 +226,7 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
         else:  # --max-steps ended the run inside the epoch
             progress = Progress(progress.epoch, steps_in_epoch, progress.global_step, loss_sum.item())
         save(progress)
+    watchdog.stop()
     stop.settle()  # a signal that comes with the last step is too late: the run is complete
     time_up = stopped_by == TIME_UP
     if time_up:

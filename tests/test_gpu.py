@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import pytest
 import torch
 
-from conftest import Job, free_port, run_train
+from conftest import Job, free_port, run_train, wait_for_no_leftovers
 from steps import compare_steps
 from test_training import GLOBAL_LINE, assert_trained
 
@@ -137,3 +138,19 @@ def test_two_torchrun_agents_over_nccl_one_gpu_each(tmp_path):
     main = next(i for i, r in enumerate(results) if "(2 ranks)" in r.stdout)
     assert (tmp_path / f"node{main}" / "model_final.pth").exists()
     assert not (tmp_path / f"node{1 - main}" / "model_final.pth").exists()
+
+
+@pytest.mark.parametrize("launcher", ["standalone", "torchrun"])
+def test_a_hung_rank_ends_a_graphed_gpu_job_through_the_dist_timeout(launcher, save_dir):
+    """Past capture, collectives replay from a CUDA graph where NCCL's watchdog does not see them, and
+    --log-interval 1 blocks the host reading each loss: the job must still end within --dist-timeout."""
+    args = [*GPU_TINY, "--epochs", "50", "--fail-at-step", "30", "--fail-rank", "1", "--fail-mode", "hang",
+            "--dist-timeout", "30", "--log-interval", "1", "--save-dir", str(save_dir)]
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    job = Job([*prefix, "train.py", *args] if launcher == "torchrun" else [sys.executable, "train.py", *args], SAFE)
+    started = time.monotonic()
+    result = job.wait(timeout=300)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 200
+    assert "injecting fault 'hang'" in result.stdout
+    assert wait_for_no_leftovers(job) == []

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from conftest import TINY, Job, run_train, train_command, wait_for_no_leftovers
+from conftest import REPO, TINY, Job, run_train, train_command, wait_for_no_leftovers
 from test_training import GLOBAL_LINE
 
 STOP_LINE = re.compile(r"^\[Rank (\d+)\] stopping after step (\d+) \((SIG\w+)\)$", re.M)
@@ -239,3 +239,18 @@ def test_duration_stops_every_rank_at_the_same_step_and_finishes_the_job(save_di
     assert (save_dir / "model_final.pth").exists()
     summary = json.loads((save_dir / "summary.json").read_text())
     assert summary["exit_reason"] == "duration reached"
+
+
+@pytest.mark.parametrize("armed", [True, False])
+def test_the_progress_watchdog_ends_a_stuck_rank_only_once_armed(armed):
+    """A rank stuck where no collective times out (a CUDA graph waiting on a hung peer) exits 1 after the timeout."""
+    script = ("import time; from resnet_ddp.watchdog import ProgressWatchdog; w = ProgressWatchdog(3, 1.0); "
+              + ("w.beat(); " if armed else "") + "time.sleep(6); print('still here')")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    if armed:
+        assert result.returncode == 1 and "still here" not in result.stdout
+        assert "[Rank 3] error: no training step finished in 1 s (--dist-timeout)" in result.stderr
+        assert time.monotonic() - started < 6
+    else:  # not armed before the first step: start-up (compile, capture) may take long
+        assert result.returncode == 0 and "still here" in result.stdout
