@@ -6,8 +6,12 @@ import json
 import re
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
 import yaml
+from kubeflow.training import ApiClient
+from kubeflow.training.utils.utils import FakeResponse
+from kubeflow_trainer_api import models as trainer_models
 
 from resnet_ddp.cli import parse_config
 
@@ -103,3 +107,95 @@ def test_the_dockerfile_runs_the_trainer_as_pid_1_as_a_non_root_user_without_dow
     cmd = [l for l in lines if l.startswith("CMD ")][-1]
     assert json.loads(cmd[4:]) == ["python", "/opt/resnet-ddp/train.py"]  # exec form
     assert not any(l.startswith("ENTRYPOINT") for l in lines)
+
+
+# Schema validation (docs/kubernetes.md, "How the manifests are validated").
+# Kubeflow Trainer's minimum Kubernetes, and the newest that kubernetes-validate 1.37 bundles.
+KUBERNETES_VERSIONS = ("1.31", "1.37")
+
+
+def _all_documents():
+    return [(f"{path.name}:{doc['kind']}", doc) for path in MANIFESTS for doc in _documents(path)]
+
+
+def _kubernetes_objects(doc):
+    """What the Kubernetes schemas cover in a document, as (where, object) pairs: a core object whole; the pod
+    templates of a PyTorchJob as core/v1 PodTemplates and the job templates of a ClusterTrainingRuntime
+    (batch/v1 JobTemplateSpecs) as Jobs, the objects that hold exactly those types."""
+    kind = doc["kind"]
+    if kind == "PyTorchJob":
+        return [(f"pytorchReplicaSpecs.{role}.template",
+                 {"apiVersion": "v1", "kind": "PodTemplate", "template": replica["template"]})
+                for role, replica in doc["spec"]["pytorchReplicaSpecs"].items()]
+    if kind == "ClusterTrainingRuntime":
+        return [(f"replicatedJobs[{job['name']}].template", {"apiVersion": "batch/v1", "kind": "Job", **job["template"]})
+                for job in doc["spec"]["template"]["spec"]["replicatedJobs"]]
+    if kind == "TrainJob":
+        return []  # no template inside; the Trainer API models check it
+    return [("", doc)]  # an unknown kind has no schema and fails
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("name,doc", [pytest.param(name, doc, id=name) for name, doc in _all_documents()
+                                      if _kubernetes_objects(doc)])
+def test_every_core_object_and_pod_template_matches_the_kubernetes_schema(name, doc, version):
+    errors = []
+    for where, obj in _kubernetes_objects(doc):
+        try:
+            # strict: additionalProperties false, so a misspelt field fails as well as a wrong type
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            errors.append(f"{' '.join(filter(None, (name, where)))}: {'.'.join(map(str, e.path))}: {e.message}")
+    assert not errors, f"Kubernetes {version}: " + "\n".join(errors)
+
+
+def _differences(given, returned, path=()):
+    """Where the object a model library returns differs from the manifest: a field it dropped is unknown to
+    the schema; a value that changed type was coerced. A Quantity (resources.limits/requests, sizeLimit) may
+    be a number in YAML; the kubernetes client types it as a string, the Trainer API as float or string, so
+    a number may come back there as its str() or float()."""
+    where = ".".join(map(str, path))
+    if isinstance(given, dict) and isinstance(returned, dict):
+        found = [f"{where}.{key}: unknown field" for key in sorted(given.keys() - returned.keys())]
+        found += [f"{where}.{key}: added" for key in sorted(returned.keys() - given.keys())]
+        for key in sorted(given.keys() & returned.keys()):
+            found += _differences(given[key], returned[key], path + (key,))
+        return found
+    if isinstance(given, list) and isinstance(returned, list) and len(given) == len(returned):
+        return [d for i, (g, r) in enumerate(zip(given, returned)) for d in _differences(g, r, path + (i,))]
+    if type(given) is type(returned) and given == returned:
+        return []
+    quantity = path[-2:-1] in (("limits",), ("requests",)) or path[-1:] == ("sizeLimit",)
+    if quantity and type(given) in (int, float) and any(
+            type(returned) is type(form) and returned == form for form in (str(given), float(given))):
+        return []
+    return [f"{where}: {given!r} came back as {returned!r}"]
+
+
+def _kubeflow_round_trip(doc):
+    """A Kubeflow object read into its typed Python models and written back to a dict. kubeflow-training (v1):
+    openapi-generator classes, read the way its TrainingClient reads a job from the API server; they keep only
+    the fields they know and coerce primitives (int("3")). kubeflow-trainer-api: pydantic models with strict
+    field types (a string for an int raises) that ignore unknown fields."""
+    api = (doc["apiVersion"], doc["kind"])
+    if api == ("kubeflow.org/v1", "PyTorchJob"):
+        client = ApiClient()
+        return client.sanitize_for_serialization(client.deserialize(FakeResponse(doc), "KubeflowOrgV1PyTorchJob"))
+    if api[0] == "trainer.kubeflow.org/v1alpha1" and api[1] in ("TrainJob", "ClusterTrainingRuntime"):
+        return getattr(trainer_models, f"TrainerV1alpha1{doc['kind']}").from_dict(doc).to_dict()
+    raise AssertionError(f"no Kubeflow models for {api}")
+
+
+@pytest.mark.parametrize("name,doc", [pytest.param(name, doc, id=name) for name, doc in _all_documents()
+                                      if "kubeflow.org/" in doc["apiVersion"]])
+def test_every_kubeflow_object_matches_the_kubeflow_models(name, doc):
+    # the models drop unknown fields and coerce types silently: the round trip must give the manifest again
+    differences = _differences(doc, _kubeflow_round_trip(doc))
+    assert not differences, "\n".join(differences)
+
+
+def test_every_document_and_every_pod_template_is_schema_checked():
+    kubeflow = {name for name, doc in _all_documents() if "kubeflow.org/" in doc["apiVersion"]}
+    kubernetes = {name for name, doc in _all_documents() if _kubernetes_objects(doc)}
+    assert {name for name, _ in _all_documents()} == kubeflow | kubernetes
+    assert all(_kubernetes_objects(doc) for _, doc in _workloads())  # the pod specs above, against core/v1
