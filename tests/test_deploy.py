@@ -103,3 +103,12 @@ def test_the_dockerfile_runs_the_trainer_as_pid_1_as_a_non_root_user_without_dow
     cmd = [l for l in lines if l.startswith("CMD ")][-1]
     assert json.loads(cmd[4:]) == ["python", "/opt/resnet-ddp/train.py"]  # exec form
     assert not any(l.startswith("ENTRYPOINT") for l in lines)
+
+
+def test_the_dockerfile_installs_every_dependency_the_base_image_lacks():
+    pyproject = (DEPLOY.parent / "pyproject.toml").read_text()
+    block = re.search(r"^dependencies = \[(.*?)\]", pyproject, re.S | re.M).group(1)
+    needed = {re.split(r"[<>=!~ ]", spec, 1)[0] for spec in re.findall(r'"([^"]+)"', block)}
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    installed = set(re.findall(r'"([A-Za-z0-9_.-]+)[<>=!~]', dockerfile))
+    assert needed - {"torch", "torchvision", "numpy"} <= installed  # the rest come from the base image
