@@ -4,6 +4,11 @@ Runs on the GPU machine, from the repository root, in one process tree:
 
     python bench/run.py                       # every GPU count the machine allows
     python bench/run.py --gpus 1,2 --configs default,fast
+    # what the observability options cost in fast mode: the same runs with and without them,
+    # interleaved three times so that drift of the machine falls on both alike
+    python bench/run.py --gpus 4 --configs fast --repeat 3 \
+        --experiment "fast-metrics:4:--fast --metrics-port 8000" \
+        --experiment "fast-metrics-tensorboard:4:--fast --metrics-port 8000 --tensorboard"
 
 Each run is a real `python train.py` (or the baseline script) on the first N
 GPUs; the figures come from its summary.json, and GPU utilisation from NVML,
@@ -76,7 +81,7 @@ class UtilisationSampler:
         return sum(inside) / len(inside) if inside else None
 
 
-def _run_one(name: str, gpus: int, extra_args: List[str], log_dir: str, timeout_s: float) -> Dict:
+def _run_one(name: str, gpus: int, extra_args: List[str], log_dir: str, timeout_s: float, repeat: int = 0) -> Dict:
     env = dict(os.environ, **SAFE_ENV, CUDA_VISIBLE_DEVICES=",".join(map(str, range(gpus))))
     workdir = tempfile.mkdtemp(prefix=f"bench-{name}-{gpus}-")
     if name == "seed-equivalent":
@@ -88,7 +93,7 @@ def _run_one(name: str, gpus: int, extra_args: List[str], log_dir: str, timeout_
         out = os.path.join(workdir, "summary.json")
         command = [sys.executable, "train.py", *args, *extra_args, "--nproc-per-node", str(gpus), "--min-gpus", "1",
                    "--max-steps", str(steps), "--warmup-steps", str(warmup), "--save-dir", workdir]
-    log_path = os.path.join(log_dir, f"{name}-x{gpus}.log")
+    log_path = os.path.join(log_dir, f"{name}-x{gpus}" + (f"-{repeat}" if repeat else "") + ".log")
     started = time.monotonic()
     with UtilisationSampler(list(range(gpus))) as sampler, open(log_path, "w") as log:
         try:
@@ -97,13 +102,15 @@ def _run_one(name: str, gpus: int, extra_args: List[str], log_dir: str, timeout_
         except subprocess.TimeoutExpired:
             code = f"none: still running after {timeout_s:.0f} s"
     result = {"name": name, "gpus": gpus, "command": " ".join(command[1:]), "wall_s": time.monotonic() - started}
+    if repeat:
+        result["repeat"] = repeat
     if code != 0 or not os.path.exists(out):
         result["error"] = f"exit code {code}; see {log_path}"
         return result
     with open(out) as f:
         summary = json.load(f)
     for key in ("img_s", "img_s_per_gpu", "step_ms_p50", "step_ms_p95", "step_ms_p99", "data_wait_frac",
-                "peak_mem_gib_per_rank"):
+                "peak_mem_gib_per_rank", "mfu"):
         result[key] = summary.get(key)
     # Over the steady window the job reports; the baseline reports none: its second half.
     start, end = summary.get("steady_window_unix", [(sampler.started + sampler.ended) / 2, sampler.ended])
@@ -123,6 +130,9 @@ def main() -> int:
     parser.add_argument("--log-dir", default=os.environ.get("OUT", tempfile.gettempdir()))
     parser.add_argument("--results-dir", default=os.path.join(REPO, "bench", "results"))
     parser.add_argument("--run-timeout", type=float, default=300, help="seconds one run may take")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the whole plan (configs and experiments) this many times, interleaved; "
+                             "each result records its repeat")
     args = parser.parse_args()
     if available == 0:
         print("bench: no GPU visible", file=sys.stderr)
@@ -144,8 +154,10 @@ def main() -> int:
     for spec in args.experiment:
         name, gpus, extra = spec.split(":", 2)
         plan.append(("experiments", name, int(gpus), extra.split()))
-    for section, name, gpus, extra in plan:
-        result = _run_one(name, gpus, extra, args.log_dir, args.run_timeout)
+    rounds = [(section, name, gpus, extra, repeat if args.repeat > 1 else 0)
+              for repeat in range(1, max(1, args.repeat) + 1) for section, name, gpus, extra in plan]
+    for section, name, gpus, extra, repeat in rounds:
+        result = _run_one(name, gpus, extra, args.log_dir, args.run_timeout, repeat)
         payload[section].append(result)
         _print_row(result)
         with open(path, "w") as f:  # after every run, so a cut-short session keeps what it measured
@@ -156,11 +168,12 @@ def main() -> int:
 
 
 def _print_row(r: Dict) -> None:
+    name = r["name"] + (f" #{r['repeat']}" if "repeat" in r else "")
     if "error" in r:
-        print(f"{r['name']:<28} x{r['gpus']}  ERROR {r['error']}", flush=True)
+        print(f"{name:<28} x{r['gpus']}  ERROR {r['error']}", flush=True)
         return
     util = f"{r['gpu_util_pct']:.0f}%" if r.get("gpu_util_pct") is not None else "n/a"
-    print(f"{r['name']:<28} x{r['gpus']}  {r['img_s']:>9.1f} img/s  {r['img_s_per_gpu']:>8.1f}/gpu  "
+    print(f"{name:<28} x{r['gpus']}  {r['img_s']:>9.1f} img/s  {r['img_s_per_gpu']:>8.1f}/gpu  "
           f"p50 {r['step_ms_p50']:.1f} ms  p95 {r['step_ms_p95']:.1f} ms  data wait {100 * r['data_wait_frac']:.1f}%  "
           f"util {util}  wall {r['wall_s']:.0f}s", flush=True)
 

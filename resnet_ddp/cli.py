@@ -61,7 +61,8 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         f"(e.g. {ENV_PREFIX}BATCH_SIZE=128, {ENV_PREFIX}CPU=1); the command line wins over "
         "the environment. OUTPUT_DIR sets the save dir when --save-dir is not given. "
         "Exit codes: 0 finished, 1 failed during the run, 2 bad input or unusable setup, "
-        "130/143 stopped by SIGINT/SIGTERM.",
+        "130/143 stopped by SIGINT/SIGTERM. `resnet-ddp report SAVE_DIR` draws a finished or running "
+        "job's metrics into SAVE_DIR/report.png and report.html.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     d = Config()
@@ -107,7 +108,14 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     out.add_argument("--log-interval", type=int, default=None,
                      help="a step line (and a record in <save-dir>/logs/metrics.jsonl) every N steps "
                           "(default: about every 10 seconds of work)")
-    out.add_argument("--quiet", action="store_true", help="print only the seed's per-epoch lines and errors")
+    out.add_argument("--quiet", action="store_true",
+                     help="print only the seed's per-epoch lines and errors "
+                          "(no step lines, progress bar or summary table)")
+    out.add_argument("--metrics-port", type=int, default=None,
+                     help="serve Prometheus metrics on this port from each node's local rank 0, with every local "
+                          "rank's figures labelled rank and local_rank (http://<node>:PORT/metrics)")
+    out.add_argument("--tensorboard", action="store_true",
+                     help="also write scalars to <save-dir>/tensorboard (pip install 'resnet-ddp[tensorboard]')")
 
     ckpt = p.add_argument_group("checkpoints and resume")
     ckpt.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
@@ -221,6 +229,8 @@ def validate(config: Config) -> None:
         raise UsageError(f"--min-gpus must be 0 or more, got {config.min_gpus}")
     if config.master_port is not None and not 1 <= config.master_port <= 65535:
         raise UsageError(f"--master-port must be in 1..65535, got {config.master_port}")
+    if config.metrics_port is not None and not 1 <= config.metrics_port <= 65535:
+        raise UsageError(f"--metrics-port must be in 1..65535, got {config.metrics_port}")
     if not (math.isfinite(config.dist_timeout) and config.dist_timeout > 0):
         raise UsageError(f"--dist-timeout must be a positive number of seconds, got {config.dist_timeout}")
     if config.fail_at_step is not None and config.fail_at_step < 1:
@@ -244,16 +254,25 @@ def validate(config: Config) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["report"]:
+        from resnet_ddp import report
+
+        return report.main(argv[1:])
     # Imported here so that `--help` and input errors answer without loading torch.
     try:
         config = parse_config(argv)
-        from resnet_ddp import checkpoint, launch
+        from resnet_ddp import checkpoint, launch, prometheus, telemetry
 
         plan = launch.plan_launch(config, os.environ)
         checkpoint.ensure_writable_dir(config.save_dir)
         if plan.holds_rank_zero:
             # Refuse a mismatched checkpoint before any training process starts; rank 0 reports the rest.
             checkpoint.find_resume_point(config, report=False)
+        if config.tensorboard and plan.holds_rank_zero:
+            telemetry.require_tensorboard()
+        if config.metrics_port is not None and plan.holds_local_rank_zero:
+            prometheus.check_can_serve(config.metrics_port)
     except UsageError as exc:
         print(f"resnet-ddp: error: {exc}", file=sys.stderr)
         return 2

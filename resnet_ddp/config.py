@@ -49,6 +49,8 @@ class Config:
     warmup_steps: int = 20
     log_interval: Optional[int] = None  # steps; None: about every 10 s of work
     quiet: bool = False
+    metrics_port: Optional[int] = None  # Prometheus endpoint on each node's local rank 0
+    tensorboard: bool = False
     # Checkpoints and resume.
     checkpoint_every: int = 0  # steps; 0: at epoch ends (and on stop) only
     keep_checkpoints: int = 2

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -14,6 +16,8 @@ from resnet_ddp.config import Config
 from resnet_ddp.data import (SHM_MARGIN, DeviceBatches, HostBatches, LazyFakeDataset, ShardedPermutationSampler,
                              fit_workers_to_shm, shm_free_bytes)
 from resnet_ddp.model import build_model, compile_model, export_state_dict, train_flops_per_image, unwrap, wrap_ddp
+from resnet_ddp.nvml import GpuMonitor
+from resnet_ddp.prometheus import PrometheusExporter
 from resnet_ddp.scenarios import FaultInjector
 from resnet_ddp.stopping import TIME_UP, StopAgreement
 from resnet_ddp.watchdog import ProgressWatchdog
@@ -33,11 +37,50 @@ class Progress:
     epoch_loss_sum: float = 0.0  # this rank's, so that a resumed epoch's line reports the whole epoch
 
 
+@dataclass
+class RunFacts:
+    """What rank 0 can still report when training fails: train() fills it in as it goes."""
+
+    started: float = field(default_factory=time.perf_counter)
+    epochs_done: int = 0
+    timer: Optional[telemetry.StepTimer] = None
+    logger: Optional[telemetry.StepLogger] = None
+
+
 def run_process(config: Config) -> int:
     rank = distributed.init_process_group(config.device_type, config.dist_timeout)
-    code = train(config, rank)
+    facts = RunFacts()
+    try:
+        code = train(config, rank, facts)
+    except Exception as exc:
+        # Its own error, or a collective broken by a failed peer: say so in summary.json, then fail as before.
+        _close_after_failure(facts)
+        if rank.is_main:
+            _write_failure_summary(config, rank, facts, exc)
+        raise
     distributed.destroy_process_group()
     return code
+
+
+def _close_after_failure(facts: RunFacts) -> None:
+    telemetry.stop_console()
+    if facts.logger is not None:
+        with contextlib.suppress(Exception):  # flush what TensorBoard holds; the first error is the one to report
+            facts.logger.close()
+
+
+def _write_failure_summary(config: Config, rank: distributed.RankInfo, facts: RunFacts, exc: Exception) -> None:
+    error = (str(exc).strip().splitlines() or [""])[0][:500]
+    summary = {
+        "exit_reason": "failed", "error": f"{type(exc).__name__}: {error}" if error else type(exc).__name__,
+        "wall_s": time.perf_counter() - facts.started, "epochs_done": facts.epochs_done,
+        "steps": facts.timer.steps if facts.timer is not None else 0, "world_size": rank.world_size,
+        "torch": torch.__version__,
+    }
+    with contextlib.suppress(Exception):  # a broken device may not even answer its name
+        summary["device"] = _device_name(rank.device)
+    with contextlib.suppress(OSError):
+        telemetry.write_json(os.path.join(config.save_dir, SUMMARY_NAME), summary)
 
 
 def _build_batches(config: Config, rank: distributed.RankInfo):
@@ -120,8 +163,32 @@ def _checkpoint_state(config, rank, model, optimizer, scaler, progress: Progress
     }
 
 
-def train(config: Config, rank: distributed.RankInfo) -> int:
+def _build_reporting(config: Config, rank: distributed.RankInfo, timer: telemetry.StepTimer, stop: StopAgreement,
+                     total_steps: int, steps_done: int, flops_per_image: float, peak):
+    """The step logger with its sinks (Prometheus on every rank, TensorBoard on rank 0), NVML and the bar."""
+    sinks = []
+    exporter = None
+    if config.metrics_port is not None:
+        exporter = PrometheusExporter(config.metrics_port, rank.rank, rank.local_rank, config.batch_size,
+                                      total_steps, barrier=stop.barrier)
+        exporter.starting_at(steps_done)
+        sinks.append(exporter)
+    if config.tensorboard and rank.is_main:
+        sinks.append(telemetry.TensorBoardWriter(config.save_dir, steps_done))
+    gpu = GpuMonitor.start(rank.device, counting=lambda: timer.steady,
+                           on_sample=exporter.gpu_sample if exporter is not None else None)
+    logger = telemetry.StepLogger(
+        rank.rank, rank.world_size, rank.device, config.batch_size, total_steps,
+        os.path.join(config.save_dir, METRICS_PATH), config.log_interval, LOG_EVERY_S, config.quiet,
+        flops_per_image, peak, sinks=sinks, gpu=gpu,
+        bar=telemetry.start_console(rank.rank, config.quiet, total_steps, steps_done),
+    )
+    return logger, gpu
+
+
+def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] = None) -> int:
     """Train to the end or to an agreed stop; return the exit code (0, or 128 + the signal)."""
+    facts = facts if facts is not None else RunFacts()
     if rank.device.type == "cpu":
         # Share the cores between the ranks of this node instead of oversubscribing them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // rank.local_world_size))
@@ -139,17 +206,15 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
     if side_stream is not None:
         step = engine.GraphedStep(step, side_stream)
     faults = FaultInjector(config, rank.rank)
-    timer = telemetry.StepTimer(rank.device, config.warmup_steps)
+    timer = facts.timer = telemetry.StepTimer(rank.device, config.warmup_steps)
     total_steps = config.epochs * len(batches)  # no resume offset is set yet: a whole epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     device_name = _device_name(rank.device)
-    logger = telemetry.StepLogger(
-        rank.rank, rank.world_size, rank.device, config.batch_size, total_steps,
-        os.path.join(config.save_dir, METRICS_PATH), config.log_interval, LOG_EVERY_S, config.quiet,
-        train_flops_per_image(config.arch, config.num_classes, config.image_size),
-        telemetry.assumed_peak_tflops(device_name, config.amp) if rank.device.type == "cuda" else None,
-    )
+    flops_per_image = train_flops_per_image(config.arch, config.num_classes, config.image_size)
+    peak = telemetry.assumed_peak_tflops(device_name, config.amp) if rank.device.type == "cuda" else None
+    logger, gpu = _build_reporting(config, rank, timer, stop, total_steps, progress.global_step, flops_per_image, peak)
+    facts.logger = logger
 
     if rank.is_main and not config.quiet:
         telemetry.log(rank.rank, (
@@ -178,8 +243,8 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
 
     stopped_by = 0
     watchdog = ProgressWatchdog(rank.rank, config.dist_timeout)
-    start = time.perf_counter()
-    epochs_done = progress.epoch - 1
+    start = facts.started = time.perf_counter()
+    epochs_done = facts.epochs_done = progress.epoch - 1
     while progress.epoch <= config.epochs and not stopped_by:
         if config.max_steps is not None and progress.global_step >= config.max_steps:
             break
@@ -221,7 +286,7 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
             telemetry.global_epoch_line(rank.rank, progress.epoch, global_loss, rank.world_size)
         finished_epoch = steps_in_epoch == len_epoch
         if finished_epoch:
-            epochs_done = progress.epoch
+            epochs_done = facts.epochs_done = progress.epoch
             progress = Progress(progress.epoch + 1, 0, progress.global_step, 0.0)
         else:  # --max-steps ended the run inside the epoch
             progress = Progress(progress.epoch, steps_in_epoch, progress.global_step, loss_sum.item())
@@ -232,11 +297,17 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
     if time_up:
         stopped_by = 0  # the run ends as a finished one
     timer.finish()
+    if gpu is not None:
+        gpu.stop()
     elapsed = time.perf_counter() - start
     stop.barrier()  # every rank leaves after rank 0's last checkpoint is on disk
+    telemetry.stop_console()  # the bar's last state stays; what follows goes below it
 
+    stats = timer.stats(config.batch_size)
+    if gpu is not None:
+        stats["gpu_util_pct"] = gpu.mean_utilisation_pct()
     rank_stats = [None] * rank.world_size
-    dist.all_gather_object(rank_stats, timer.stats(config.batch_size))
+    dist.all_gather_object(rank_stats, stats)
     if rank.is_main:
         if not stopped_by:
             path = checkpoint.export_final_model(export_state_dict(model), config.save_dir)
@@ -247,12 +318,10 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
         summary.update(exit_reason=reason, wall_s=elapsed,
                        epochs_done=epochs_done, world_size=rank.world_size, device=_device_name(rank.device),
                        torch=torch.__version__)
+        telemetry.add_mfu(summary, flops_per_image, peak)
         telemetry.write_json(os.path.join(config.save_dir, SUMMARY_NAME), summary)
-        if summary["steady_steps"] and not config.quiet:
-            telemetry.log(rank.rank, (
-                f"{summary['img_s']:.1f} img/s ({summary['img_s_per_gpu']:.1f} per process), "
-                f"step p50 {summary['step_ms_p50']:.1f} ms, waiting on data {100 * summary['data_wait_frac']:.1f}%"
-            ))
+        if not config.quiet:
+            telemetry.summary_table(rank.rank, summary)
     logger.close()
     telemetry.completed_line(rank.rank, elapsed)
     return 128 + stopped_by if stopped_by else 0

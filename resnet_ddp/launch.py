@@ -48,6 +48,13 @@ class LaunchPlan:
             return os.environ.get("RANK", "0") == "0"
         return self.node_rank == 0
 
+    @property
+    def holds_local_rank_zero(self) -> bool:
+        """Whether this node's local rank 0 runs in this process (torchrun) or among its children."""
+        if self.mode == "torchrun":
+            return os.environ.get("LOCAL_RANK", "0") == "0"
+        return True
+
     def worker_env(self, local_rank: int) -> Dict[str, str]:
         """The torch.distributed env:// variables for one spawned process."""
         return {

@@ -199,3 +199,12 @@ def test_every_document_and_every_pod_template_is_schema_checked():
     kubernetes = {name for name, doc in _all_documents() if _kubernetes_objects(doc)}
     assert {name for name, _ in _all_documents()} == kubeflow | kubernetes
     assert all(_kubernetes_objects(doc) for _, doc in _workloads())  # the pod specs above, against core/v1
+
+
+def test_the_dockerfile_installs_every_dependency_the_base_image_lacks():
+    pyproject = (DEPLOY.parent / "pyproject.toml").read_text()
+    block = re.search(r"^dependencies = \[(.*?)\]", pyproject, re.S | re.M).group(1)
+    needed = {re.split(r"[<>=!~ ]", spec, 1)[0] for spec in re.findall(r'"([^"]+)"', block)}
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    installed = set(re.findall(r'"([A-Za-z0-9_.-]+)[<>=!~]', dockerfile))
+    assert needed - {"torch", "torchvision", "numpy"} <= installed  # the rest come from the base image

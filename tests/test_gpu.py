@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 
 import pytest
 import torch
 
-from conftest import Job, free_port, run_train, wait_for_no_leftovers
+from conftest import Job, free_port, run_train, train_command, wait_for_no_leftovers
 from steps import compare_steps
 from test_training import GLOBAL_LINE, assert_trained
 
@@ -84,6 +85,42 @@ def test_every_speed_option_trains(options, save_dir):
     result = run_train(*GPU_TINY, *options, "--save-dir", str(save_dir), env=SAFE, timeout=600)
     losses = assert_trained(result, save_dir, ranks=2, epochs=2)
     assert all(loss == loss and loss < 10 for loss in losses)
+
+
+def test_metrics_endpoint_has_nvml_gauges_for_both_gpus(save_dir):
+    from test_telemetry import scrape_samples, scrape_until
+
+    port = free_port()
+    job = Job(train_command(*GPU_TINY, "--epochs", "400", "--log-interval", "5", "--warmup-steps", "5",
+                            "--metrics-port", str(port), "--save-dir", str(save_dir)), SAFE)
+    scrape_until(job, port, lambda m: all(("resnet_ddp_gpu_utilization_ratio", r) in m
+                                          and m.get(("resnet_ddp_steps_total", r), 0) >= 20 for r in (0, 1)))
+    time.sleep(2)  # a few more NVML samples inside the steady window, for the summary's mean
+    samples = scrape_samples(port)
+    job.process.send_signal(signal.SIGTERM)
+    result = job.wait(timeout=180)
+    assert result.returncode == 143, result.stderr[-2000:]
+
+    gpu = {}
+    for s in samples:
+        if s.name.startswith("resnet_ddp_gpu_"):
+            gpu.setdefault(s.labels["rank"], {})[s.name] = s.value
+            gpu[s.labels["rank"]]["ids"] = (s.labels["gpu"], s.labels["uuid"])
+    assert sorted(gpu) == ["0", "1"]
+    assert gpu["0"]["ids"] != gpu["1"]["ids"] and all(g["ids"][1].startswith("GPU-") for g in gpu.values())
+    for g in gpu.values():
+        assert 0 <= g["resnet_ddp_gpu_utilization_ratio"] <= 1
+        assert 0 < g["resnet_ddp_gpu_memory_used_bytes"] <= g["resnet_ddp_gpu_memory_total_bytes"]
+        assert 0 < g["resnet_ddp_gpu_power_watts"] < 2000 and 0 < g["resnet_ddp_gpu_temperature_celsius"] < 120
+    per_rank = {(s.name, s.labels["rank"]): s.value for s in samples}
+    for rank in "01":
+        assert per_rank["resnet_ddp_memory_allocated_bytes", rank] > 0
+        assert per_rank["resnet_ddp_memory_peak_bytes", rank] >= per_rank["resnet_ddp_memory_allocated_bytes", rank]
+    summary = json.loads((save_dir / "summary.json").read_text())
+    assert 0 <= summary["gpu_util_pct"] <= 100 and len(summary["gpu_util_pct_per_rank"]) == 2
+    assert len(summary["peak_mem_gib_per_rank"]) == 2
+    records = [json.loads(line) for line in (save_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert all("gpu_util_pct" in r and "gpu_temp_c" in r for r in records if r["kind"] == "step")
 
 
 def _syncbn_rank(rank, port, x_full, dy_full, channels_last, out):

@@ -200,9 +200,10 @@ def test_a_full_disk_while_checkpointing_is_a_clear_error_and_keeps_the_previous
     # resnet18 checkpoints are about 45 MB: the first fits in 60 MB, the second cannot be written beside it.
     train = shlex.join(train_command(*TINY, "--epochs", "3", "--save-dir", str(save_dir)))
     check = shlex.join([sys.executable, "-c",
-                        "import sys, torch; from pathlib import Path; d = Path(sys.argv[1]);"
+                        "import json, sys, torch; from pathlib import Path; d = Path(sys.argv[1]);"
                         "print('files:', sorted(p.name for p in d.iterdir()));"
-                        "print('loads at step', torch.load(d / 'checkpoint-000000004.pt')['global_step'])",
+                        "print('loads at step', torch.load(d / 'checkpoint-000000004.pt')['global_step']);"
+                        "print('exit reason', json.loads((d / 'summary.json').read_text())['exit_reason'])",
                         str(save_dir)])
     command = _in_small_shm("16m", ["true"])  # the same root and unshare checks
     command[-1] = (f"mount -t tmpfs -o size=60m tmpfs {shlex.quote(str(save_dir))} && "
@@ -212,8 +213,9 @@ def test_a_full_disk_while_checkpointing_is_a_clear_error_and_keeps_the_previous
     assert "exit=1" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
     (line,) = [l for l in result.stderr.splitlines() if "could not write checkpoint" in l]
     assert "No space left on device" in line and "previous checkpoints are intact" in line
-    assert "files: ['checkpoint-000000004.pt', 'logs']" in result.stdout  # no half-written file beside it
-    assert "loads at step 4" in result.stdout
+    # no half-written file beside it; the small summary.json still fits and says how the run ended
+    assert "files: ['checkpoint-000000004.pt', 'logs', 'summary.json']" in result.stdout
+    assert "loads at step 4" in result.stdout and "exit reason failed" in result.stdout
     assert wait_for_no_leftovers(job) == []
 
 

@@ -1,12 +1,28 @@
-"""What the job reports while it runs: step lines, metrics.jsonl, --quiet, MFU's FLOP count."""
+"""What the job reports: step lines, metrics.jsonl, --quiet, the progress bar, the Prometheus endpoint,
+TensorBoard, the end-of-run summary and `resnet-ddp report`."""
 
 from __future__ import annotations
 
+import base64
+import fcntl
 import json
 import math
+import os
+import pty
 import re
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import termios
+import time
+import urllib.request
 
-from conftest import TINY, run_train
+import pytest
+
+from conftest import REPO, TINY, Job, clean_env, free_port, run_train, train_command
 from test_training import DONE_LINE, EPOCH_LINE
 
 STEP_LINE = re.compile(r"^\[Rank (\d)\] epoch (\d+) step (\d+)/4 \((\d+)/8\) \| loss (\d+\.\d{4}) \| (\d+) img/s", re.M)
@@ -18,6 +34,8 @@ def test_step_lines_and_metrics_file(save_dir):
     lines = STEP_LINE.findall(result.stdout)
     assert sorted((rank, int(g)) for rank, _, _, g, _, _ in lines) == [(r, g) for r in "01" for g in (2, 4, 6, 8)]
     assert "(job " in result.stdout and "ETA " in result.stdout
+    # no TTY (a pod's log): plain lines only, no progress bar and no carriage returns
+    assert "\r" not in result.stdout and "\r" not in result.stderr and "step/s" not in result.stderr
     records = [json.loads(line) for line in (save_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["kind"] == "step"]
     epochs = [r for r in records if r["kind"] == "epoch"]
@@ -60,3 +78,177 @@ def test_a_nan_loss_is_written_as_null(tmp_path):
     logger.close()
     (record,) = [json.loads(line) for line in path.read_text().splitlines()]
     assert record["loss"] is None and record["global_step"] == 1
+
+
+def scrape_samples(port: int) -> list:
+    """The resnet_ddp_ samples at http://127.0.0.1:PORT/metrics, read with prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:  # not serving yet
+        return []
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples
+            if sample.name.startswith("resnet_ddp_")]
+
+
+def scrape(port: int) -> dict:
+    """{(sample name, rank): value}; every series carries both rank labels."""
+    samples = {}
+    for sample in scrape_samples(port):
+        assert sample.labels["local_rank"] == sample.labels["rank"]  # one node: they agree
+        samples[sample.name, int(sample.labels["rank"])] = sample.value
+    return samples
+
+
+def scrape_until(job: Job, port: int, ready, within_s: float = 150) -> dict:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        assert job.process.poll() is None, job.wait().stderr[-2000:]
+        samples = scrape(port)
+        if ready(samples):
+            return samples
+        time.sleep(0.3)
+    raise AssertionError(f"the endpoint never showed what was expected; last scrape: {samples}")
+
+
+def _pixels_of(image, rgb, tolerance=0.06):
+    import numpy
+
+    return int((numpy.abs(image[:, :, :3] - numpy.array(rgb) / 255.0).max(axis=2) < tolerance).sum())
+
+
+def test_endpoint_tensorboard_summary_and_report_of_a_run_stopped_by_sigterm(save_dir):
+    """One real run serves both ranks' series on one endpoint, writes TensorBoard scalars, a summary
+    with its exit reason and the table, and `report` draws its metrics."""
+    port = free_port()
+    job = Job(train_command(*TINY, "--epochs", "500", "--log-interval", "1", "--metrics-port", str(port),
+                            "--tensorboard", "--save-dir", str(save_dir)))
+    # both ranks past their first epoch (so an epoch record exists) and two log points into the second
+    seen = scrape_until(job, port, lambda m: all(m.get(("resnet_ddp_steps_total", r), 0) >= 6 for r in (0, 1)))
+    job.process.send_signal(signal.SIGTERM)
+    result = job.wait(timeout=120)
+    assert result.returncode == 143, result.stderr[-2000:]
+
+    for rank in (0, 1):
+        steps = seen["resnet_ddp_steps_total", rank]
+        images = seen["resnet_ddp_images_total", rank]
+        assert images % 8 == 0 and images >= 6 * 8  # batch 8 per step
+        assert 0 < seen["resnet_ddp_progress_ratio", rank] <= min(1.0, (steps + 1) / 2000)  # 500 epochs x 4
+        assert seen["resnet_ddp_epoch", rank] >= 2
+        assert 0 < seen["resnet_ddp_loss", rank] < 10 and 0 < seen["resnet_ddp_step_seconds", rank] < 60
+        assert seen["resnet_ddp_images_per_second", rank] > 0 and 0 <= seen["resnet_ddp_data_wait_ratio", rank] <= 1
+        assert seen["resnet_ddp_host_memory_rss_bytes", rank] > 2**20
+    # CPU ranks: no GPU figures at all, rather than zeros
+    assert not any(name.startswith(("resnet_ddp_gpu_", "resnet_ddp_memory_", "resnet_ddp_mfu")) for name, _ in seen)
+    from resnet_ddp.prometheus import metrics_dir
+
+    assert not os.path.exists(metrics_dir(port))  # the ranks' files are cleaned up with the job
+
+    summary = json.loads((save_dir / "summary.json").read_text())
+    assert summary["exit_reason"] == "stopped by signal" and summary["steps"] >= 6 and summary["epochs_done"] >= 1
+    for key in ("wall_s", "img_s", "img_s_per_gpu", "step_ms_p50", "step_ms_p90", "step_ms_p99", "data_wait_frac"):
+        assert summary[key] >= 0, key
+    assert len(summary["peak_rss_gib_per_rank"]) == 2 and min(summary["peak_rss_gib_per_rank"]) > 0
+    assert "gpu_util_pct" not in summary and "mfu" not in summary  # CPU: unknown, so absent
+    assert re.search(r"^\[Rank 0\]   exit reason +stopped by signal$", result.stdout, re.M)
+    assert re.search(r"^\[Rank 0\]   step time +p50 [\d.]+ ms, p90 [\d.]+ ms, p99 [\d.]+ ms$", result.stdout, re.M)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(save_dir / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/img_s", "train/step_ms", "train/data_wait_frac", "memory/host_rss_gib",
+            "epoch/global_avg_loss"} <= set(events.Tags()["scalars"])
+    records = [json.loads(line) for line in (save_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["global_step"]: r["loss"] for r in records if r["kind"] == "step" and r["rank"] == 0}
+    written = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert written.keys() == logged.keys() and all(written[s] == pytest.approx(logged[s]) for s in logged)
+
+    report = subprocess.run([sys.executable, "-m", "resnet_ddp", "report", str(save_dir)], cwd=REPO,
+                            env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    import matplotlib.image
+
+    png = (save_dir / "report.png").read_bytes()
+    image = matplotlib.image.imread(save_dir / "report.png")
+    assert image.shape[:2] == (800, 1200)
+    # rank 0's lines are drawn in matplotlib's first colour: in the throughput, loss and memory panels
+    # (top left, top right, bottom right), none in the GPU panel (bottom left), which says it has no data
+    blue = (31, 119, 180)
+    top, bottom = image[:400], image[400:]
+    for panel in (top[:, :600], top[:, 600:], bottom[:, 600:]):
+        assert _pixels_of(panel, blue) > 200
+    assert _pixels_of(bottom[:, :600], blue) == 0
+    page = (save_dir / "report.html").read_text()
+    assert base64.b64encode(png).decode() in page and "stopped by signal" in page
+
+
+def test_a_busy_metrics_port_is_refused_before_any_training_process_starts(save_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_train(*TINY, "--metrics-port", str(port), "--save-dir", str(save_dir), timeout=120)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("resnet-ddp: error: --metrics-port") and str(port) in line and "in use" in line
+    assert result.stdout == "" and not (save_dir / "logs").exists()
+
+
+def test_missing_optional_packages_and_a_dir_without_metrics_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    from resnet_ddp import cli
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
+    assert cli.main([*TINY, "--tensorboard", "--save-dir", str(tmp_path)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--tensorboard" in line and "pip install 'resnet-ddp[tensorboard]'" in line
+
+    assert cli.main(["report", str(tmp_path)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "metrics.jsonl does not exist" in line
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "metrics.jsonl").write_text(json.dumps(
+        {"kind": "step", "time": 1.0, "rank": 0, "global_step": 1, "img_s": 1.0, "loss": 1.0}) + "\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert cli.main(["report", str(tmp_path)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "matplotlib" in line and "pip install 'resnet-ddp[report]'" in line
+
+
+def _run_on_a_terminal(args, timeout=180):
+    """Run train.py with stdout and stderr on a pseudo-terminal; return (exit code, everything it drew)."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+    process = subprocess.Popen(train_command(*args), cwd=REPO, env=clean_env(), stdin=subprocess.DEVNULL,
+                               stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    output, deadline = b"", time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([controller], [], [], 1.0)[0]:
+                try:
+                    chunk = os.read(controller, 65536)
+                except OSError:  # EIO: every process holding the terminal has gone
+                    break
+                if not chunk:
+                    break
+                output += chunk
+        return process.wait(timeout=30), output.decode(errors="replace")
+    finally:
+        os.close(controller)
+        if process.poll() is None:
+            process.kill()
+
+
+def test_an_interactive_terminal_shows_rank_0s_progress_bar(save_dir):
+    code, screen = _run_on_a_terminal([*TINY, "--log-interval", "2", "--save-dir", str(save_dir)])
+    assert code == 0, screen[-2000:]
+    assert re.search(r"\[Rank 0\] training: +100%\|.*\| 8/8 \[", screen)  # tqdm's bar, finished
+    assert "step/s" in screen
+    # the seed's lines are still there, whole, each on its own line once the bar's redraws are taken out
+    lines = [part.split("\r")[-1].replace("\x1b[K", "") for part in screen.split("\r\n")]
+    assert sorted((m.group(1), m.group(2)) for m in map(EPOCH_LINE.match, lines) if m) == [
+        ("0", "1"), ("0", "2"), ("1", "1"), ("1", "2")]
+    assert sum(1 for line in lines if DONE_LINE.match(line)) == 2

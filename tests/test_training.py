@@ -110,6 +110,9 @@ def test_a_failing_rank_ends_a_torchrun_job(save_dir):
     assert result.returncode != 0
     assert "InjectedFault" in result.stderr
     assert wait_for_no_leftovers(job) == []
+    # the failing rank 0 still says how the run ended
+    summary = json.loads((save_dir / "summary.json").read_text())
+    assert summary["exit_reason"] == "failed" and summary["error"].startswith("InjectedFault")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has enough GPUs")
