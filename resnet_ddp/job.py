@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from resnet_ddp import checkpoint, distributed, engine, telemetry
+from resnet_ddp import checkpoint, distributed, engine, preflight, straggler, telemetry
 from resnet_ddp.config import Config
 from resnet_ddp.data import (SHM_MARGIN, DeviceBatches, HostBatches, LazyFakeDataset, ShardedPermutationSampler,
                              fit_workers_to_shm, shm_free_bytes)
@@ -34,9 +35,19 @@ class Progress:
 
 def run_process(config: Config) -> int:
     rank = distributed.init_process_group(config.device_type, config.dist_timeout)
-    code = train(config, rank)
+    code = _run_preflight(config, rank) if config.preflight != "off" else None
+    if code is None:
+        code = train(config, rank)
     distributed.destroy_process_group()
     return code
+
+
+def _run_preflight(config: Config, rank: distributed.RankInfo) -> Optional[int]:
+    """The checks, on every rank; the exit code if the job ends here (strict findings, --preflight-only), else None."""
+    findings = preflight.run(config, rank)
+    if findings and config.preflight == "strict":
+        return 1
+    return 0 if config.preflight_only else None
 
 
 def _build_batches(config: Config, rank: distributed.RankInfo):
@@ -122,8 +133,7 @@ def _checkpoint_state(config, rank, model, optimizer, scaler, progress: Progress
 def train(config: Config, rank: distributed.RankInfo) -> int:
     """Train to the end or to an agreed stop; return the exit code (0, or 128 + the signal)."""
     if rank.device.type == "cpu":
-        # Share the cores between the ranks of this node instead of oversubscribing them.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // rank.local_world_size))
+        distributed.share_host_cores(rank)
     else:
         torch.backends.cudnn.benchmark = True  # shapes are fixed: autotune each convolution once
     torch.manual_seed(config.seed)
@@ -149,6 +159,13 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
         train_flops_per_image(config.arch, config.num_classes, config.image_size),
         telemetry.assumed_peak_tflops(device_name, config.amp) if rank.device.type == "cuda" else None,
     )
+
+    straggler.TestSlowdown(config, rank).install(model)
+    # The first check samples a steady step: after the warm-up and, with CUDA graphs, a replay.
+    first_check = max(config.warmup_steps, engine.GraphedStep.WARMUP_STEPS + 1 if config.use_cuda_graphs else 1)
+    stragglers = straggler.StragglerDetector.start(config, rank, model, logger.record, first_check)
+    if stragglers is not None:
+        logger.extra["straggler_ranks"] = stragglers.straggler_ranks  # the same list, kept up to date
 
     if rank.is_main and not config.quiet:
         telemetry.log(rank.rank, (
@@ -183,6 +200,8 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
             nonlocal stopped_by
             if config.duration_s is not None and time.perf_counter() - start >= config.duration_s:
                 stop.time_is_up()
+            if stragglers is not None:
+                stragglers.after_step(global_step)
             logger.after_step(global_step, progress.epoch, epoch_start_step + steps_done, len_epoch, loss_sum,
                               timer.data_wait_s)
             stopped_by = stop.poll()

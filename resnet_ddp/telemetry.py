@@ -199,6 +199,7 @@ class StepLogger:
         self._last_step = 0
         self._last_loss_sum = 0.0
         self._last_wait = 0.0
+        self.extra: Dict[str, object] = {}  # more fields for every step record (e.g. straggler_ranks)
 
     def record(self, payload: dict) -> None:
         # A diverged loss is NaN: written as null, so every line stays strict JSON for jq.
@@ -239,6 +240,7 @@ class StepLogger:
         if self.train_flops_per_image and self.peak:
             figures["mfu"] = img_s * self.train_flops_per_image / (self.peak[0] * 1e12)
             figures["peak_tflops"], figures["peak_precision"] = self.peak
+        figures.update(self.extra)
         self.record(figures)
         if not self.quiet:
             log(self.rank, _step_line(figures, self.rank == 0))
