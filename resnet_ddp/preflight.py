@@ -49,7 +49,7 @@ PCIE_GB_S_PER_LANE = {1: 0.25, 2: 0.5, 3: 0.985, 4: 1.969, 5: 3.938}
 MATMUL_N = {"cuda": 8192, "cpu": 512}
 MATMUL_WARMUP = 3
 MATMUL_BUDGET_S = 0.25
-COPY_BYTES = 256 * 2**20
+COPY_BYTES = 64 * 2**20
 COPY_BUDGET_S = 0.2
 SWEEP_BYTES = {"cuda": [2**20 * 4**k for k in range(6)],  # 1 MiB .. 1 GiB, as nccl-tests -b 1M -e 1G -f 4
                "cpu": [2**20 * 4**k for k in range(3)]}  # 1 MiB .. 16 MiB: gloo through host memory
@@ -290,31 +290,33 @@ def save_dir_write_rate(save_dir: str, size: int) -> dict:
         previous = signal.signal(signal.SIGTERM, _raise_stopped)
     except ValueError:  # not the main thread: no handler of ours
         previous = None
-    stopped = False
-    fd, path = tempfile.mkstemp(dir=save_dir, prefix=DISK_PREFIX, suffix=".tmp")
+    fd, path = None, None
     try:
+        fd, path = tempfile.mkstemp(dir=save_dir, prefix=DISK_PREFIX, suffix=".tmp")
         written, start = 0, time.perf_counter()
         while written < size and time.perf_counter() - start < DISK_BUDGET_S:
             written += os.write(fd, chunk[: size - written])
         os.fsync(fd)
         seconds = time.perf_counter() - start
+        result = {"path": save_dir, "bytes": written, "seconds": seconds, "mb_s": written / seconds / 1e6,
+                  "fsync": True}
     except OSError as exc:
-        return {"path": save_dir, "error": exc.strerror or str(exc)}
+        result = {"path": save_dir, "error": exc.strerror or str(exc)}
     except _Stopped:
-        stopped = True
+        result = {"path": save_dir, "error": "stopped by SIGTERM"}
     finally:
-        os.close(fd)
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        if fd is not None:
+            os.close(fd)
+        if path is not None:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    if stopped:
+    if "stopped" in result.get("error", ""):
         os.kill(os.getpid(), signal.SIGTERM)  # now with the handler it had: the stop goes on as it would have
-        return {"path": save_dir, "error": "stopped by SIGTERM"}
-    return {"path": save_dir, "bytes": written, "seconds": seconds, "mb_s": written / seconds / 1e6,
-            "fsync": True}
+    return result
 
 
 # ---------------------------------------------------------------- GPUs and links

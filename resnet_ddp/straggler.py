@@ -205,7 +205,8 @@ class StragglerDetector:
         valid = [v for v in figures if math.isfinite(v)]
         median = statistics.median(valid) if valid else math.nan
         if self.rank.is_main:
-            self.record({"kind": "straggler_check", "global_step": global_step, "forward_compute_ms": figures,
+            self.record({"kind": "straggler_check", "global_step": global_step,
+                         "forward_compute_ms": [v if math.isfinite(v) else None for v in figures],
                          "median_ms": median, "straggler_ranks": list(self.straggler_ranks)})
             for r in newly:
                 telemetry.log(self.rank.rank, (

@@ -186,3 +186,29 @@ def test_straggler_is_named_after_a_whole_window_above_the_median_and_once():
     tracker.update(140, slow)
     assert tracker.update(190, slow) == ([], []) and tracker.update(200, slow) == ([2], [])
     assert tracker.update(210, [10.0, 10.0, math.nan]) == ([], []) and tracker.named == [2]  # no figure: no change
+
+
+def test_the_save_dir_write_test_leaves_no_file_even_when_stopped(tmp_path, monkeypatch):
+    import os
+    import signal
+    import time
+
+    assert preflight.save_dir_write_rate(str(tmp_path), 2**20)["mb_s"] > 0
+    assert preflight.save_dir_write_rate(str(tmp_path / "missing"), 2**20)["error"]
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: received.append(signum))
+    write = os.write
+
+    def slow_write(fd, data):  # SIGTERM arrives while the file exists
+        if not received and len(os.listdir(tmp_path)) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        return write(fd, data)
+
+    monkeypatch.setattr(os, "write", slow_write)
+    try:
+        result = preflight.save_dir_write_rate(str(tmp_path), 2**20)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result["error"] == "stopped by SIGTERM" and received == [signal.SIGTERM]  # the signal goes on
+    assert os.listdir(tmp_path) == []
