@@ -32,7 +32,7 @@ REPORT_NAME = "preflight.json"
 
 # Verdict rules (PREFLIGHT.md explains each).
 MATMUL_SHORTFALL = 0.10  # a device more than 10% below the median of its peers (same model) is named
-LINK_FRACTION = 0.5  # all-reduce bus bandwidth under half of what the links allow is "far below"
+LINK_FRACTION = 1 / 3  # all-reduce bus bandwidth under a third of what the links allow is "far below"
 # NVLink bandwidth of one link in each direction, GB/s, by GPU generation (compute capability major),
 # from NVIDIA's datasheets (e.g. H100 SXM: 18 links, 900 GB/s both directions together).
 NVLINK_GB_S = {
