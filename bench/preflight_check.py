@@ -118,13 +118,14 @@ def preflight_run(name: str, gpus: int, work: str, extra: List[str], timeout_s: 
     return result
 
 
-def training_with_hog(gpus: int, hog_gpu: int, work: str, seconds: float, window_s: float) -> Dict:
+def training_with_hog(gpus: int, hog_gpu: int, work: str, seconds: float, window_s: float,
+                      extra: List[str]) -> Dict:
     name = f"train-x{gpus}-hog-gpu{hog_gpu}"
     save_dir = os.path.join(work, name)
     log_path = os.path.join(work, f"{name}.log")
     command = [sys.executable, "train.py", "--nproc-per-node", str(gpus), "--min-gpus", "1",
                "--duration", f"{seconds:g}s", "--straggler-window", f"{window_s:g}s", "--log-interval", "50",
-               "--save-dir", save_dir]
+               "--save-dir", save_dir, *extra]
     started = time.monotonic()
     hog = None
     with open(log_path, "w") as log:
@@ -155,6 +156,7 @@ def training_with_hog(gpus: int, hog_gpu: int, work: str, seconds: float, window
     return {"name": name, "command": " ".join(command[1:]), "exit_code": code, "wall_s": wall, "log": f"{name}.log",
             "hog_started": hog is not None,
             "straggler_warnings": [l for l in text.splitlines() if "WARNING straggler" in l],
+            "detector_off": [l for l in text.splitlines() if "straggler detection is off" in l],
             "straggler_ranks_in_metrics": named,
             "straggler_checks": [r for r in records if r.get("kind") == "straggler_check"],
             "summary": read_json(os.path.join(save_dir, "summary.json"))}
@@ -217,6 +219,7 @@ def main() -> int:
     parser.add_argument("--hog-gpu", type=int, default=1)
     parser.add_argument("--train-seconds", type=float, default=55.0)
     parser.add_argument("--window", type=float, default=20.0, help="--straggler-window for step 3, seconds")
+    parser.add_argument("--train-args", default="", help="more train.py options for step 3, e.g. '--no-cuda-graphs'")
     args = parser.parse_args()
     import torch  # only for the GPU count: no CUDA context in this process
 
@@ -241,7 +244,8 @@ def main() -> int:
         finally:
             hog.stop()
         payload["runs"].append(hogged)
-        training = training_with_hog(largest, args.hog_gpu, work, args.train_seconds, args.window)
+        training = training_with_hog(largest, args.hog_gpu, work, args.train_seconds, args.window,
+                                     args.train_args.split())
         payload["training"] = training
         for n in counts:
             ref = reference(n, work)
