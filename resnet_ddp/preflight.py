@@ -328,7 +328,7 @@ def _device_facts(device: torch.device) -> dict:
     props = torch.cuda.get_device_properties(device)
     uuid = getattr(props, "uuid", None)  # newer torch
     uuid = None if uuid is None else str(uuid)
-    if uuid is not None and not uuid.startswith("GPU-"):
+    if uuid is not None and not uuid.startswith(("GPU-", "MIG-")):
         uuid = "GPU-" + uuid  # NVML's spelling
     pci = None
     if hasattr(props, "pci_bus_id"):
@@ -338,14 +338,15 @@ def _device_facts(device: torch.device) -> dict:
 
 def _nvml_handle(pynvml, facts: dict):
     """NVML's handle for a GPU: by UUID, else by PCI bus id, else by the index the machine gives it."""
+    # bytes: older nvidia-ml-py takes no str
     if facts.get("uuid"):
         try:
-            return pynvml.nvmlDeviceGetHandleByUUID(facts["uuid"])
+            return pynvml.nvmlDeviceGetHandleByUUID(facts["uuid"].encode())
         except pynvml.NVMLError:
             pass
     if facts.get("pci_bus_id"):
         try:
-            return pynvml.nvmlDeviceGetHandleByPciBusId(facts["pci_bus_id"])
+            return pynvml.nvmlDeviceGetHandleByPciBusId(facts["pci_bus_id"].encode())
         except pynvml.NVMLError:
             pass
     gpu = str(facts["place"].get("gpu"))

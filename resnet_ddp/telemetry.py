@@ -234,13 +234,13 @@ class StepLogger:
             "data_wait_frac": min(1.0, (data_wait_s - self._last_wait) / elapsed),
             "eta_s": (self.total_steps - global_step) * step_s,
         }
+        figures.update(self.extra)
         if self.device.type == "cuda":
             figures["mem_gib"] = torch.cuda.memory_allocated(self.device) / 2**30
             figures["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if self.train_flops_per_image and self.peak:
             figures["mfu"] = img_s * self.train_flops_per_image / (self.peak[0] * 1e12)
             figures["peak_tflops"], figures["peak_precision"] = self.peak
-        figures.update(self.extra)
         self.record(figures)
         if not self.quiet:
             log(self.rank, _step_line(figures, self.rank == 0))
