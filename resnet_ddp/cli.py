@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Mapping, Optional, Sequence
 
-from resnet_ddp.config import ALL_RANKS, AMP_MODES, ARCHITECTURES, DATA_SOURCES, FAIL_MODES, Config
+from resnet_ddp.config import ALL_RANKS, AMP_MODES, ARCHITECTURES, DATA_SOURCES, FAIL_MODES, PREFLIGHT_MODES, Config
 from resnet_ddp.errors import UsageError
 
 ENV_PREFIX = "RESNET_DDP_"
@@ -50,6 +50,34 @@ def _fail_rank(text: str) -> int:
     if text == "all":
         return ALL_RANKS
     return int(text)
+
+
+def _preflight_mode(text: str) -> str:
+    """off / warn / strict; a flag's words work too (RESNET_DDP_PREFLIGHT=1 is warn, 0 is off)."""
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return "warn"
+    if lowered in _FALSE:
+        return "off"
+    return lowered  # argparse's choices refuse anything else
+
+
+def _straggler_window(text: str) -> float:
+    if text.strip().lower() in ("0", "off"):
+        return 0.0
+    return parse_duration(text)
+
+
+def _slow_rank(text: str):
+    """'RANK:SECONDS' -> (rank, seconds), for RESNET_DDP_TEST_SLOW_RANK."""
+    rank, _, seconds = text.partition(":")
+    try:
+        value = (int(rank), float(seconds))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not RANK:SECONDS, e.g. 1:0.05") from None
+    if value[0] < 0 or not (math.isfinite(value[1]) and 0 < value[1] <= 60):
+        raise argparse.ArgumentTypeError(f"{text!r}: the rank must be 0 or more, the seconds in (0, 60]")
+    return value
 
 
 def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
@@ -141,6 +169,24 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     fault.add_argument("--fail-mode", default=d.fail_mode, choices=FAIL_MODES,
                        help="exception: Python error (exit 1); exit: exit code 3; kill: SIGKILL itself; "
                             "hang: stop taking part in collectives (the job ends through --dist-timeout)")
+
+    pre = p.add_argument_group("preflight checks (PREFLIGHT.md)")
+    pre.add_argument("--preflight", nargs="?", const="warn", default=d.preflight, type=_preflight_mode,
+                     choices=PREFLIGHT_MODES, metavar="MODE",
+                     help="before training, measure every GPU's matmul rate and host-to-device copies, all-reduce "
+                          "bandwidth and latency, /dev/shm and the save dir's write speed; print a table, write "
+                          "<save-dir>/preflight.json and name slow GPUs and links in WARNING lines. MODE: warn "
+                          "(the default when --preflight is given alone: train anyway), strict (exit 1 before "
+                          "training on any finding) or off")
+    pre.add_argument("--preflight-only", action="store_true",
+                     help="run the preflight checks (warn unless --preflight strict) and exit without training: "
+                          "0, or 1 on a finding with strict")
+    # For tests and short GPU checks (PREFLIGHT.md): how long a rank must stay slow to be named a straggler.
+    pre.add_argument("--straggler-window", type=_straggler_window, default=d.straggler_window_s,
+                     dest="straggler_window_s", help=argparse.SUPPRESS)
+    # Tests only (PREFLIGHT.md), as RESNET_DDP_TEST_SLOW_RANK=RANK:SECONDS: that rank does SECONDS of extra
+    # work in every training step and every timed preflight matmul.
+    pre.add_argument("--test-slow-rank", type=_slow_rank, default=None, help=argparse.SUPPRESS)
     _apply_environment(p, environ)
     return p
 
@@ -188,6 +234,7 @@ def parse_config(argv: Optional[Sequence[str]] = None, environ: Mapping[str, str
         batch_size=_given(args.batch_size, 256 if args.fast else None, Config.batch_size),
         amp=_given(args.amp, "bf16" if args.fast else None, Config.amp),
         data=_given(args.data, "gpu" if args.fast else None, Config.data),
+        preflight="warn" if args.preflight_only and args.preflight == "off" else args.preflight,
     )
     config = Config(**values)
     validate(config)

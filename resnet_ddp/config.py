@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 ARCHITECTURES = (
     "resnet18",
@@ -17,6 +17,8 @@ ARCHITECTURES = (
 FAIL_MODES = ("exception", "exit", "kill", "hang")
 AMP_MODES = ("off", "bf16", "fp16")
 DATA_SOURCES = ("cpu", "gpu")
+PREFLIGHT_MODES = ("off", "warn", "strict")
+STRAGGLER_WINDOW_S = 60.0  # a rank slower than its peers for this long is named (PREFLIGHT.md)
 ALL_RANKS = -1  # --fail-rank all
 
 
@@ -65,6 +67,11 @@ class Config:
     fail_at_step: Optional[int] = None
     fail_rank: int = 0
     fail_mode: str = "exception"
+    # Preflight checks and the straggler detector (PREFLIGHT.md).
+    preflight: str = "off"  # off, warn (report findings) or strict (exit 1 on a finding)
+    preflight_only: bool = False
+    straggler_window_s: float = STRAGGLER_WINDOW_S  # 0: detector off
+    test_slow_rank: Optional[Tuple[int, float]] = None  # tests only: (rank, extra seconds of work per step)
 
     @property
     def device_type(self) -> str:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -46,6 +48,11 @@ def init_process_group(device_type: str, timeout_s: float) -> RankInfo:
     return RankInfo(rank, world_size, local_rank, local_world_size, device)
 
 
+def share_host_cores(rank: RankInfo) -> None:
+    """CPU ranks: share this host's cores between its ranks instead of oversubscribing them."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // rank.local_world_size))
+
+
 def destroy_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -55,3 +62,23 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over all ranks, in place, and return it."""
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def physical_gpu(device: torch.device) -> Optional[str]:
+    """The GPU as the machine numbers it: its CUDA_VISIBLE_DEVICES entry (an index or UUID), else its index."""
+    if device.type != "cuda":
+        return None
+    entries = [e.strip() for e in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if e.strip()]
+    return entries[device.index] if device.index < len(entries) else str(device.index)
+
+
+def placement(rank: RankInfo) -> Dict[str, object]:
+    """Where this rank runs, to name it in a report: rank, host, local rank and GPU."""
+    return {"rank": rank.rank, "host": socket.gethostname(), "local_rank": rank.local_rank,
+            "gpu": physical_gpu(rank.device)}
+
+
+def describe(place: Dict[str, object]) -> str:
+    """'rank 1 (host node-a, GPU 1)' from placement()."""
+    where = f"host {place['host']}" + (f", GPU {place['gpu']}" if place.get("gpu") is not None else "")
+    return f"rank {place['rank']} ({where})"

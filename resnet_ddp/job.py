@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from resnet_ddp import checkpoint, distributed, engine, telemetry
+from resnet_ddp import checkpoint, distributed, engine, preflight, straggler, telemetry
 from resnet_ddp.config import Config
 from resnet_ddp.data import (SHM_MARGIN, DeviceBatches, HostBatches, LazyFakeDataset, ShardedPermutationSampler,
                              fit_workers_to_shm, shm_free_bytes)
@@ -49,15 +49,17 @@ class RunFacts:
 
 def run_process(config: Config) -> int:
     rank = distributed.init_process_group(config.device_type, config.dist_timeout)
-    facts = RunFacts()
-    try:
-        code = train(config, rank, facts)
-    except Exception as exc:
-        # Its own error, or a collective broken by a failed peer: say so in summary.json, then fail as before.
-        _close_after_failure(facts)
-        if rank.is_main:
-            _write_failure_summary(config, rank, facts, exc)
-        raise
+    code = _run_preflight(config, rank) if config.preflight != "off" else None
+    if code is None:
+        facts = RunFacts()
+        try:
+            code = train(config, rank, facts)
+        except Exception as exc:
+            # Its own error, or a collective broken by a failed peer: say so in summary.json, then fail as before.
+            _close_after_failure(facts)
+            if rank.is_main:
+                _write_failure_summary(config, rank, facts, exc)
+            raise
     distributed.destroy_process_group()
     return code
 
@@ -81,6 +83,14 @@ def _write_failure_summary(config: Config, rank: distributed.RankInfo, facts: Ru
         summary["device"] = _device_name(rank.device)
     with contextlib.suppress(OSError):
         telemetry.write_json(os.path.join(config.save_dir, SUMMARY_NAME), summary)
+
+
+def _run_preflight(config: Config, rank: distributed.RankInfo) -> Optional[int]:
+    """The checks, on every rank; the exit code if the job ends here (strict findings, --preflight-only), else None."""
+    findings = preflight.run(config, rank)
+    if findings and config.preflight == "strict":
+        return 1
+    return 0 if config.preflight_only else None
 
 
 def _build_batches(config: Config, rank: distributed.RankInfo):
@@ -190,8 +200,7 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
     """Train to the end or to an agreed stop; return the exit code (0, or 128 + the signal)."""
     facts = facts if facts is not None else RunFacts()
     if rank.device.type == "cpu":
-        # Share the cores between the ranks of this node instead of oversubscribing them.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // rank.local_world_size))
+        distributed.share_host_cores(rank)
     else:
         torch.backends.cudnn.benchmark = True  # shapes are fixed: autotune each convolution once
     torch.manual_seed(config.seed)
@@ -215,6 +224,13 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
     peak = telemetry.assumed_peak_tflops(device_name, config.amp) if rank.device.type == "cuda" else None
     logger, gpu = _build_reporting(config, rank, timer, stop, total_steps, progress.global_step, flops_per_image, peak)
     facts.logger = logger
+
+    straggler.TestSlowdown(config, rank).install(model)
+    # The first check samples a steady step: after the warm-up and, with CUDA graphs, a replay.
+    first_check = max(config.warmup_steps, engine.GraphedStep.WARMUP_STEPS + 1 if config.use_cuda_graphs else 1)
+    stragglers = straggler.StragglerDetector.start(config, rank, model, logger.record, first_check)
+    if stragglers is not None:
+        logger.extra["straggler_ranks"] = stragglers.straggler_ranks  # the same list, kept up to date
 
     if rank.is_main and not config.quiet:
         telemetry.log(rank.rank, (
@@ -258,6 +274,8 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
             watchdog.beat()
             if config.duration_s is not None and time.perf_counter() - start >= config.duration_s:
                 stop.time_is_up()
+            if stragglers is not None:
+                stragglers.after_step(global_step)
             logger.after_step(global_step, progress.epoch, epoch_start_step + steps_done, len_epoch, loss_sum,
                               timer.data_wait_s)
             stopped_by = stop.poll()

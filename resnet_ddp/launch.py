@@ -164,6 +164,9 @@ def plan_launch(config: Config, environ: Mapping[str, str]) -> LaunchPlan:
         )
     if config.fail_at_step is not None and config.fail_rank >= plan.world_size:
         raise UsageError(f"--fail-rank {config.fail_rank} is not a rank of this {plan.world_size}-process job")
+    if config.test_slow_rank is not None and config.test_slow_rank[0] >= plan.world_size:
+        raise UsageError(f"RESNET_DDP_TEST_SLOW_RANK: rank {config.test_slow_rank[0]} is not a rank of this "
+                         f"{plan.world_size}-process job")
     return plan
 
 

@@ -378,6 +378,7 @@ class StepLogger:
         self._last_step = 0
         self._last_loss_sum = 0.0
         self._last_wait = 0.0
+        self.extra: Dict[str, object] = {}  # more fields for every step record (e.g. straggler_ranks)
 
     def record(self, payload: dict) -> None:
         # A diverged loss is NaN: written as null, so every line stays strict JSON for jq.
@@ -416,6 +417,7 @@ class StepLogger:
             "data_wait_frac": min(1.0, (data_wait_s - self._last_wait) / elapsed),
             "eta_s": (self.total_steps - global_step) * step_s,
         }
+        figures.update(self.extra)
         if self.device.type == "cuda":
             figures["mem_gib"] = torch.cuda.memory_allocated(self.device) / 2**30
             figures["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30

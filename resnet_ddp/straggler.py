@@ -1,0 +1,267 @@
+"""Stragglers: name a rank that keeps the others waiting; and the test knob that makes one.
+
+What is measured, and why. Every rank waits for the slowest at each
+SyncBatchNorm collective and at DDP's gradient all-reduce, so a step takes the
+same wall time on every rank: step time cannot tell a straggler from its peers.
+What differs is how each rank's step splits into computing and waiting: a slow
+rank computes longer and waits least. So we time each rank's forward pass
+*outside* the layers where ranks wait for each other (SyncBatchNorm: its local
+statistics, the all-gather, the normalisation), that is the convolutions,
+activations, pooling and head, which no peer can delay. With --no-sync-bn the
+forward pass holds no collective and is timed whole. The backward pass runs the
+same layers at about twice the cost and tells the same story; leaving it out
+keeps the marks few.
+
+How, without a host sync in the step. Hooks record a mark (a CUDA event on a
+GPU, the host clock on CPU) at the start and end of the model's forward pass and
+before and after every SyncBatchNorm layer. Eager steps carry the hooks only on
+the one step sampled per check, so the other steps pay nothing. A CUDA-graphed
+step records its marks inside the graph (events made with external=True, which
+newer torch has), so every replay records them and the check reads the latest.
+A check happens about every window / CHECKS_PER_WINDOW seconds, at a step number
+all ranks agree on: one synchronisation of this rank's device, then one small
+all-gather on a gloo group of (forward compute, host seconds per step, clock).
+Every rank then holds the same figures and reaches the same verdict.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import statistics
+import time
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from resnet_ddp import distributed, telemetry
+from resnet_ddp.config import Config
+from resnet_ddp.model import unwrap
+from resnet_ddp.syncbn import SyncBatchNorm
+
+EXCESS = 0.10  # a rank computing more than 10% above the median of all ranks is slow
+CHECKS_PER_WINDOW = 6  # checks within one window: a straggler is slow at all of them
+_EVENTS_HAVE_EXTERNAL = "external" in inspect.signature(torch.cuda.Event.__new__).parameters
+
+
+class StragglerTracker:
+    """Which ranks have stayed more than EXCESS above the median compute time for a whole window.
+
+    Pure bookkeeping over the figures of each check, so that every rank, given
+    the same figures, names the same ranks.
+    """
+
+    def __init__(self, world_size: int, window_s: float, excess: float = EXCESS):
+        self.window_s = window_s
+        self.excess = excess
+        self.slow_since: List[Optional[float]] = [None] * world_size
+        self.named: List[int] = []
+
+    def update(self, now: float, compute_ms: List[float]) -> Tuple[List[int], List[int]]:
+        """Take one check's figures (NaN: none this time); return (newly named, recovered) ranks."""
+        valid = [v for v in compute_ms if math.isfinite(v)]
+        if len(valid) < 2:
+            return [], []
+        limit = (1 + self.excess) * statistics.median(valid)
+        newly, recovered = [], []
+        for rank, value in enumerate(compute_ms):
+            if not math.isfinite(value):
+                continue
+            if value > limit:
+                if self.slow_since[rank] is None:
+                    self.slow_since[rank] = now
+                if now - self.slow_since[rank] >= self.window_s and rank not in self.named:
+                    self.named.append(rank)
+                    newly.append(rank)
+            else:
+                self.slow_since[rank] = None
+                if rank in self.named:
+                    self.named.remove(rank)
+                    recovered.append(rank)
+        self.named.sort()
+        return newly, recovered
+
+
+class ForwardComputeTimer:
+    """Marks around the forward pass and each SyncBatchNorm layer; reads forward time minus time in those layers."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, in_graph: bool):
+        self.model = unwrap(model)
+        self.device = device
+        self.layers = [m for m in self.model.modules() if isinstance(m, SyncBatchNorm)]
+        count = 2 + 2 * len(self.layers)
+        if device.type == "cuda":
+            extra = {"external": True} if in_graph else {}
+            self._events = [torch.cuda.Event(enable_timing=True, **extra) for _ in range(count)]
+        self._times = [math.nan] * count
+        self._handles: List = []
+        self.in_graph = in_graph
+        if in_graph:
+            self.arm()  # the graph is captured once, from an eager call: the hooks must be there then
+
+    def _mark(self, index: int) -> None:
+        if self.device.type == "cuda":
+            self._events[index].record()
+        else:
+            self._times[index] = time.perf_counter()
+
+    def _hook(self, index: int) -> Callable:
+        return lambda *_: self._mark(index)
+
+    def arm(self) -> None:
+        """Mark the next forward pass."""
+        if self._handles:
+            return
+        # prepend: the start mark comes before any other pre-hook (such as the test knob's work)
+        handles = [self.model.register_forward_pre_hook(self._hook(0), prepend=True),
+                   self.model.register_forward_hook(self._hook(1))]
+        for i, layer in enumerate(self.layers):
+            handles.append(layer.register_forward_pre_hook(self._hook(2 + 2 * i), prepend=True))
+            handles.append(layer.register_forward_hook(self._hook(3 + 2 * i)))
+        self._handles = handles
+
+    def disarm(self) -> None:
+        if self.in_graph:
+            return
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def read_ms(self) -> float:
+        """Forward compute of the last marked step in ms (NaN if none); on a GPU, after one device sync."""
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+                spans = [a.elapsed_time(b) for a, b in zip(self._events[0::2], self._events[1::2])]
+            else:
+                spans = [(b - a) * 1000.0 for a, b in zip(self._times[0::2], self._times[1::2])]
+                self._times = [math.nan] * len(self._times)
+        except RuntimeError:  # an event never recorded
+            return math.nan
+        return spans[0] - sum(spans[1:])
+
+
+class StragglerDetector:
+    """Checks compute times across ranks every few steps; names a rank slow for a whole window, once."""
+
+    def __init__(self, config: Config, rank: distributed.RankInfo, model: torch.nn.Module,
+                 record: Callable[[dict], None], first_check_after: int):
+        self.rank = rank
+        self.window_s = config.straggler_window_s
+        self.check_every_s = self.window_s / CHECKS_PER_WINDOW
+        self.record = record
+        self.first_check_after = max(1, first_check_after)
+        self.timer = ForwardComputeTimer(model, rank.device, config.use_cuda_graphs)
+        self.tracker = StragglerTracker(rank.world_size, self.window_s)
+        self.group = dist.new_group(backend="gloo")
+        self.places: List[dict] = [None] * rank.world_size  # type: ignore[list-item]
+        dist.all_gather_object(self.places, distributed.placement(rank), group=self.group)
+        self.straggler_ranks: List[int] = []  # the ranks named now; the step records carry this list
+        self._next_check: Optional[int] = None
+        self._last_step = 0
+        self._last_time = 0.0
+
+    @staticmethod
+    def start(config: Config, rank: distributed.RankInfo, model: torch.nn.Module,
+              record: Callable[[dict], None], first_check_after: int) -> Optional["StragglerDetector"]:
+        """A detector, or None (with a line saying why, where the user could expect one)."""
+        why = None
+        if config.straggler_window_s <= 0 or rank.world_size < 2:
+            return None
+        if config.compile:
+            why = "--compile traces the model, and the timing marks would break its graphs"
+        elif config.use_cuda_graphs and not _EVENTS_HAVE_EXTERNAL:
+            why = (f"torch {torch.__version__} cannot time inside a CUDA graph (torch.cuda.Event has no "
+                   "external=True); --no-cuda-graphs turns it on")
+        if why:
+            if rank.is_main and not config.quiet:
+                telemetry.log(rank.rank, f"straggler detection is off: {why}")
+            return None
+        return StragglerDetector(config, rank, model, record, first_check_after)
+
+    def after_step(self, global_step: int) -> None:
+        """Called by every rank after every step; does work only before and after a sampled step."""
+        if self._next_check is None:
+            self._next_check = global_step + self.first_check_after
+            self._last_step, self._last_time = global_step, time.perf_counter()
+        if global_step == self._next_check:
+            self._check(global_step)  # sets the next check
+        if global_step + 1 == self._next_check:
+            self.timer.arm()
+
+    def _check(self, global_step: int) -> None:
+        compute_ms = self.timer.read_ms()
+        self.timer.disarm()
+        now = time.perf_counter()
+        step_s = (now - self._last_time) / max(1, global_step - self._last_step)
+        mine = torch.tensor([compute_ms, step_s, time.monotonic()], dtype=torch.float64)
+        everyone = [torch.empty_like(mine) for _ in range(self.rank.world_size)]
+        dist.all_gather(everyone, mine, group=self.group)
+        figures = [t[0].item() for t in everyone]
+        clock = everyone[0][2].item()  # rank 0's clock, so that every rank counts the same window
+        newly, recovered = self.tracker.update(clock, figures)
+        self.straggler_ranks[:] = self.tracker.named
+        valid = [v for v in figures if math.isfinite(v)]
+        median = statistics.median(valid) if valid else math.nan
+        if self.rank.is_main:
+            self.record({"kind": "straggler_check", "global_step": global_step,
+                         "forward_compute_ms": [v if math.isfinite(v) else None for v in figures],
+                         "median_ms": median, "straggler_ranks": list(self.straggler_ranks)})
+            for r in newly:
+                telemetry.log(self.rank.rank, (
+                    f"WARNING straggler: {distributed.describe(self.places[r])} has spent "
+                    f"{figures[r]:.1f} ms per step in forward compute, more than {100 * EXCESS:.0f}% above the "
+                    f"median of all {len(figures)} ranks ({median:.1f} ms), for {self.window_s:.0f} s: "
+                    "every rank waits for it at each collective"))
+            for r in recovered:
+                telemetry.log(self.rank.rank, f"straggler: {distributed.describe(self.places[r])} is back "
+                                              f"within {100 * EXCESS:.0f}% of the median")
+        slowest_step_s = max(t[1].item() for t in everyone)
+        every = max(1, round(self.check_every_s / slowest_step_s)) if slowest_step_s > 0 else 1
+        self._next_check = global_step + every
+        self._last_step, self._last_time = global_step, now
+
+
+class TestSlowdown:
+    """RESNET_DDP_TEST_SLOW_RANK=RANK:SECONDS, for tests only: that rank does SECONDS of extra work
+    at the start of every training step's forward pass and with every timed preflight matmul.
+
+    On a GPU the work is a spin kernel (torch.cuda._sleep) on the current stream,
+    so it occupies the GPU (and is captured into a CUDA graph) without a host
+    sync; on CPU it is a sleep.
+    """
+
+    def __init__(self, config: Config, rank: distributed.RankInfo):
+        chosen = config.test_slow_rank
+        self.seconds = chosen[1] if chosen is not None and chosen[0] == rank.rank else 0.0
+        self.device = rank.device
+        if self.seconds and self.device.type == "cuda":
+            self._cycles_per_s = _spin_cycles_per_second(self.device)
+
+    def __bool__(self) -> bool:
+        return self.seconds > 0
+
+    def work(self) -> None:
+        if not self.seconds:
+            return
+        if self.device.type != "cuda":
+            time.sleep(self.seconds)
+            return
+        torch.cuda._sleep(int(self.seconds * self._cycles_per_s))
+
+    def install(self, model: torch.nn.Module) -> None:
+        if self:
+            unwrap(model).register_forward_pre_hook(lambda *_: self.work())
+
+
+def _spin_cycles_per_second(device: torch.device) -> float:
+    """How many torch.cuda._sleep cycles make a second on this GPU (measured once, outside the step)."""
+    cycles = 10_000_000
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(cycles)  # warm-up
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return cycles / (start.elapsed_time(end) / 1000.0)
