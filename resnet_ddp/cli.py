@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Mapping, Optional, Sequence
 
-from resnet_ddp.config import ALL_RANKS, AMP_MODES, ARCHITECTURES, DATA_SOURCES, FAIL_MODES, Config
+from resnet_ddp.config import ALL_RANKS, AMP_MODES, ARCHITECTURES, DATA_SOURCES, FAIL_MODES, NAN_POLICIES, Config
 from resnet_ddp.errors import UsageError
 
 ENV_PREFIX = "RESNET_DDP_"
@@ -132,7 +132,12 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     fault.add_argument("--fail-rank", type=_fail_rank, default=d.fail_rank, help="rank that fails, or 'all'")
     fault.add_argument("--fail-mode", default=d.fail_mode, choices=FAIL_MODES,
                        help="exception: Python error (exit 1); exit: exit code 3; kill: SIGKILL itself; "
-                            "hang: stop taking part in collectives (the job ends through --dist-timeout)")
+                            "hang: stop taking part in collectives (the job ends through --dist-timeout); "
+                            "oom: the allocator's out-of-memory error (exit 1); nan: that step's loss is NaN "
+                            "(then --nan-policy decides)")
+    fault.add_argument("--nan-policy", default=d.nan_policy, choices=NAN_POLICIES,
+                       help="when a loss is not finite: stop (exit 1, naming the step and rank), skip (that "
+                            "step's update is undone on every rank; training goes on) or ignore (train on)")
     _apply_environment(p, environ)
     return p
 

@@ -14,7 +14,8 @@ ARCHITECTURES = (
     "wide_resnet50_2",
     "resnext50_32x4d",
 )
-FAIL_MODES = ("exception", "exit", "kill", "hang")
+FAIL_MODES = ("exception", "exit", "kill", "hang", "oom", "nan")
+NAN_POLICIES = ("stop", "skip", "ignore")
 AMP_MODES = ("off", "bf16", "fp16")
 DATA_SOURCES = ("cpu", "gpu")
 ALL_RANKS = -1  # --fail-rank all
@@ -63,6 +64,7 @@ class Config:
     fail_at_step: Optional[int] = None
     fail_rank: int = 0
     fail_mode: str = "exception"
+    nan_policy: str = "stop"
 
     @property
     def device_type(self) -> str:

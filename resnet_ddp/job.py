@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -13,9 +14,9 @@ from resnet_ddp import checkpoint, distributed, engine, telemetry
 from resnet_ddp.config import Config
 from resnet_ddp.data import (SHM_MARGIN, DeviceBatches, HostBatches, LazyFakeDataset, ShardedPermutationSampler,
                              fit_workers_to_shm, shm_free_bytes)
+from resnet_ddp.faults import FaultInjector, NonFiniteWatch
 from resnet_ddp.model import build_model, compile_model, export_state_dict, train_flops_per_image, unwrap, wrap_ddp
-from resnet_ddp.scenarios import FaultInjector
-from resnet_ddp.stopping import TIME_UP, StopAgreement
+from resnet_ddp.stopping import NONFINITE, TIME_UP, StopAgreement
 
 SUMMARY_NAME = "summary.json"
 METRICS_PATH = os.path.join("logs", "metrics.jsonl")
@@ -131,13 +132,17 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
     stop = StopAgreement(rank.rank)
     batches = _build_batches(config, rank)
     model, optimizer, side_stream = _build_model_and_optimizer(config, rank)
+    faults = FaultInjector(config, rank.rank, rank.device)
+    # fp16's gradient scaler already skips updates whose gradients are not finite.
+    nonfinite = NonFiniteWatch(rank.device, optimizer, undo_updates=config.nan_policy == "skip" and config.amp != "fp16")
     step = engine.EagerStep(model if not config.compile else compile_model(model), torch.nn.CrossEntropyLoss(),
-                            optimizer, rank.device, amp=config.amp, channels_last=config.use_channels_last)
+                            optimizer, rank.device, amp=config.amp, channels_last=config.use_channels_last,
+                            nonfinite=nonfinite, loss_poison=faults.loss_poison)
     scaler = step.scaler
     progress = _resume(config, rank, model, optimizer, scaler)
+    nonfinite.start_at(progress.global_step)
     if side_stream is not None:
         step = engine.GraphedStep(step, side_stream)
-    faults = FaultInjector(config, rank.rank)
     timer = telemetry.StepTimer(rank.device, config.warmup_steps)
     total_steps = config.epochs * len(batches)  # no resume offset is set yet: a whole epoch
     if config.max_steps is not None:
@@ -159,11 +164,23 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
             f"compile {'on' if config.compile else 'off'}, data {config.data}, "
             f"CUDA graphs {'on' if config.use_cuda_graphs else 'off'}, save dir {config.save_dir}"
         ))
+    diverged = None  # (step, rank) of the first non-finite loss, under --nan-policy stop
 
     def save(state_progress: Progress) -> None:
-        """Called by every rank at the same step: gathers each rank's epoch loss, then rank 0 writes."""
-        loss_sums = [None] * rank.world_size
-        dist.all_gather_object(loss_sums, state_progress.epoch_loss_sum)
+        """Called by every rank at the same step: gathers each rank's epoch loss, then rank 0 writes.
+
+        Not under --nan-policy stop once a loss was not finite: a restart would resume
+        from those weights, so the newest checkpoint stays the last good one.
+        """
+        nonlocal diverged
+        nonfinite.flush()
+        gathered = [None] * rank.world_size
+        dist.all_gather_object(gathered, (state_progress.epoch_loss_sum, nonfinite.first_bad_step))
+        bad = sorted((bad_step, r) for r, (_, bad_step) in enumerate(gathered) if bad_step)
+        if bad and config.nan_policy == "stop":
+            diverged = diverged or bad[0]
+            return
+        loss_sums = [loss for loss, _ in gathered]
         if rank.is_main:
             state = _checkpoint_state(config, rank, model, optimizer, scaler, state_progress, loss_sums)
             checkpoint.save_checkpoint(state, config.save_dir, config.keep_checkpoints)
@@ -171,6 +188,7 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
     stopped_by = 0
     start = time.perf_counter()
     epochs_done = progress.epoch - 1
+
     while progress.epoch <= config.epochs and not stopped_by:
         if config.max_steps is not None and progress.global_step >= config.max_steps:
             break
@@ -185,6 +203,8 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
                 stop.time_is_up()
             logger.after_step(global_step, progress.epoch, epoch_start_step + steps_done, len_epoch, loss_sum,
                               timer.data_wait_s)
+            nonfinite.publish()
+            nonfinite.report(rank.rank, config.nan_policy, stop)
             stopped_by = stop.poll()
             if stopped_by and not config.quiet:
                 stop.announce(stopped_by, global_step)
@@ -218,24 +238,28 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
         save(progress)
     stop.settle()  # a signal that comes with the last step is too late: the run is complete
     time_up = stopped_by == TIME_UP
-    if time_up:
-        stopped_by = 0  # the run ends as a finished one
+    if time_up or stopped_by == NONFINITE:
+        stopped_by = 0  # ends as a finished run, or as a failed one (diverged)
     timer.finish()
+    nonfinite.flush()
+    nonfinite.report(rank.rank, config.nan_policy, stop)  # what the last steps did
     elapsed = time.perf_counter() - start
     stop.barrier()  # every rank leaves after rank 0's last checkpoint is on disk
 
     rank_stats = [None] * rank.world_size
     dist.all_gather_object(rank_stats, timer.stats(config.batch_size))
     if rank.is_main:
-        if not stopped_by:
+        if not stopped_by and not diverged:
             path = checkpoint.export_final_model(export_state_dict(model), config.save_dir)
             if not config.quiet:
                 telemetry.log(rank.rank, f"Saved the final model to {path}")
         summary = telemetry.summarise(rank_stats, rank.world_size)
-        reason = "stopped by signal" if stopped_by else "duration reached" if time_up else "finished"
+        reason = ("loss not finite" if diverged else "stopped by signal" if stopped_by
+                  else "duration reached" if time_up else "finished")
         summary.update(exit_reason=reason, wall_s=elapsed,
                        epochs_done=epochs_done, world_size=rank.world_size, device=_device_name(rank.device),
-                       torch=torch.__version__)
+                       torch=torch.__version__, skipped_updates=nonfinite.seen[NonFiniteWatch.SKIPPED],
+                       first_nonfinite_loss={"step": diverged[0], "rank": diverged[1]} if diverged else None)
         telemetry.write_json(os.path.join(config.save_dir, SUMMARY_NAME), summary)
         if summary["steady_steps"] and not config.quiet:
             telemetry.log(rank.rank, (
@@ -244,6 +268,11 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
             ))
     logger.close()
     telemetry.completed_line(rank.rank, elapsed)
+    if diverged:
+        if rank.is_main:
+            print(f"[Rank {rank.rank}] error: the loss was not finite at step {diverged[0]} on rank {diverged[1]} "
+                  "(--nan-policy stop); no checkpoint was written after it", file=sys.stderr, flush=True)
+        return 1
     return 128 + stopped_by if stopped_by else 0
 
 
