@@ -13,7 +13,8 @@ import os
 import sys
 from typing import Mapping, Optional, Sequence
 
-from resnet_ddp.config import ALL_RANKS, AMP_MODES, ARCHITECTURES, DATA_SOURCES, FAIL_MODES, NAN_POLICIES, Config
+from resnet_ddp.config import (ALL_RANKS, AMP_MODES, ARCHITECTURES, DATA_SOURCES, FAIL_MODES, NAN_POLICIES, Config,
+                               LoadPhase, MemorySize)
 from resnet_ddp.errors import UsageError
 
 ENV_PREFIX = "RESNET_DDP_"
@@ -44,6 +45,64 @@ def parse_duration(text: str) -> float:
     if not (math.isfinite(seconds) and seconds > 0):
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive duration")
     return seconds
+
+
+def _fraction_or_percent(text: str) -> float:
+    text = text.strip()
+    return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+
+
+def parse_duty_cycle(text: str) -> float:
+    """'0.5' or '50%' -> 0.5; above 0 and at most 1."""
+    try:
+        value = _fraction_or_percent(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction like 0.5 (or a percentage like 50%)") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be above 0 and at most 1 (for idle phases use --load-profile, e.g. 1m@0)")
+    return value
+
+
+def parse_load_profile(text: str) -> tuple:
+    """'2m@100,1m@0,2m@50' -> phases of (seconds, duty cycle): duration@percent, in order."""
+    phases = []
+    for part in text.split(","):
+        duration, at, percent = part.strip().partition("@")
+        try:
+            seconds = parse_duration(duration) if duration.strip() else None
+            load = float(percent.strip().rstrip("%")) if at else None
+        except (argparse.ArgumentTypeError, ValueError):
+            seconds = load = None
+        if seconds is None or load is None or not 0 <= load <= 100:
+            raise argparse.ArgumentTypeError(
+                f"{part.strip()!r} in {text!r} is not a phase like 2m@100 (a duration, @, a load from 0 to 100 percent)")
+        phases.append(LoadPhase(seconds, load / 100))
+    return tuple(phases)
+
+
+_BYTE_UNITS = {"": None, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+               "t": 10**12, "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20,
+               "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40}
+
+
+def parse_memory_size(text: str) -> MemorySize:
+    """'20GiB', '512MiB', '16G' (decimal, as in Kubernetes) or a fraction of the card such as '0.5'."""
+    stripped = text.strip()
+    number = stripped.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ").strip()
+    unit = stripped[len(number):].strip().lower() if number else None
+    try:
+        value = float(number)
+    except ValueError:
+        value = float("nan")
+    if unit not in _BYTE_UNITS or not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 20GiB or 512MiB, or a fraction like 0.5")
+    if _BYTE_UNITS[unit] is None:
+        if value >= 1:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} needs a unit (e.g. 20GiB) or must be a fraction of the card below 1 (e.g. 0.5)")
+        return MemorySize(fraction=value)
+    return MemorySize(bytes=int(value * _BYTE_UNITS[unit]))
 
 
 def _fail_rank(text: str) -> int:
@@ -126,6 +185,19 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
                        help="rendezvous port when this launcher starts the job (default: $MASTER_PORT, else a free port)")
     place.add_argument("--dist-timeout", type=float, default=d.dist_timeout,
                        help="seconds a collective may wait before the job is declared failed")
+
+    load = p.add_argument_group("load shaping (for platform tests)")
+    load.add_argument("--duty-cycle", type=parse_duty_cycle, default=d.duty_cycle,
+                      help="keep the GPUs busy about this fraction of the time (0.5 or 50%%): after each step, "
+                           "wait for it to finish and sleep busy * (1 - F) / F; 1 adds nothing to the step")
+    load.add_argument("--load-profile", type=parse_load_profile, default=None,
+                      help="phases of load, duration@percent, in order and repeating until the run ends, e.g. "
+                           "2m@100,1m@0,2m@50; 0 is idle with memory and process group held; every rank "
+                           "switches at the same step")
+    load.add_argument("--gpu-memory-ballast", type=parse_memory_size, default=None,
+                      help="also hold this much memory on each GPU for the run, written so it is resident: "
+                           "20GiB, 512MiB, or a fraction of the card such as 0.5; refused (exit 2) if it "
+                           "cannot fit beside the job")
 
     fault = p.add_argument_group("fault injection (for platform tests)")
     fault.add_argument("--fail-at-step", type=int, default=None, help="inject a fault when this global step (1-based) starts")
@@ -246,6 +318,11 @@ def validate(config: Config) -> None:
         raise UsageError("--amp fp16 is for GPUs: use --amp bf16 on CPU, or drop --cpu")
     if config.fail_rank < ALL_RANKS:
         raise UsageError(f"--fail-rank must be a rank (0 or more) or 'all', got {config.fail_rank}")
+    if config.load_profile is not None and config.duty_cycle != 1.0:
+        raise UsageError("--duty-cycle and --load-profile both given: the profile sets each phase's duty cycle; "
+                         "give one of them")
+    if config.gpu_memory_ballast is not None and config.cpu:
+        raise UsageError("--gpu-memory-ballast holds GPU memory, and a --cpu run has none: drop one of them")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

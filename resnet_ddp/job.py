@@ -15,6 +15,7 @@ from resnet_ddp.config import Config
 from resnet_ddp.data import (SHM_MARGIN, DeviceBatches, HostBatches, LazyFakeDataset, ShardedPermutationSampler,
                              fit_workers_to_shm, shm_free_bytes)
 from resnet_ddp.faults import FaultInjector, NonFiniteWatch
+from resnet_ddp.load import GpuMemoryBallast, LoadPacer
 from resnet_ddp.model import build_model, compile_model, export_state_dict, train_flops_per_image, unwrap, wrap_ddp
 from resnet_ddp.stopping import NONFINITE, TIME_UP, StopAgreement
 
@@ -130,6 +131,9 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
     torch.manual_seed(config.seed)
 
     stop = StopAgreement(rank.rank)
+    ballast = GpuMemoryBallast(config.gpu_memory_ballast, rank, stop.group) if config.gpu_memory_ballast else None
+    if ballast is not None:
+        ballast.check_before_training()
     batches = _build_batches(config, rank)
     model, optimizer, side_stream = _build_model_and_optimizer(config, rank)
     faults = FaultInjector(config, rank.rank, rank.device)
@@ -143,6 +147,8 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
     nonfinite.start_at(progress.global_step)
     if side_stream is not None:
         step = engine.GraphedStep(step, side_stream)
+    # The job's own peak is in the allocator's pool once the first steps (and graph capture) have run.
+    ballast_step = progress.global_step + (engine.GraphedStep.WARMUP_STEPS + 1 if config.use_cuda_graphs else 2)
     timer = telemetry.StepTimer(rank.device, config.warmup_steps)
     total_steps = config.epochs * len(batches)  # no resume offset is set yet: a whole epoch
     if config.max_steps is not None:
@@ -154,6 +160,7 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
         train_flops_per_image(config.arch, config.num_classes, config.image_size),
         telemetry.assumed_peak_tflops(device_name, config.amp) if rank.device.type == "cuda" else None,
     )
+    pacer = LoadPacer(config, rank, stop, logger.record, config.log_interval, LOG_EVERY_S)
 
     if rank.is_main and not config.quiet:
         telemetry.log(rank.rank, (
@@ -189,6 +196,11 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
     start = time.perf_counter()
     epochs_done = progress.epoch - 1
 
+    def check_duration() -> None:
+        if config.duration_s is not None and time.perf_counter() - start >= config.duration_s:
+            stop.time_is_up()
+
+    pacer.start()
     while progress.epoch <= config.epochs and not stopped_by:
         if config.max_steps is not None and progress.global_step >= config.max_steps:
             break
@@ -196,21 +208,29 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
         loss_sum = torch.full((), progress.epoch_loss_sum, device=rank.device)
         epoch_start_step = progress.step_in_epoch
         logger.epoch_started(progress.epoch_loss_sum, progress.global_step)
+        pacer.epoch_started()
 
         def after_step(global_step: int, steps_done: int) -> bool:
             nonlocal stopped_by
-            if config.duration_s is not None and time.perf_counter() - start >= config.duration_s:
-                stop.time_is_up()
+            pacer.step_finished(timer.data_wait_s)
+            if ballast is not None and global_step == ballast_step:
+                ballast.allocate()
+            check_duration()
             logger.after_step(global_step, progress.epoch, epoch_start_step + steps_done, len_epoch, loss_sum,
                               timer.data_wait_s)
             nonfinite.publish()
             nonfinite.report(rank.rank, config.nan_policy, stop)
             stopped_by = stop.poll()
-            if stopped_by and not config.quiet:
-                stop.announce(stopped_by, global_step)
             every = config.checkpoint_every
-            if stopped_by or (every and global_step % every == 0 and steps_done + epoch_start_step < len_epoch):
-                save(Progress(progress.epoch, epoch_start_step + steps_done, global_step, loss_sum.item()))
+            in_epoch = epoch_start_step + steps_done
+            if not stopped_by and every and global_step % every == 0 and in_epoch < len_epoch:
+                save(Progress(progress.epoch, in_epoch, global_step, loss_sum.item()))
+            if not stopped_by:  # the duty cycle's sleep or an idle phase, last before the next step
+                stopped_by = pacer.after_agreement(global_step, check_duration)
+            if stopped_by:
+                if not config.quiet:
+                    stop.announce(stopped_by, global_step)
+                save(Progress(progress.epoch, in_epoch, global_step, loss_sum.item()))
             return bool(stopped_by)
 
         len_epoch = len(batches) + epoch_start_step
@@ -241,6 +261,7 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
     if time_up or stopped_by == NONFINITE:
         stopped_by = 0  # ends as a finished run, or as a failed one (diverged)
     timer.finish()
+    pacer.finish(progress.global_step)
     nonfinite.flush()
     nonfinite.report(rank.rank, config.nan_policy, stop)  # what the last steps did
     elapsed = time.perf_counter() - start
