@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Mapping, Optional, Sequence
 
+from resnet_ddp import scenarios
 from resnet_ddp.config import (ALL_RANKS, AMP_MODES, ARCHITECTURES, DATA_SOURCES, FAIL_MODES, NAN_POLICIES, Config,
                                LoadPhase, MemorySize)
 from resnet_ddp.errors import UsageError
@@ -111,7 +112,8 @@ def _fail_rank(text: str) -> int:
     return int(text)
 
 
-def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
+def build_parser(environ: Mapping[str, str] = os.environ, scenario: Optional[str] = None) -> argparse.ArgumentParser:
+    """The options, with a scenario preset's values (if named) and then the environment as defaults."""
     p = _Parser(
         prog="resnet-ddp",
         description="Train torchvision ResNet with DDP and SyncBatchNorm on a lazily "
@@ -186,7 +188,9 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     place.add_argument("--dist-timeout", type=float, default=d.dist_timeout,
                        help="seconds a collective may wait before the job is declared failed")
 
-    load = p.add_argument_group("load shaping (for platform tests)")
+    load = p.add_argument_group("scenarios and load shaping (for platform tests; SCENARIOS.md)")
+    load.add_argument("--scenario", default=None, choices=(*scenarios.NAMES, scenarios.LIST),
+                      help=scenarios.summary_line())
     load.add_argument("--duty-cycle", type=parse_duty_cycle, default=d.duty_cycle,
                       help="keep the GPUs busy about this fraction of the time (0.5 or 50%%): after each step, "
                            "wait for it to finish and sleep busy * (1 - F) / F; 1 adds nothing to the step")
@@ -210,8 +214,18 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     fault.add_argument("--nan-policy", default=d.nan_policy, choices=NAN_POLICIES,
                        help="when a loss is not finite: stop (exit 1, naming the step and rank), skip (that "
                             "step's update is undone on every rank; training goes on) or ignore (train on)")
+    p.scenario_defaults = _apply_scenario(p, scenario) if scenario else {}
     _apply_environment(p, environ)
     return p
+
+
+def _apply_scenario(parser: argparse.ArgumentParser, name: str) -> dict:
+    """Make a preset's options the parser's defaults (the environment and the command line still win)."""
+    plain = vars(parser.parse_args([]))
+    given = vars(parser.parse_args(list(scenarios.BY_NAME[name].options)))
+    values = {dest: value for dest, value in given.items() if value != plain[dest]}
+    parser.set_defaults(**values)
+    return values
 
 
 def _parse_bool(text: str) -> bool:
@@ -248,6 +262,10 @@ def _apply_environment(parser: argparse.ArgumentParser, environ: Mapping[str, st
 def parse_config(argv: Optional[Sequence[str]] = None, environ: Mapping[str, str] = os.environ) -> Config:
     parser = build_parser(environ)
     args = parser.parse_args(argv)
+    if args.scenario not in (None, scenarios.LIST):  # parse again with the preset's defaults under the rest
+        parser = build_parser(environ, args.scenario)
+        args = parser.parse_args(argv)
+        _settle_duty_cycle_and_profile(args, parser.scenario_defaults)
     # Options map onto Config fields by name; these few are derived.
     fields = {field.name for field in dataclasses.fields(Config)}
     values = {name: value for name, value in vars(args).items() if name in fields}
@@ -261,6 +279,16 @@ def parse_config(argv: Optional[Sequence[str]] = None, environ: Mapping[str, str
     config = Config(**values)
     validate(config)
     return config
+
+
+def _settle_duty_cycle_and_profile(args: argparse.Namespace, preset: dict) -> None:
+    """One of them from the preset, the other given: the one given wins."""
+    if args.load_profile is None or args.duty_cycle == 1.0:
+        return
+    if "load_profile" in preset and args.load_profile == preset["load_profile"]:
+        args.load_profile = None
+    elif "duty_cycle" in preset and args.duty_cycle == preset["duty_cycle"]:
+        args.duty_cycle = 1.0
 
 
 def _given(value, fast_value, default):
@@ -329,6 +357,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Imported here so that `--help` and input errors answer without loading torch.
     try:
         config = parse_config(argv)
+        if config.scenario == scenarios.LIST:
+            print(scenarios.table())
+            return 0
         from resnet_ddp import checkpoint, launch
 
         plan = launch.plan_launch(config, os.environ)

@@ -80,7 +80,8 @@ class Config:
     min_gpus: int = 2
     master_port: Optional[int] = None
     dist_timeout: float = 600.0
-    # Load shaping and fault injection for platform tests.
+    # Load shaping and fault injection for platform tests (scenarios).
+    scenario: Optional[str] = None
     duty_cycle: float = 1.0
     load_profile: Optional[Tuple[LoadPhase, ...]] = None
     gpu_memory_ballast: Optional[MemorySize] = None

@@ -170,6 +170,7 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
             f"channels_last {'on' if config.use_channels_last else 'off'}, "
             f"compile {'on' if config.compile else 'off'}, data {config.data}, "
             f"CUDA graphs {'on' if config.use_cuda_graphs else 'off'}, save dir {config.save_dir}"
+            + (f", scenario {config.scenario}" if config.scenario else "")
         ))
     diverged = None  # (step, rank) of the first non-finite loss, under --nan-policy stop
 
