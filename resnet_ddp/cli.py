@@ -76,8 +76,9 @@ def parse_load_profile(text: str) -> tuple:
         except (argparse.ArgumentTypeError, ValueError):
             seconds = load = None
         if seconds is None or load is None or not 0 <= load <= 100:
+            where = f" in {text!r}" if "," in text else ""
             raise argparse.ArgumentTypeError(
-                f"{part.strip()!r} in {text!r} is not a phase like 2m@100 (a duration, @, a load from 0 to 100 percent)")
+                f"{part.strip()!r}{where} is not a phase like 2m@100 (a duration, @, a load from 0 to 100 percent)")
         phases.append(LoadPhase(seconds, load / 100))
     return tuple(phases)
 

@@ -226,7 +226,8 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
             in_epoch = epoch_start_step + steps_done
             if not stopped_by and every and global_step % every == 0 and in_epoch < len_epoch:
                 save(Progress(progress.epoch, in_epoch, global_step, loss_sum.item()))
-            if not stopped_by:  # the duty cycle's sleep or an idle phase, last before the next step
+            last = global_step == config.max_steps or (progress.epoch == config.epochs and in_epoch == len_epoch)
+            if not stopped_by and not last:  # the duty cycle's sleep or an idle phase, before the next step
                 stopped_by = pacer.after_agreement(global_step, check_duration)
             if stopped_by:
                 if not config.quiet:

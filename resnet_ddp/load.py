@@ -113,8 +113,6 @@ class LoadPacer:
             target = basis * (1 - duty) / duty
             slept = self._sleep(target, check_clock)
             self._sums.add_step(self._busy_s, basis, bool(agreed_busy_s), target, slept)
-        else:
-            self._sums.add_step(self._busy_s, 0.0, False, 0.0, 0.0)
         self._maybe_record(global_step)
         self._step_started = time.perf_counter()
         return code
@@ -194,7 +192,7 @@ class LoadPacer:
 
 
 class _IntervalSums:
-    """What the pacer did since its last metrics record."""
+    """What the pacer did since its last metrics record (steps below full load, idle time)."""
 
     def __init__(self):
         self.steps = self.agreed_steps = 0
@@ -209,14 +207,12 @@ class _IntervalSums:
         self.slept_s += slept_s
 
     def figures(self) -> dict:
-        per_step = max(1, self.steps)
-        figures = {"steps": self.steps, "busy_ms": 1000 * self.busy_s / per_step,
-                   "sleep_basis_ms": 1000 * self.basis_s / per_step, "agreed_steps": self.agreed_steps,
-                   "sleep_target_ms": 1000 * self.target_s / per_step, "slept_ms": 1000 * self.slept_s / per_step,
-                   "idle_s": self.idle_s}
+        ms = 1000 / max(1, self.steps)  # means per step, in milliseconds
         active = self.busy_s + self.slept_s
-        figures["busy_frac"] = self.busy_s / active if active > 0 else None
-        return figures
+        return {"steps": self.steps, "busy_ms": round(self.busy_s * ms, 3),
+                "sleep_basis_ms": round(self.basis_s * ms, 3), "agreed_steps": self.agreed_steps,
+                "sleep_target_ms": round(self.target_s * ms, 3), "slept_ms": round(self.slept_s * ms, 3),
+                "idle_s": round(self.idle_s, 3), "busy_frac": round(self.busy_s / active, 4) if active > 0 else None}
 
 
 BALLAST_MARGIN_BYTES = 2**30  # left free for the job's own later allocations (NCCL, gathers at checkpoints)
