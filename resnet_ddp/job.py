@@ -138,7 +138,8 @@ def train(config: Config, rank: distributed.RankInfo) -> int:
     model, optimizer, side_stream = _build_model_and_optimizer(config, rank)
     faults = FaultInjector(config, rank.rank, rank.device)
     # fp16's gradient scaler already skips updates whose gradients are not finite.
-    nonfinite = NonFiniteWatch(rank.device, optimizer, undo_updates=config.nan_policy == "skip" and config.amp != "fp16")
+    undo_updates = config.nan_policy == "skip" and config.amp != "fp16"
+    nonfinite = NonFiniteWatch(rank.device, optimizer, undo_updates)
     step = engine.EagerStep(model if not config.compile else compile_model(model), torch.nn.CrossEntropyLoss(),
                             optimizer, rank.device, amp=config.amp, channels_last=config.use_channels_last,
                             nonfinite=nonfinite, loss_poison=faults.loss_poison)

@@ -260,7 +260,8 @@ class GpuMemoryBallast:
             problem = (f"{self._what()} beside the training job: the job holds "
                        f"{_gib(torch.cuda.memory_reserved(self.device))} (peak "
                        f"{_gib(torch.cuda.max_memory_allocated(self.device))} in use), {_gib(free)} are free of "
-                       f"{_gib(total)}, less a {_gib(BALLAST_MARGIN_BYTES)} margin: lower the ballast or the batch size")
+                       f"{_gib(total)}, less a {_gib(BALLAST_MARGIN_BYTES)} margin: lower the ballast or the "
+                       "batch size")
         self._agree(problem)
         left = self.bytes
         while left > 0:
