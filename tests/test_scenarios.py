@@ -156,8 +156,8 @@ def test_nan_policy_skip_leaves_the_weights_of_that_step_unchanged_on_every_rank
 
 
 def test_load_phases_switch_at_the_same_step_sleeps_are_agreed_and_idle_still_stops(save_dir):
-    # Half load for 2 s, then idle; --duration ends the run during the idle phase.
-    result = run_train(*TINY, "--epochs", "500", "--load-profile", "2s@50,60s@0", "--duration", "4s",
+    # Half load for 4 s, then idle; --duration ends the run during the idle phase.
+    result = run_train(*TINY, "--epochs", "500", "--load-profile", "4s@50,60s@0", "--duration", "6s",
                        "--log-interval", "1", "--save-dir", str(save_dir), timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     switches = [(rank, step, what) for rank, index, _, step, what in PHASE_LINE.findall(result.stdout)
