@@ -135,7 +135,7 @@ def test_nan_policy_stop_fails_the_job_naming_step_and_rank_and_keeps_the_last_g
 
 
 def test_nan_policy_skip_leaves_the_weights_of_that_step_unchanged_on_every_rank_and_trains_on(save_dir):
-    result = run_train(*TINY, "--max-steps", "5", "--momentum", "0.9", "--seed", "3", "--checkpoint-every", "1",
+    result = run_train(*TINY, "--max-steps", "4", "--momentum", "0.9", "--seed", "3", "--checkpoint-every", "1",
                        "--keep-checkpoints", "10", "--fail-at-step", "3", "--fail-rank", "1", "--fail-mode", "nan",
                        "--nan-policy", "skip", "--save-dir", str(save_dir))
     assert result.returncode == 0, result.stderr[-2000:]
