@@ -13,7 +13,9 @@ import os
 import sys
 from typing import Mapping, Optional, Sequence
 
-from resnet_ddp.config import ALL_RANKS, AMP_MODES, ARCHITECTURES, DATA_SOURCES, FAIL_MODES, PREFLIGHT_MODES, Config
+from resnet_ddp import scenarios
+from resnet_ddp.config import (ALL_RANKS, AMP_MODES, ARCHITECTURES, DATA_SOURCES, FAIL_MODES, NAN_POLICIES,
+                               PREFLIGHT_MODES, Config, LoadPhase, MemorySize)
 from resnet_ddp.errors import UsageError
 
 ENV_PREFIX = "RESNET_DDP_"
@@ -44,6 +46,65 @@ def parse_duration(text: str) -> float:
     if not (math.isfinite(seconds) and seconds > 0):
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive duration")
     return seconds
+
+
+def _fraction_or_percent(text: str) -> float:
+    text = text.strip()
+    return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+
+
+def parse_duty_cycle(text: str) -> float:
+    """'0.5' or '50%' -> 0.5; above 0 and at most 1."""
+    try:
+        value = _fraction_or_percent(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction like 0.5 (or a percentage like 50%)") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be above 0 and at most 1 (for idle phases use --load-profile, e.g. 1m@0)")
+    return value
+
+
+def parse_load_profile(text: str) -> tuple:
+    """'2m@100,1m@0,2m@50' -> phases of (seconds, duty cycle): duration@percent, in order."""
+    phases = []
+    for part in text.split(","):
+        duration, at, percent = part.strip().partition("@")
+        try:
+            seconds = parse_duration(duration) if duration.strip() else None
+            load = float(percent.strip().rstrip("%")) if at else None
+        except (argparse.ArgumentTypeError, ValueError):
+            seconds = load = None
+        if seconds is None or load is None or not 0 <= load <= 100:
+            where = f" in {text!r}" if "," in text else ""
+            raise argparse.ArgumentTypeError(
+                f"{part.strip()!r}{where} is not a phase like 2m@100 (a duration, @, a load from 0 to 100 percent)")
+        phases.append(LoadPhase(seconds, load / 100))
+    return tuple(phases)
+
+
+_BYTE_UNITS = {"": None, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+               "t": 10**12, "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20,
+               "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40}
+
+
+def parse_memory_size(text: str) -> MemorySize:
+    """'20GiB', '512MiB', '16G' (decimal, as in Kubernetes) or a fraction of the card such as '0.5'."""
+    stripped = text.strip()
+    number = stripped.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ").strip()
+    unit = stripped[len(number):].strip().lower() if number else None
+    try:
+        value = float(number)
+    except ValueError:
+        value = float("nan")
+    if unit not in _BYTE_UNITS or not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 20GiB or 512MiB, or a fraction like 0.5")
+    if _BYTE_UNITS[unit] is None:
+        if value >= 1:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} needs a unit (e.g. 20GiB) or must be a fraction of the card below 1 (e.g. 0.5)")
+        return MemorySize(fraction=value)
+    return MemorySize(bytes=int(value * _BYTE_UNITS[unit]))
 
 
 def _fail_rank(text: str) -> int:
@@ -80,7 +141,8 @@ def _slow_rank(text: str):
     return value
 
 
-def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
+def build_parser(environ: Mapping[str, str] = os.environ, scenario: Optional[str] = None) -> argparse.ArgumentParser:
+    """The options, with a scenario preset's values (if named) and then the environment as defaults."""
     p = _Parser(
         prog="resnet-ddp",
         description="Train torchvision ResNet with DDP and SyncBatchNorm on a lazily "
@@ -163,12 +225,32 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     place.add_argument("--dist-timeout", type=float, default=d.dist_timeout,
                        help="seconds a collective may wait before the job is declared failed")
 
+    load = p.add_argument_group("scenarios and load shaping (for platform tests; SCENARIOS.md)")
+    load.add_argument("--scenario", default=None, choices=(*scenarios.NAMES, scenarios.LIST),
+                      help=scenarios.summary_line())
+    load.add_argument("--duty-cycle", type=parse_duty_cycle, default=d.duty_cycle,
+                      help="keep the GPUs busy about this fraction of the time (0.5 or 50%%): after each step, "
+                           "wait for it to finish and sleep busy * (1 - F) / F; 1 adds nothing to the step")
+    load.add_argument("--load-profile", type=parse_load_profile, default=None,
+                      help="phases of load, duration@percent, in order and repeating until the run ends, e.g. "
+                           "2m@100,1m@0,2m@50; 0 is idle with memory and process group held; every rank "
+                           "switches at the same step")
+    load.add_argument("--gpu-memory-ballast", type=parse_memory_size, default=None,
+                      help="also hold this much memory on each GPU for the run, written so it is resident: "
+                           "20GiB, 512MiB, or a fraction of the card such as 0.5; refused (exit 2) if it "
+                           "cannot fit beside the job")
+
     fault = p.add_argument_group("fault injection (for platform tests)")
     fault.add_argument("--fail-at-step", type=int, default=None, help="inject a fault when this global step (1-based) starts")
     fault.add_argument("--fail-rank", type=_fail_rank, default=d.fail_rank, help="rank that fails, or 'all'")
     fault.add_argument("--fail-mode", default=d.fail_mode, choices=FAIL_MODES,
                        help="exception: Python error (exit 1); exit: exit code 3; kill: SIGKILL itself; "
-                            "hang: stop taking part in collectives (the job ends through --dist-timeout)")
+                            "hang: stop taking part in collectives (the job ends through --dist-timeout); "
+                            "oom: the allocator's out-of-memory error (exit 1); nan: that step's loss is NaN "
+                            "(then --nan-policy decides)")
+    fault.add_argument("--nan-policy", default=d.nan_policy, choices=NAN_POLICIES,
+                       help="when a loss is not finite: stop (exit 1, naming the step and rank), skip (that "
+                            "step's update is undone on every rank; training goes on) or ignore (train on)")
 
     pre = p.add_argument_group("preflight checks (PREFLIGHT.md)")
     pre.add_argument("--preflight", nargs="?", const="warn", default=d.preflight, type=_preflight_mode,
@@ -187,8 +269,18 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     # Tests only (PREFLIGHT.md), as RESNET_DDP_TEST_SLOW_RANK=RANK:SECONDS: that rank does SECONDS of extra
     # work in every training step and every timed preflight matmul.
     pre.add_argument("--test-slow-rank", type=_slow_rank, default=None, help=argparse.SUPPRESS)
+    p.scenario_defaults = _apply_scenario(p, scenario) if scenario else {}
     _apply_environment(p, environ)
     return p
+
+
+def _apply_scenario(parser: argparse.ArgumentParser, name: str) -> dict:
+    """Make a preset's options the parser's defaults (the environment and the command line still win)."""
+    plain = vars(parser.parse_args([]))
+    given = vars(parser.parse_args(list(scenarios.BY_NAME[name].options)))
+    values = {dest: value for dest, value in given.items() if value != plain[dest]}
+    parser.set_defaults(**values)
+    return values
 
 
 def _parse_bool(text: str) -> bool:
@@ -225,6 +317,10 @@ def _apply_environment(parser: argparse.ArgumentParser, environ: Mapping[str, st
 def parse_config(argv: Optional[Sequence[str]] = None, environ: Mapping[str, str] = os.environ) -> Config:
     parser = build_parser(environ)
     args = parser.parse_args(argv)
+    if args.scenario not in (None, scenarios.LIST):  # parse again with the preset's defaults under the rest
+        parser = build_parser(environ, args.scenario)
+        args = parser.parse_args(argv)
+        _settle_duty_cycle_and_profile(args, parser.scenario_defaults)
     # Options map onto Config fields by name; these few are derived.
     fields = {field.name for field in dataclasses.fields(Config)}
     values = {name: value for name, value in vars(args).items() if name in fields}
@@ -239,6 +335,16 @@ def parse_config(argv: Optional[Sequence[str]] = None, environ: Mapping[str, str
     config = Config(**values)
     validate(config)
     return config
+
+
+def _settle_duty_cycle_and_profile(args: argparse.Namespace, preset: dict) -> None:
+    """One of them from the preset, the other given: the one given wins."""
+    if args.load_profile is None or args.duty_cycle == 1.0:
+        return
+    if "load_profile" in preset and args.load_profile == preset["load_profile"]:
+        args.load_profile = None
+    elif "duty_cycle" in preset and args.duty_cycle == preset["duty_cycle"]:
+        args.duty_cycle = 1.0
 
 
 def _given(value, fast_value, default):
@@ -298,6 +404,11 @@ def validate(config: Config) -> None:
         raise UsageError("--amp fp16 is for GPUs: use --amp bf16 on CPU, or drop --cpu")
     if config.fail_rank < ALL_RANKS:
         raise UsageError(f"--fail-rank must be a rank (0 or more) or 'all', got {config.fail_rank}")
+    if config.load_profile is not None and config.duty_cycle != 1.0:
+        raise UsageError("--duty-cycle and --load-profile both given: the profile sets each phase's duty cycle; "
+                         "give one of them")
+    if config.gpu_memory_ballast is not None and config.cpu:
+        raise UsageError("--gpu-memory-ballast holds GPU memory, and a --cpu run has none: drop one of them")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -309,6 +420,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Imported here so that `--help` and input errors answer without loading torch.
     try:
         config = parse_config(argv)
+        if config.scenario == scenarios.LIST:
+            print(scenarios.table())
+            return 0
         from resnet_ddp import checkpoint, launch, prometheus, telemetry
 
         plan = launch.plan_launch(config, os.environ)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 ARCHITECTURES = (
     "resnet18",
@@ -14,12 +14,33 @@ ARCHITECTURES = (
     "wide_resnet50_2",
     "resnext50_32x4d",
 )
-FAIL_MODES = ("exception", "exit", "kill", "hang")
+FAIL_MODES = ("exception", "exit", "kill", "hang", "oom", "nan")
+NAN_POLICIES = ("stop", "skip", "ignore")
 AMP_MODES = ("off", "bf16", "fp16")
 DATA_SOURCES = ("cpu", "gpu")
 PREFLIGHT_MODES = ("off", "warn", "strict")
 STRAGGLER_WINDOW_S = 60.0  # a rank slower than its peers for this long is named (PREFLIGHT.md)
 ALL_RANKS = -1  # --fail-rank all
+
+
+class LoadPhase(NamedTuple):
+    """One phase of --load-profile: this duty cycle (0 idle, 1 full load) for this many seconds."""
+
+    seconds: float
+    duty_cycle: float
+
+
+class MemorySize(NamedTuple):
+    """--gpu-memory-ballast: a number of bytes, or a fraction of the card's total memory."""
+
+    bytes: Optional[int] = None
+    fraction: Optional[float] = None
+
+    def resolve(self, total_bytes: int) -> int:
+        return self.bytes if self.bytes is not None else int(self.fraction * total_bytes)
+
+    def __str__(self) -> str:
+        return f"{self.bytes / 2**30:.1f} GiB" if self.bytes is not None else f"{self.fraction:g} of the card"
 
 
 @dataclass(frozen=True)
@@ -63,10 +84,15 @@ class Config:
     min_gpus: int = 2
     master_port: Optional[int] = None
     dist_timeout: float = 600.0
-    # Fault injection for platform tests.
+    # Load shaping and fault injection for platform tests (scenarios).
+    scenario: Optional[str] = None
+    duty_cycle: float = 1.0
+    load_profile: Optional[Tuple[LoadPhase, ...]] = None
+    gpu_memory_ballast: Optional[MemorySize] = None
     fail_at_step: Optional[int] = None
     fail_rank: int = 0
     fail_mode: str = "exception"
+    nan_policy: str = "stop"
     # Preflight checks and the straggler detector (PREFLIGHT.md).
     preflight: str = "off"  # off, warn (report findings) or strict (exit 1 on a finding)
     preflight_only: bool = False
@@ -80,6 +106,11 @@ class Config:
     def fingerprint(self) -> dict:
         """The options that change the arithmetic: a checkpoint made with others is refused."""
         return {"arch": self.arch, "num_classes": self.num_classes, "image_size": self.image_size, "amp": self.amp}
+
+    @property
+    def load_phases(self) -> Tuple[LoadPhase, ...]:
+        """The run's phases in order (they repeat): --load-profile, else --duty-cycle for the whole run."""
+        return self.load_profile or (LoadPhase(float("inf"), self.duty_cycle),)
 
     @property
     def use_channels_last(self) -> bool:

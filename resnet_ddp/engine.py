@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from resnet_ddp.data import normalise
-from resnet_ddp.scenarios import FaultInjector
+from resnet_ddp.faults import FaultInjector, NonFiniteWatch
 from resnet_ddp.telemetry import StepTimer
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -26,7 +26,8 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 class EagerStep:
     def __init__(self, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-                 device: torch.device, amp: str = "off", channels_last: bool = False):
+                 device: torch.device, amp: str = "off", channels_last: bool = False,
+                 nonfinite: Optional[NonFiniteWatch] = None, loss_poison: Optional[torch.Tensor] = None):
         self.model = model
         self.criterion = criterion
         self.optimizer = optimizer
@@ -34,6 +35,8 @@ class EagerStep:
         self.channels_last = channels_last
         self.amp_dtype = AMP_DTYPES.get(amp)
         self.scaler = _grad_scaler(device) if amp == "fp16" else None
+        self.nonfinite = nonfinite  # counts non-finite losses; with --nan-policy skip, undoes their updates
+        self.loss_poison = loss_poison  # --fail-mode nan: multiplies the loss (NaN at the chosen step)
 
     def compute(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The step on device tensors: everything here can be captured in a CUDA graph (but the scaler)."""
@@ -42,15 +45,26 @@ class EagerStep:
                     else contextlib.nullcontext())
         with autocast:
             loss = self.criterion(self.model(x), labels)
+        if self.loss_poison is not None:
+            loss = loss * self.loss_poison
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
             loss.backward()
-            self.optimizer.step()
         else:
             self.scaler.scale(loss).backward()
+        if self.nonfinite is None:
+            self._update()
+        else:
+            self.nonfinite.observe_loss(loss.detach())
+            self.nonfinite.update(self._update)
+        return loss.detach()
+
+    def _update(self) -> None:
+        if self.scaler is None:
+            self.optimizer.step()
+        else:  # the scaler skips an update whose gradients are not finite by itself
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        return loss.detach()
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.compute(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))

@@ -12,3 +12,11 @@ class UsageError(Exception):
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (full or read-only disk); the previous ones are intact."""
+
+
+class ReportedElsewhere(Exception):
+    """A refusal that rank 0 reports for every rank: this rank exits with `code` and prints nothing."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -15,11 +16,12 @@ from resnet_ddp import checkpoint, distributed, engine, preflight, straggler, te
 from resnet_ddp.config import Config
 from resnet_ddp.data import (SHM_MARGIN, DeviceBatches, HostBatches, LazyFakeDataset, ShardedPermutationSampler,
                              fit_workers_to_shm, shm_free_bytes)
+from resnet_ddp.faults import FaultInjector, NonFiniteWatch
+from resnet_ddp.load import GpuMemoryBallast, LoadPacer
 from resnet_ddp.model import build_model, compile_model, export_state_dict, train_flops_per_image, unwrap, wrap_ddp
 from resnet_ddp.nvml import GpuMonitor
 from resnet_ddp.prometheus import PrometheusExporter
-from resnet_ddp.scenarios import FaultInjector
-from resnet_ddp.stopping import TIME_UP, StopAgreement
+from resnet_ddp.stopping import NONFINITE, TIME_UP, StopAgreement
 from resnet_ddp.watchdog import ProgressWatchdog
 
 SUMMARY_NAME = "summary.json"
@@ -206,15 +208,25 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
     torch.manual_seed(config.seed)
 
     stop = StopAgreement(rank.rank)
+    ballast = GpuMemoryBallast(config.gpu_memory_ballast, rank, stop.group) if config.gpu_memory_ballast else None
+    if ballast is not None:
+        ballast.check_before_training()
     batches = _build_batches(config, rank)
     model, optimizer, side_stream = _build_model_and_optimizer(config, rank)
+    faults = FaultInjector(config, rank.rank, rank.device)
+    # fp16's gradient scaler already skips updates whose gradients are not finite.
+    undo_updates = config.nan_policy == "skip" and config.amp != "fp16"
+    nonfinite = NonFiniteWatch(rank.device, optimizer, undo_updates)
     step = engine.EagerStep(model if not config.compile else compile_model(model), torch.nn.CrossEntropyLoss(),
-                            optimizer, rank.device, amp=config.amp, channels_last=config.use_channels_last)
+                            optimizer, rank.device, amp=config.amp, channels_last=config.use_channels_last,
+                            nonfinite=nonfinite, loss_poison=faults.loss_poison)
     scaler = step.scaler
     progress = _resume(config, rank, model, optimizer, scaler)
+    nonfinite.start_at(progress.global_step)
     if side_stream is not None:
         step = engine.GraphedStep(step, side_stream)
-    faults = FaultInjector(config, rank.rank)
+    # The job's own peak is in the allocator's pool once the first steps (and graph capture) have run.
+    ballast_step = progress.global_step + (engine.GraphedStep.WARMUP_STEPS + 1 if config.use_cuda_graphs else 2)
     timer = facts.timer = telemetry.StepTimer(rank.device, config.warmup_steps)
     total_steps = config.epochs * len(batches)  # no resume offset is set yet: a whole epoch
     if config.max_steps is not None:
@@ -231,6 +243,7 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
     stragglers = straggler.StragglerDetector.start(config, rank, model, logger.record, first_check)
     if stragglers is not None:
         logger.extra["straggler_ranks"] = stragglers.straggler_ranks  # the same list, kept up to date
+    pacer = LoadPacer(config, rank, stop, logger.record, config.log_interval, LOG_EVERY_S)
 
     if rank.is_main and not config.quiet:
         telemetry.log(rank.rank, (
@@ -240,12 +253,25 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
             f"channels_last {'on' if config.use_channels_last else 'off'}, "
             f"compile {'on' if config.compile else 'off'}, data {config.data}, "
             f"CUDA graphs {'on' if config.use_cuda_graphs else 'off'}, save dir {config.save_dir}"
+            + (f", scenario {config.scenario}" if config.scenario else "")
         ))
+    diverged = None  # (step, rank) of the first non-finite loss, under --nan-policy stop
 
     def save(state_progress: Progress) -> None:
-        """Called by every rank at the same step: gathers each rank's epoch loss, then rank 0 writes."""
-        loss_sums = [None] * rank.world_size
-        dist.all_gather_object(loss_sums, state_progress.epoch_loss_sum)
+        """Called by every rank at the same step: gathers each rank's epoch loss, then rank 0 writes.
+
+        Not under --nan-policy stop once a loss was not finite: a restart would resume
+        from those weights, so the newest checkpoint stays the last good one.
+        """
+        nonlocal diverged
+        nonfinite.flush()
+        gathered = [None] * rank.world_size
+        dist.all_gather_object(gathered, (state_progress.epoch_loss_sum, nonfinite.first_bad_step))
+        bad = sorted((bad_step, r) for r, (_, bad_step) in enumerate(gathered) if bad_step)
+        if bad and config.nan_policy == "stop":
+            diverged = diverged or bad[0]
+            return
+        loss_sums = [loss for loss, _ in gathered]
         if rank.is_main:
             started = time.perf_counter()
             state = _checkpoint_state(config, rank, model, optimizer, scaler, state_progress, loss_sums)
@@ -261,6 +287,13 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
     watchdog = ProgressWatchdog(rank.rank, config.dist_timeout)
     start = facts.started = time.perf_counter()
     epochs_done = facts.epochs_done = progress.epoch - 1
+
+    def check_duration() -> None:
+        watchdog.beat()  # also called while a load phase sleeps or idles: alive, not stuck
+        if config.duration_s is not None and time.perf_counter() - start >= config.duration_s:
+            stop.time_is_up()
+
+    pacer.start()
     while progress.epoch <= config.epochs and not stopped_by:
         if config.max_steps is not None and progress.global_step >= config.max_steps:
             break
@@ -268,22 +301,32 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
         loss_sum = torch.full((), progress.epoch_loss_sum, device=rank.device)
         epoch_start_step = progress.step_in_epoch
         logger.epoch_started(progress.epoch_loss_sum, progress.global_step)
+        pacer.epoch_started()
 
         def after_step(global_step: int, steps_done: int) -> bool:
             nonlocal stopped_by
-            watchdog.beat()
-            if config.duration_s is not None and time.perf_counter() - start >= config.duration_s:
-                stop.time_is_up()
+            pacer.step_finished(timer.data_wait_s)
+            if ballast is not None and global_step == ballast_step:
+                ballast.allocate()
+            check_duration()
             if stragglers is not None:
                 stragglers.after_step(global_step)
             logger.after_step(global_step, progress.epoch, epoch_start_step + steps_done, len_epoch, loss_sum,
                               timer.data_wait_s)
+            nonfinite.publish()
+            nonfinite.report(rank.rank, config.nan_policy, stop)
             stopped_by = stop.poll()
-            if stopped_by and not config.quiet:
-                stop.announce(stopped_by, global_step)
             every = config.checkpoint_every
-            if stopped_by or (every and global_step % every == 0 and steps_done + epoch_start_step < len_epoch):
-                save(Progress(progress.epoch, epoch_start_step + steps_done, global_step, loss_sum.item()))
+            in_epoch = epoch_start_step + steps_done
+            if not stopped_by and every and global_step % every == 0 and in_epoch < len_epoch:
+                save(Progress(progress.epoch, in_epoch, global_step, loss_sum.item()))
+            last = global_step == config.max_steps or (progress.epoch == config.epochs and in_epoch == len_epoch)
+            if not stopped_by and not last:  # the duty cycle's sleep or an idle phase, before the next step
+                stopped_by = pacer.after_agreement(global_step, check_duration)
+            if stopped_by:
+                if not config.quiet:
+                    stop.announce(stopped_by, global_step)
+                save(Progress(progress.epoch, in_epoch, global_step, loss_sum.item()))
             return bool(stopped_by)
 
         len_epoch = len(batches) + epoch_start_step
@@ -312,11 +355,14 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
     watchdog.stop()
     stop.settle()  # a signal that comes with the last step is too late: the run is complete
     time_up = stopped_by == TIME_UP
-    if time_up:
-        stopped_by = 0  # the run ends as a finished one
+    if time_up or stopped_by == NONFINITE:
+        stopped_by = 0  # ends as a finished run, or as a failed one (diverged)
     timer.finish()
     if gpu is not None:
         gpu.stop()
+    pacer.finish(progress.global_step)
+    nonfinite.flush()
+    nonfinite.report(rank.rank, config.nan_policy, stop)  # what the last steps did
     elapsed = time.perf_counter() - start
     stop.barrier()  # every rank leaves after rank 0's last checkpoint is on disk
     telemetry.stop_console()  # the bar's last state stays; what follows goes below it
@@ -327,21 +373,28 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
     rank_stats = [None] * rank.world_size
     dist.all_gather_object(rank_stats, stats)
     if rank.is_main:
-        if not stopped_by:
+        if not stopped_by and not diverged:
             path = checkpoint.export_final_model(export_state_dict(model), config.save_dir)
             if not config.quiet:
                 telemetry.log(rank.rank, f"Saved the final model to {path}")
         summary = telemetry.summarise(rank_stats, rank.world_size)
-        reason = "stopped by signal" if stopped_by else "duration reached" if time_up else "finished"
+        reason = ("loss not finite" if diverged else "stopped by signal" if stopped_by
+                  else "duration reached" if time_up else "finished")
         summary.update(exit_reason=reason, wall_s=elapsed,
                        epochs_done=epochs_done, world_size=rank.world_size, device=_device_name(rank.device),
-                       torch=torch.__version__)
+                       torch=torch.__version__, skipped_updates=nonfinite.seen[NonFiniteWatch.SKIPPED],
+                       first_nonfinite_loss={"step": diverged[0], "rank": diverged[1]} if diverged else None)
         telemetry.add_mfu(summary, flops_per_image, peak)
         telemetry.write_json(os.path.join(config.save_dir, SUMMARY_NAME), summary)
         if not config.quiet:
             telemetry.summary_table(rank.rank, summary)
     logger.close()
     telemetry.completed_line(rank.rank, elapsed)
+    if diverged:
+        if rank.is_main:
+            print(f"[Rank {rank.rank}] error: the loss was not finite at step {diverged[0]} on rank {diverged[1]} "
+                  "(--nan-policy stop); no checkpoint was written after it", file=sys.stderr, flush=True)
+        return 1
     return 128 + stopped_by if stopped_by else 0
 
 

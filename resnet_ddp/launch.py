@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping
 
 from resnet_ddp.config import Config
-from resnet_ddp.errors import CheckpointWriteError, UsageError
+from resnet_ddp.errors import CheckpointWriteError, ReportedElsewhere, UsageError
 
 DEFAULT_CPU_PROCESSES = 2
 # How long ranks get to exit on SIGTERM before SIGKILL, once one rank has failed.
@@ -174,7 +174,14 @@ def run(config: Config, plan: LaunchPlan) -> int:
     if plan.mode == "torchrun":
         from resnet_ddp import job
 
-        return job.run_process(config)
+        try:
+            return job.run_process(config)
+        except (UsageError, ReportedElsewhere) as exc:  # refused by the job itself (e.g. a ballast that cannot fit)
+            if isinstance(exc, UsageError):
+                print(f"resnet-ddp: error: {exc}", file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)  # the process group is up: skip a teardown that could wait on it
     return _spawn_and_supervise(config, plan)
 
 
@@ -189,6 +196,8 @@ def _worker_main(local_rank: int, config: Config, plan: LaunchPlan) -> None:
     except UsageError as exc:
         print(f"resnet-ddp: error: {exc}", file=sys.stderr, flush=True)
         code = 2
+    except ReportedElsewhere as exc:
+        code = exc.code
     except CheckpointWriteError as exc:  # a full or read-only disk: a clear line, not a traceback
         print(f"[Rank {rank}] error: {exc}", file=sys.stderr, flush=True)
         code = 1

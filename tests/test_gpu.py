@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -191,3 +192,116 @@ def test_a_hung_rank_ends_a_graphed_gpu_job_through_the_dist_timeout(launcher, s
     assert time.monotonic() - started < 200
     assert "injecting fault 'hang'" in result.stdout
     assert wait_for_no_leftovers(job) == []
+
+
+# Scenarios on GPUs: load shaping, the ballast, and the faults inside CUDA-graphed steps.
+
+def _records(save_dir, kind):
+    lines = (save_dir / "logs" / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_duty_cycle_on_gpus_sleeps_the_agreed_busy_time_of_graphed_steps(save_dir):
+    result = run_train(*GPU_TINY, "--epochs", "50", "--max-steps", "40", "--duty-cycle", "0.25", "--log-interval", "1",
+                       "--save-dir", str(save_dir), env=SAFE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "CUDA graphs on" in result.stdout
+    paced = {}
+    for r in _records(save_dir, "load"):
+        assert r["busy_ms"] > 0 and r["sleep_target_ms"] == pytest.approx(3 * r["sleep_basis_ms"], abs=0.01)
+        paced.setdefault(r["global_step"], {})[r["rank"]] = r
+    agreed = [step for step, ranks in paced.items() if ranks[0]["agreed_steps"] and step - 1 in paced]
+    assert len(agreed) >= 30
+    for step in agreed:
+        slowest = max(paced[step - 1][rank]["busy_ms"] for rank in (0, 1))
+        assert paced[step][0]["sleep_basis_ms"] == paced[step][1]["sleep_basis_ms"] == pytest.approx(slowest, abs=0.01)
+
+
+def test_load_profile_phases_and_idle_on_gpus(save_dir):
+    result = run_train(*GPU_TINY, "--epochs", "1000", "--load-profile", "4s@100,3s@0,4s@50", "--duration", "14s",
+                       "--save-dir", str(save_dir), env=SAFE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    switches = re.findall(r"^\[Rank (\d)\] load phase (\d) of 3 after step (\d+): (.+)$", result.stdout, re.M)
+    for phase in ("2", "3"):
+        steps = {(step, what) for rank, p, step, what in switches if p == phase}
+        assert len(steps) == 1 and len([s for s in switches if s[1] == phase]) == 2, switches
+    assert (save_dir / "model_final.pth").exists()
+
+
+def test_nan_skip_inside_a_cuda_graph_leaves_the_weights_of_that_step_unchanged(save_dir):
+    # Step 14 runs as a replay of the graph captured at step 12.
+    result = run_train(*GPU_TINY, "--max-steps", "16", "--momentum", "0.9", "--checkpoint-every", "1",
+                       "--keep-checkpoints", "20", "--fail-at-step", "14", "--fail-rank", "1", "--fail-mode", "nan",
+                       "--nan-policy", "skip", "--save-dir", str(save_dir), env=SAFE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "CUDA graphs on" in result.stdout
+    for rank in (0, 1):
+        assert f"[Rank {rank}] skipped the update of step 14: gradients not finite" in result.stdout
+    before, nan_step, after = (torch.load(save_dir / f"checkpoint-{step:09d}.pt", weights_only=True)
+                               for step in (13, 14, 15))
+    for name, value in before["model"].items():
+        if "running_" not in name and "num_batches_tracked" not in name:
+            assert torch.equal(value, nan_step["model"][name]), name
+    assert not torch.equal(nan_step["model"]["fc.weight"], after["model"]["fc.weight"])
+    assert all(torch.isfinite(v).all() for v in after["model"].values() if v.is_floating_point())
+
+
+def test_nan_stop_on_gpus_fails_the_job_naming_step_and_rank(save_dir):
+    result = run_train(*GPU_TINY, "--fail-at-step", "14", "--fail-rank", "1", "--fail-mode", "nan",
+                       "--save-dir", str(save_dir), env=SAFE)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "the loss was not finite at step 14 on rank 1 (--nan-policy stop)" in result.stderr
+    assert not (save_dir / "model_final.pth").exists()
+
+
+def test_oom_fault_on_a_gpu_is_a_real_cuda_out_of_memory(save_dir):
+    job = Job(train_command(*GPU_TINY, "--fail-at-step", "3", "--fail-rank", "1", "--fail-mode", "oom",
+                            "--save-dir", str(save_dir)), SAFE)
+    result = job.wait(timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "OutOfMemoryError" in result.stderr and "CUDA out of memory" in result.stderr
+    assert "rank 1 exited with code 1" in result.stderr
+    assert wait_for_no_leftovers(job) == []
+
+
+def test_gpu_memory_ballast_is_held_for_the_run(save_dir):
+    result = run_train(*GPU_TINY, "--max-steps", "20", "--log-interval", "1", "--gpu-memory-ballast", "2GiB",
+                       "--save-dir", str(save_dir), env=SAFE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        assert re.search(rf"^\[Rank {rank}\] holding a 2.0 GiB GPU memory ballast on cuda:{rank} \(written",
+                         result.stdout, re.M)
+    memory = {r["global_step"]: r["mem_gib"] for r in _records(save_dir, "step") if r["rank"] == 0}
+    assert memory[20] - memory[11] >= 1.9  # allocated after step 12 (graph capture), held to the end
+
+
+def test_a_ballast_that_cannot_fit_is_refused_with_exit_2(save_dir):
+    before = run_train(*GPU_TINY, "--gpu-memory-ballast", "100TiB", "--save-dir", str(save_dir), env=SAFE)
+    assert before.returncode == 2
+    (line,) = [l for l in before.stderr.splitlines() if "does not fit" in l]
+    assert line.startswith("resnet-ddp: error: --gpu-memory-ballast 102400.0 GiB does not fit on rank 0's GPU")
+    assert "free of" in line and "Traceback" not in before.stderr
+    assert not (save_dir / "model_final.pth").exists()
+
+
+def test_a_ballast_that_fits_alone_but_not_beside_the_job_is_refused_after_the_first_steps(save_dir):
+    pynvml = pytest.importorskip("pynvml")
+    pynvml.nvmlInit()
+    free = min(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).free for i in range(2))
+    pynvml.nvmlShutdown()
+    # Leaves room for the CUDA context and the 1 GiB margin, not for ResNet-18 at 224 px, batch 256 (GBs).
+    ballast = f"{(free - 3 * 2**30) // 2**20}MiB"
+    result = run_train("--nproc-per-node", "2", "--arch", "resnet18", "--batch-size", "256", "--data", "gpu",
+                       "--max-steps", "20", "--gpu-memory-ballast", ballast, "--save-dir", str(save_dir),
+                       env=dict(SAFE, CUDA_DEVICE_ORDER="PCI_BUS_ID"), timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = [l for l in result.stderr.splitlines() if "does not fit" in l]
+    assert "beside the training job: the job holds" in line and "lower the ballast or the batch size" in line
+
+
+def test_the_smoke_scenario_on_gpus(save_dir):
+    result = run_train("--scenario", "smoke", "--nproc-per-node", "2", "--duration", "15s", "--save-dir", str(save_dir),
+                       env=SAFE, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "scenario smoke" in result.stdout and "resnet18 on 2 x cuda" in result.stdout
+    assert (save_dir / "model_final.pth").exists()

@@ -1,0 +1,286 @@
+"""Shaping the load for platform tests: duty cycle, load phases and a GPU memory ballast.
+
+`LoadPacer` keeps the GPUs busy about a chosen fraction of the time. After a
+step it waits for the step to finish on the device (the one host sync a duty
+cycle below 1 costs; at 1 it does nothing at all), takes the time from the
+step's start as the step's busy time, and sleeps busy * (1 - F) / F. The busy
+time it sleeps on is the slowest rank's of the step before, agreed through the
+per-step stop agreement, so every rank sleeps the same and the next step starts
+together. Load phases (--load-profile) change F on rank 0's clock; the phase
+number rides on the same agreement, so every rank switches after the same step.
+An idle phase (0%) runs no step: it ticks the agreement every IDLE_TICK_S, so
+stops and --duration are still answered, while memory and the process group stay
+as they are.
+
+`GpuMemoryBallast` holds extra device memory, written so that it is resident.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from resnet_ddp import telemetry
+from resnet_ddp.config import Config, LoadPhase, MemorySize
+from resnet_ddp.distributed import RankInfo
+from resnet_ddp.errors import ReportedElsewhere, UsageError
+from resnet_ddp.stopping import BUSY_US, PHASE, StopAgreement
+
+IDLE_TICK_S = 0.25
+
+
+def describe_phase(phase: LoadPhase) -> str:
+    length = "the whole run" if math.isinf(phase.seconds) else _length(phase.seconds)
+    if phase.duty_cycle == 0:
+        return f"idle for {length}"
+    if phase.duty_cycle == 1:
+        return f"full load for {length}"
+    return f"duty cycle {100 * phase.duty_cycle:g}% for {length}"
+
+
+def _length(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:g}s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m{rest:02d}s" if minutes >= 60 else f"{minutes}m{rest:02d}s"
+
+
+class LoadPacer:
+    def __init__(self, config: Config, rank: RankInfo, stop: StopAgreement, record: Callable[[dict], None],
+                 record_every_steps: Optional[int], record_every_s: float):
+        self.phases = config.load_phases
+        self.active = any(phase.duty_cycle < 1 for phase in self.phases)
+        self.rank, self.stop, self.record = rank, stop, record
+        self.record_every_steps, self.record_every_s = record_every_steps, record_every_s
+        self.cycle_s = sum(phase.seconds for phase in self.phases)
+        self.phase_number = 0  # agreed; the phase is phases[phase_number % len(phases)]
+        self._start = self._step_started = self._last_record = time.perf_counter()
+        self._data_wait_s = 0.0
+        self._busy_s = 0.0
+        self._sums = _IntervalSums()
+
+    @property
+    def phase(self) -> LoadPhase:
+        return self.phases[self.phase_number % len(self.phases)]
+
+    def start(self) -> None:
+        """Training starts now: the phases' clock starts."""
+        self._start = self._step_started = self._last_record = time.perf_counter()
+        if self.active and self.rank.is_main:
+            where = f"1 of {len(self.phases)}, " if len(self.phases) > 1 else ""
+            telemetry.log(self.rank.rank, f"load phase {where}from the start: {describe_phase(self.phase)}")
+
+    def epoch_started(self) -> None:
+        """The work between epochs (epoch lines, checkpoints) is not the next step's."""
+        self._step_started = time.perf_counter()
+
+    def step_finished(self, data_wait_s: float) -> None:
+        """After each step: below full load, wait for the step and note its busy time for the agreement."""
+        if not self.active:
+            return
+        waited, self._data_wait_s = data_wait_s - self._data_wait_s, data_wait_s
+        if 0 < self.phase.duty_cycle < 1:
+            if self.rank.device.type == "cuda":
+                torch.cuda.current_stream(self.rank.device).synchronize()
+            self._busy_s = max(0.0, time.perf_counter() - self._step_started - waited)
+            self.stop.offer(BUSY_US, int(self._busy_s * 1e6))
+        else:
+            self._busy_s = 0.0
+            self.stop.offer(BUSY_US, 0)
+        if self.rank.is_main:
+            self.stop.offer(PHASE, self._phase_number_by_clock())
+
+    def after_agreement(self, global_step: int, check_clock: Callable[[], None]) -> int:
+        """After the step's agreement: switch phase if agreed, then sleep or idle as the phase says.
+
+        Returns a stop agreed while idle (0 if none): the caller handles it as
+        one agreed after the step.
+        """
+        if not self.active:
+            return 0
+        self._switch_to(self.stop.agreed[PHASE], global_step)
+        duty = self.phase.duty_cycle
+        code = 0
+        if duty == 0:
+            code = self._idle(global_step, check_clock)
+        elif duty < 1:
+            agreed_busy_s = self.stop.agreed[BUSY_US] / 1e6
+            basis = agreed_busy_s or self._busy_s  # the first step of a phase has no agreed figure yet
+            target = basis * (1 - duty) / duty
+            slept = self._sleep(target, check_clock)
+            self._sums.add_step(self._busy_s, basis, bool(agreed_busy_s), target, slept)
+        self._maybe_record(global_step)
+        self._step_started = time.perf_counter()
+        return code
+
+    def _sleep(self, seconds: float, check_clock: Callable[[], None]) -> float:
+        """Sleep in short slices, cut short by a stop request (agreed after the next step, like any other)."""
+        started = time.perf_counter()
+        while True:
+            left = seconds - (time.perf_counter() - started)
+            if left <= 0:
+                break
+            time.sleep(min(left, IDLE_TICK_S))
+            check_clock()
+            if self.stop.requested:
+                break
+        return time.perf_counter() - started
+
+    def _idle(self, global_step: int, check_clock: Callable[[], None]) -> int:
+        started = time.perf_counter()
+        code = 0
+        while self.phase.duty_cycle == 0 and not code:
+            time.sleep(IDLE_TICK_S)
+            check_clock()
+            if self.rank.is_main:
+                self.stop.offer(PHASE, self._phase_number_by_clock())
+            code = self.stop.poll()
+            self._sums.idle_s += time.perf_counter() - started
+            started = time.perf_counter()
+            if not code:
+                self._switch_to(self.stop.agreed[PHASE], global_step)
+        return code
+
+    def finish(self, global_step: int) -> None:
+        """The run is over: write what was not recorded yet."""
+        if self.active:
+            self._write_record(global_step)
+
+    def _phase_number_by_clock(self) -> int:
+        if math.isinf(self.cycle_s):
+            return 0
+        cycles, into = divmod(time.perf_counter() - self._start, self.cycle_s)
+        number = int(cycles) * len(self.phases)
+        for phase in self.phases:
+            if into < phase.seconds:
+                break
+            into -= phase.seconds
+            number += 1
+        return number
+
+    def _switch_to(self, number: int, global_step: int) -> None:
+        if number <= self.phase_number:
+            return
+        self._write_record(global_step)
+        self.phase_number = number
+        index = number % len(self.phases)
+        telemetry.log(self.rank.rank, f"load phase {index + 1} of {len(self.phases)} after step {global_step}: "
+                                      f"{describe_phase(self.phase)}")
+        self.record({"kind": "load_phase", "global_step": global_step, "phase": index + 1,
+                     "duty_cycle": self.phase.duty_cycle})
+
+    def _maybe_record(self, global_step: int) -> None:
+        if self.record_every_steps is not None:
+            due = global_step % self.record_every_steps == 0
+        else:
+            due = time.perf_counter() - self._last_record >= self.record_every_s
+        if due:
+            self._write_record(global_step)
+
+    def _write_record(self, global_step: int) -> None:
+        sums = self._sums
+        if sums.steps or sums.idle_s:
+            self.record({"kind": "load", "global_step": global_step,
+                         "phase": self.phase_number % len(self.phases) + 1,
+                         "duty_cycle": self.phase.duty_cycle, **sums.figures()})
+        self._sums = _IntervalSums()
+        self._last_record = time.perf_counter()
+
+
+class _IntervalSums:
+    """What the pacer did since its last metrics record (steps below full load, idle time)."""
+
+    def __init__(self):
+        self.steps = self.agreed_steps = 0
+        self.busy_s = self.basis_s = self.target_s = self.slept_s = self.idle_s = 0.0
+
+    def add_step(self, busy_s: float, basis_s: float, agreed: bool, target_s: float, slept_s: float) -> None:
+        self.steps += 1
+        self.agreed_steps += agreed
+        self.busy_s += busy_s
+        self.basis_s += basis_s
+        self.target_s += target_s
+        self.slept_s += slept_s
+
+    def figures(self) -> dict:
+        ms = 1000 / max(1, self.steps)  # means per step, in milliseconds
+        active = self.busy_s + self.slept_s
+        return {"steps": self.steps, "busy_ms": round(self.busy_s * ms, 3),
+                "sleep_basis_ms": round(self.basis_s * ms, 3), "agreed_steps": self.agreed_steps,
+                "sleep_target_ms": round(self.target_s * ms, 3), "slept_ms": round(self.slept_s * ms, 3),
+                "idle_s": round(self.idle_s, 3), "busy_frac": round(self.busy_s / active, 4) if active > 0 else None}
+
+
+BALLAST_MARGIN_BYTES = 2**30  # left free for the job's own later allocations (NCCL, gathers at checkpoints)
+BALLAST_CHUNK_BYTES = 2**30
+BALLAST_FILL = 0xA5
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+class GpuMemoryBallast:
+    """--gpu-memory-ballast: extra memory held on this rank's GPU for the run.
+
+    Checked twice, each time on every rank at the same point and agreed on, so
+    that a refusal ends every rank with exit 2 and one line: before training,
+    against the GPU's free memory; and after the first steps (when the job's own
+    peak, CUDA graphs included, is in the allocator's pool), when it is allocated.
+    """
+
+    def __init__(self, size: MemorySize, rank: RankInfo, group: dist.ProcessGroup):
+        self.size, self.rank, self.group = size, rank, group
+        self.device = rank.device
+        self.bytes = size.resolve(torch.cuda.mem_get_info(self.device)[1])
+        self.held: List[torch.Tensor] = []
+
+    def _what(self) -> str:
+        exact = f" ({_gib(self.bytes)})" if self.size.fraction is not None else ""
+        return (f"--gpu-memory-ballast {self.size}{exact} does not fit on rank {self.rank.rank}'s GPU "
+                f"(cuda:{self.rank.local_rank}, {torch.cuda.get_device_name(self.device)})")
+
+    def check_before_training(self) -> None:
+        free, total = torch.cuda.mem_get_info(self.device)
+        problem = None
+        if self.bytes > free - BALLAST_MARGIN_BYTES:
+            problem = (f"{self._what()}: {_gib(free)} free of {_gib(total)}, less a {_gib(BALLAST_MARGIN_BYTES)} "
+                       "margin for the job")
+        self._agree(problem)
+
+    def allocate(self) -> None:
+        """Once the job's peak is known: check again, then take the memory and write it."""
+        free, total = torch.cuda.mem_get_info(self.device)
+        problem = None
+        if self.bytes > free - BALLAST_MARGIN_BYTES:
+            problem = (f"{self._what()} beside the training job: the job holds "
+                       f"{_gib(torch.cuda.memory_reserved(self.device))} (peak "
+                       f"{_gib(torch.cuda.max_memory_allocated(self.device))} in use), {_gib(free)} are free of "
+                       f"{_gib(total)}, less a {_gib(BALLAST_MARGIN_BYTES)} margin: lower the ballast or the "
+                       "batch size")
+        self._agree(problem)
+        left = self.bytes
+        while left > 0:
+            chunk = torch.empty(min(left, BALLAST_CHUNK_BYTES), dtype=torch.uint8, device=self.device)
+            chunk.fill_(BALLAST_FILL)  # written, so the pages are resident whatever the driver's policy
+            self.held.append(chunk)
+            left -= chunk.numel()
+        torch.cuda.synchronize(self.device)  # once: the memory is really taken before we say so
+        free_after = torch.cuda.mem_get_info(self.device)[0]
+        telemetry.log(self.rank.rank, f"holding a {_gib(self.bytes)} GPU memory ballast on "
+                                      f"cuda:{self.rank.local_rank} (written; {_gib(free_after)} left free)")
+
+    def _agree(self, problem: Optional[str]) -> None:
+        problems: List[Optional[str]] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(problems, problem, group=self.group)
+        failed = [p for p in problems if p]
+        if not failed:
+            return
+        if self.rank.is_main:
+            others = f" (and on {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+            raise UsageError(failed[0] + others)
+        raise ReportedElsewhere(2)
