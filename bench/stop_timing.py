@@ -67,7 +67,9 @@ def _start(args: List[str], env: Dict[str, str], log_path: str):
 
 
 def measure(name: str, extra: List[str], gpus: int, train_s: float, log_dir: str) -> Dict:
-    env = dict(os.environ, **SAFE_ENV, CUDA_VISIBLE_DEVICES=",".join(map(str, range(gpus))), PYTHONUNBUFFERED="1")
+    # The first N of the GPUs this process may use (all of the machine's when CUDA_VISIBLE_DEVICES is unset).
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(gpus)))
+    env = dict(os.environ, **SAFE_ENV, CUDA_VISIBLE_DEVICES=",".join(visible.split(",")[:gpus]), PYTHONUNBUFFERED="1")
     save_dir = tempfile.mkdtemp(prefix=f"stop-{name}-")
     args = [*extra, "--nproc-per-node", str(gpus), "--min-gpus", "1", "--epochs", "100", "--log-interval", "50",
             "--save-dir", save_dir]

@@ -163,11 +163,12 @@ def test_our_syncbn_matches_torch_syncbn_on_cuda(channels_last):
 def test_two_torchrun_agents_over_nccl_one_gpu_each(tmp_path):
     """Two 'nodes' (torchrun agents, one GPU each, as two pods would have) make one job over NCCL."""
     port = free_port()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0,1").split(",")
     agents = [
         Job([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "gpu-nodes",
              "train.py", *GPU_TINY, "--nproc-per-node", "1", "--min-gpus", "1", "--save-dir", str(tmp_path / f"node{i}")],
-            dict(SAFE, CUDA_VISIBLE_DEVICES=str(i)))
+            dict(SAFE, CUDA_VISIBLE_DEVICES=visible[i]))
         for i in range(2)
     ]
     results = [agent.wait(timeout=400) for agent in agents]
