@@ -243,7 +243,9 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
     stragglers = straggler.StragglerDetector.start(config, rank, model, logger.record, first_check)
     if stragglers is not None:
         logger.extra["straggler_ranks"] = stragglers.straggler_ranks  # the same list, kept up to date
-    pacer = LoadPacer(config, rank, stop, logger.record, config.log_interval, LOG_EVERY_S)
+    # Pacing starts two steps after the start-up steps, so that the busy time it sleeps on is a steady step's.
+    pacer = LoadPacer(config, rank, stop, logger.record, config.log_interval, LOG_EVERY_S,
+                      paced_from_step=ballast_step + 2)
 
     if rank.is_main and not config.quiet:
         telemetry.log(rank.rank, (

@@ -51,7 +51,11 @@ def _length(seconds: float) -> str:
 
 class LoadPacer:
     def __init__(self, config: Config, rank: RankInfo, stop: StopAgreement, record: Callable[[dict], None],
-                 record_every_steps: Optional[int], record_every_s: float):
+                 record_every_steps: Optional[int], record_every_s: float, paced_from_step: int = 1):
+        """`paced_from_step`: the first global step after which a duty cycle sleeps. The start-up steps
+        (cuDNN autotuning, CUDA-graph warm-up and capture) can take seconds each; sleeping three times
+        that at 25% would stretch the start-up into minutes, so they run unpaced."""
+        self.paced_from_step = paced_from_step
         self.phases = config.load_phases
         self.active = any(phase.duty_cycle < 1 for phase in self.phases)
         self.rank, self.stop, self.record = rank, stop, record
@@ -107,7 +111,7 @@ class LoadPacer:
         code = 0
         if duty == 0:
             code = self._idle(global_step, check_clock)
-        elif duty < 1:
+        elif duty < 1 and global_step >= self.paced_from_step:
             agreed_busy_s = self.stop.agreed[BUSY_US] / 1e6
             basis = agreed_busy_s or self._busy_s  # the first step of a phase has no agreed figure yet
             target = basis * (1 - duty) / duty

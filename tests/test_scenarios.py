@@ -177,7 +177,9 @@ def test_load_phases_switch_at_the_same_step_sleeps_are_agreed_and_idle_still_st
         assert r["sleep_target_ms"] == pytest.approx(r["sleep_basis_ms"], abs=0.002)  # busy * (1 - F) / F at F = 0.5
         assert r["slept_ms"] >= r["sleep_target_ms"] - 1
         by_step.setdefault(r["global_step"], {})[r["rank"]] = r
-    agreed = [step for step, ranks in by_step.items() if ranks[0]["agreed_steps"]]
+    # the start-up steps run unpaced (their busy time is autotuning and capture), so compare paced neighbours
+    assert min(by_step) >= 4
+    agreed = [step for step, ranks in by_step.items() if ranks[0]["agreed_steps"] and step - 1 in by_step]
     assert len(agreed) >= 2
     for step in agreed:  # every rank slept on the slowest rank's busy time of the step before
         slowest = max(by_step[step - 1][rank]["busy_ms"] for rank in (0, 1))
