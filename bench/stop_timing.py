@@ -91,6 +91,7 @@ def measure(name: str, extra: List[str], gpus: int, train_s: float, log_dir: str
                   stopped_after_step=int(stop.group(1)) if stop else None,
                   checkpoint_write_s=written[-1]["write_s"] if written else None,
                   checkpoint_mib=written[-1]["bytes"] / 2**20 if written else None,
+                  checkpoint_training_held_s=written[-1].get("training_held_s") if written else None,
                   signal_to_exit_s=exited - signalled)
 
     # The restart a platform makes: same command, same save dir; stop it once it has trained a little.

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import threading
+import time
 from typing import BinaryIO, Callable, List, Optional, Tuple
 
 import torch
@@ -99,6 +101,60 @@ def save_checkpoint(state: dict, save_dir: str, keep: int) -> str:
     for old in list_checkpoints(save_dir)[keep:]:
         os.unlink(old)
     return path
+
+
+def copy_to_host(obj):
+    """A copy of a state (nested dicts, lists, tuples) whose tensors live on the host and share nothing with training."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: copy_to_host(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(copy_to_host(value) for value in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints in a background thread, so training goes on while the disk works.
+
+    `submit` copies the state to host memory (the only part the training loop
+    waits for), then a thread writes it atomically and prunes the old ones. One
+    write at a time: a new submit first waits for the one before. A failed write
+    is raised by the next `submit` or by `wait`, which the job calls before it
+    ends or stops, so nothing is reported as saved that is not on disk.
+    """
+
+    def __init__(self, save_dir: str, keep: int, on_written: Callable[[dict], None]):
+        """`on_written` gets, from the writer's thread, the figures of each write once it is on disk."""
+        self.save_dir, self.keep, self.on_written = save_dir, keep, on_written
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+
+    def submit(self, state: dict, held_since: float) -> None:
+        """`held_since`: when training stopped for this checkpoint (perf_counter), for the figures."""
+        self.wait()
+        snapshot = copy_to_host(state)
+        held_s = time.perf_counter() - held_since
+        # Not a daemon: a process that ends while a write is under way finishes it (or its clean-up) first.
+        self._thread = threading.Thread(target=self._write, args=(snapshot, held_s), name="checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, state: dict, held_s: float) -> None:
+        started = time.perf_counter()
+        try:
+            path = save_checkpoint(state, self.save_dir, self.keep)
+            self.on_written({"global_step": state["global_step"], "path": path, "bytes": os.path.getsize(path),
+                             "write_s": time.perf_counter() - started, "training_held_s": held_s})
+        except BaseException as exc:  # raised in the training thread by the next submit or wait
+            self._error = exc
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def _root_cause(exc: BaseException) -> str:

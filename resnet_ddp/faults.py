@@ -41,6 +41,9 @@ class FaultInjector:
         self.loss_poison = (torch.ones((), device=device)
                             if self.fail_at_step is not None and self.mode == "nan" else None)
         self._poisoned = False
+        # Called before a fault strikes: the job lets an in-flight checkpoint write finish, so that the
+        # newest checkpoint a restart finds is always the last one the job started (reproducible tests).
+        self.before_failing = lambda: None
 
     def before_step(self, global_step: int) -> None:
         """Called with the 1-based global step about to run; does nothing unless it is the chosen one."""
@@ -49,6 +52,7 @@ class FaultInjector:
             self._poisoned = False
         if global_step != self.fail_at_step:
             return
+        self.before_failing()
         telemetry.log(self.rank, f"injecting fault {self.mode!r} at step {global_step}")
         sys.stderr.flush()
         if self.mode == "exception":

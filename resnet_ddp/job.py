@@ -275,15 +275,19 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
             return
         loss_sums = [loss for loss, _ in gathered]
         if rank.is_main:
-            started = time.perf_counter()
-            state = _checkpoint_state(config, rank, model, optimizer, scaler, state_progress, loss_sums)
-            path = checkpoint.save_checkpoint(state, config.save_dir, config.keep_checkpoints)
-            # Gathering the state from the device and writing it with fsync: what a preemption's grace period must cover.
-            seconds, size = time.perf_counter() - started, os.path.getsize(path)
-            logger.record({"kind": "checkpoint", "global_step": state_progress.global_step, "path": path,
-                           "bytes": size, "write_s": seconds})
-            if not config.quiet:
-                telemetry.log(rank.rank, f"saved {path} ({size / 2**20:.0f} MiB in {seconds:.2f} s)")
+            held_since = time.perf_counter()
+            writer.submit(_checkpoint_state(config, rank, model, optimizer, scaler, state_progress, loss_sums),
+                          held_since)
+
+    def checkpoint_written(figures: dict) -> None:
+        """Once a checkpoint is on disk: its write time is what a preemption's grace period must cover."""
+        logger.record({"kind": "checkpoint", **figures})
+        if not config.quiet:
+            telemetry.log(rank.rank, f"saved {figures['path']} ({figures['bytes'] / 2**20:.0f} MiB in "
+                                     f"{figures['write_s']:.2f} s, training held {figures['training_held_s']:.2f} s)")
+
+    writer = checkpoint.CheckpointWriter(config.save_dir, config.keep_checkpoints, checkpoint_written)
+    faults.before_failing = writer.wait
 
     stopped_by = 0
     watchdog = ProgressWatchdog(rank.rank, config.dist_timeout)
@@ -355,6 +359,7 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
             progress = Progress(progress.epoch, steps_in_epoch, progress.global_step, loss_sum.item())
         save(progress)
     watchdog.stop()
+    writer.wait()  # the last checkpoint is on disk (or its error raised) before anyone reports the end
     stop.settle()  # a signal that comes with the last step is too late: the run is complete
     time_up = stopped_by == TIME_UP
     if time_up or stopped_by == NONFINITE:

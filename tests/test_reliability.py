@@ -256,3 +256,25 @@ def test_the_progress_watchdog_ends_a_stuck_rank_only_once_armed(armed):
         assert time.monotonic() - started < 6
     else:  # not armed before the first step: start-up (compile, capture) may take long
         assert result.returncode == 0 and "still here" in result.stdout
+
+
+def test_a_checkpoint_written_in_the_background_holds_the_state_as_it_was_submitted(tmp_path):
+    """Training goes on while the writer thread writes: later in-place updates must not reach the file."""
+    from resnet_ddp.checkpoint import CheckpointWriter
+    from resnet_ddp.errors import CheckpointWriteError
+
+    written = []
+    writer = CheckpointWriter(str(tmp_path), keep=2, on_written=written.append)
+    weights = torch.zeros(1_000_000)
+    writer.submit({"global_step": 7, "model": {"w": weights}, "optimizer": {"state": [weights]}}, time.perf_counter())
+    weights.add_(1)  # the next step's update, while the write may still be under way
+    writer.wait()
+    state = torch.load(tmp_path / "checkpoint-000000007.pt", weights_only=True)
+    assert torch.count_nonzero(state["model"]["w"]) == 0 and torch.count_nonzero(state["optimizer"]["state"][0]) == 0
+    assert [w["global_step"] for w in written] == [7] and written[0]["bytes"] > 4_000_000
+
+    (tmp_path / "checkpoint-000000008.pt").mkdir()  # a write that must fail: a directory is in the way
+    writer.submit({"global_step": 8, "model": {}}, time.perf_counter())
+    with pytest.raises(CheckpointWriteError, match="could not write checkpoint"):
+        writer.wait()
+    writer.wait()  # reported once
