@@ -1,6 +1,7 @@
 """Duty cycle, load profile and memory ballast measured with NVML, for SCENARIOS.md.
 
-Runs on the GPU machine, from the repository root (about 5 minutes on 2 GPUs):
+Runs on the GPU machine, from the repository root (about 5.5 minutes on 2 GPUs; on H100 each
+run took 50-64 s, start-up included):
 
     python bench/duty_cycle.py                 # every visible GPU
     python bench/duty_cycle.py --gpus 2 --log-dir /tmp/duty-logs
@@ -39,12 +40,12 @@ BALLAST = "20GiB"
 PROFILE = "8s@100,6s@0,8s@50"
 # name, extra options, --duration in seconds, target duty cycle (None: per phase)
 RUNS = (
-    ("full", [], 25, 1.0),
+    ("full", [], 40, 1.0),  # long enough for a steady window past the ~20 s start-up (25 s gave 8 samples)
     ("duty-0.25", ["--duty-cycle", "0.25"], 30, 0.25),
     ("duty-0.5", ["--duty-cycle", "0.5"], 30, 0.5),
     ("duty-0.75", ["--duty-cycle", "0.75"], 30, 0.75),
     ("profile", ["--load-profile", PROFILE], 44, None),
-    ("ballast", ["--gpu-memory-ballast", BALLAST], 20, 1.0),
+    ("ballast", ["--gpu-memory-ballast", BALLAST], 30, 1.0),
 )
 PHASE_SETTLE_S = 1.5  # left out at the start of each phase window: the switch itself and the ramp
 
