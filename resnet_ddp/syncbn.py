@@ -65,7 +65,14 @@ def _global_stats(x, mean_all, invstd_all, count_all, running_mean, running_var,
 
 
 def _functional_collectives():
-    """torch's traceable collectives (torch.compile records them in its graph), or None on a torch without them."""
+    """torch's traceable collectives (torch.compile records them in its graph), or None where we do not use them.
+
+    torch 2.2's dynamo cannot pass a process group into an autograd.Function
+    (checked: it fails to trace), so before 2.5 torch.compile runs the fused path
+    with graph breaks instead; the traceable path is tested on 2.14.
+    """
+    if tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 5):
+        return None
     try:
         from torch.distributed import _functional_collectives as fc
     except ImportError:
@@ -135,11 +142,22 @@ def _traceable_sync_batch_norm(x, weight, bias, running_mean, running_var, eps, 
     return out
 
 
-def _is_compiling() -> bool:
+def _compiling_check():
+    """torch's 'am I being traced by torch.compile' test, looked up once (dynamo cannot trace the lookup).
+
+    torch.compiler.is_compiling from torch 2.3; torch._dynamo.is_compiling before.
+    """
     compiler = getattr(torch, "compiler", None)
     if compiler is not None and hasattr(compiler, "is_compiling"):
-        return compiler.is_compiling()
-    return False
+        return compiler.is_compiling
+    try:
+        from torch._dynamo import is_compiling
+    except ImportError:
+        return lambda: False
+    return is_compiling
+
+
+_is_compiling = _compiling_check()
 
 
 def _shape(v: torch.Tensor) -> torch.Tensor:
