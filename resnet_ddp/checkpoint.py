@@ -106,7 +106,7 @@ def save_checkpoint(state: dict, save_dir: str, keep: int) -> str:
 def copy_to_host(obj):
     """A copy of a state (nested dicts, lists, tuples) whose tensors live on the host and share nothing with training."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return obj.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
     if isinstance(obj, dict):
         return {key: copy_to_host(value) for key, value in obj.items()}
     if isinstance(obj, (list, tuple)):

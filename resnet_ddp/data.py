@@ -98,6 +98,11 @@ SHM_PATH = "/dev/shm"
 SHM_MARGIN = 1.25  # allocator slack on top of the batches in flight
 
 
+def host_batch_bytes(batch_size: int, image_size: int) -> int:
+    """Bytes of one host-made batch as workers hand it over: uint8 images and int64 labels."""
+    return batch_size * (3 * image_size**2 + 8)
+
+
 def shm_free_bytes(path: str = SHM_PATH) -> int:
     try:
         stats = os.statvfs(path)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from resnet_ddp import checkpoint, distributed, engine, preflight, straggler, telemetry
 from resnet_ddp.config import Config
 from resnet_ddp.data import (SHM_MARGIN, DeviceBatches, HostBatches, LazyFakeDataset, ShardedPermutationSampler,
-                             fit_workers_to_shm, shm_free_bytes)
+                             fit_workers_to_shm, host_batch_bytes, shm_free_bytes)
 from resnet_ddp.faults import FaultInjector, NonFiniteWatch
 from resnet_ddp.load import GpuMemoryBallast, LoadPacer
 from resnet_ddp.model import build_model, compile_model, export_state_dict, train_flops_per_image, unwrap, wrap_ddp
@@ -100,7 +100,7 @@ def _build_batches(config: Config, rank: distributed.RankInfo):
     sampler = ShardedPermutationSampler(len(dataset), rank.rank, rank.world_size, config.seed, config.batch_size)
     if config.data == "gpu":
         return DeviceBatches(dataset, sampler, config.batch_size, rank.device)
-    batch_bytes = config.batch_size * (3 * config.image_size**2 + 8)
+    batch_bytes = host_batch_bytes(config.batch_size, config.image_size)
     free = shm_free_bytes()
     workers, prefetch = fit_workers_to_shm(config.num_workers, batch_bytes, rank.local_world_size, free)
     if workers < config.num_workers and rank.local_rank == 0:
@@ -161,7 +161,8 @@ def _resume(config: Config, rank: distributed.RankInfo, model, optimizer, scaler
 
 def _checkpoint_state(config, rank, model, optimizer, scaler, progress: Progress, loss_sums) -> dict:
     return {
-        "model": export_state_dict(model),
+        # References to the live tensors: the writer makes the one host copy (CheckpointWriter.submit).
+        "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": progress.epoch,
@@ -388,7 +389,7 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
         reason = ("loss not finite" if diverged else "stopped by signal" if stopped_by
                   else "duration reached" if time_up else "finished")
         summary.update(exit_reason=reason, wall_s=elapsed,
-                       epochs_done=epochs_done, world_size=rank.world_size, device=_device_name(rank.device),
+                       epochs_done=epochs_done, world_size=rank.world_size, device=device_name,
                        torch=torch.__version__, skipped_updates=nonfinite.seen[NonFiniteWatch.SKIPPED],
                        first_nonfinite_loss={"step": diverged[0], "rank": diverged[1]} if diverged else None)
         telemetry.add_mfu(summary, flops_per_image, peak)

@@ -16,16 +16,22 @@ import torch
 SAMPLE_EVERY_S = 1.0
 
 
-def _find_handle(pynvml, device: torch.device):
-    """NVML numbers GPUs by PCI order, CUDA by CUDA_VISIBLE_DEVICES and speed: match them by UUID."""
+def nvml_uuid(device: torch.device) -> Optional[str]:
+    """The device's UUID as NVML spells it ('GPU-...'), or None on a torch too old to tell it."""
     uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
     if uuid is None:
         return None
     text = str(uuid)
-    if not text.startswith(("GPU-", "MIG-")):
-        text = "GPU-" + text
+    return text if text.startswith(("GPU-", "MIG-")) else "GPU-" + text
+
+
+def _find_handle(pynvml, device: torch.device):
+    """NVML numbers GPUs by PCI order, CUDA by CUDA_VISIBLE_DEVICES and speed: match them by UUID."""
+    uuid = nvml_uuid(device)
+    if uuid is None:
+        return None
     try:
-        return pynvml.nvmlDeviceGetHandleByUUID(text.encode())  # bytes: older nvidia-ml-py takes no str
+        return pynvml.nvmlDeviceGetHandleByUUID(uuid.encode())  # bytes: older nvidia-ml-py takes no str
     except pynvml.NVMLError:
         return None
 

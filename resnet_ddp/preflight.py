@@ -25,7 +25,8 @@ import torch.distributed as dist
 
 from resnet_ddp import distributed, telemetry
 from resnet_ddp.config import Config
-from resnet_ddp.data import SHM_PATH, fit_workers_to_shm
+from resnet_ddp.data import SHM_PATH, fit_workers_to_shm, host_batch_bytes
+from resnet_ddp.nvml import nvml_uuid
 from resnet_ddp.straggler import TestSlowdown
 
 REPORT_NAME = "preflight.json"
@@ -258,7 +259,7 @@ def shm_facts(config: Config, local_processes: int) -> dict:
     free = stats.f_bavail * stats.f_frsize
     facts = {"path": SHM_PATH, "total_bytes": stats.f_blocks * stats.f_frsize, "free_bytes": free}
     if config.data == "cpu" and config.num_workers > 0:
-        batch_bytes = config.batch_size * (3 * config.image_size**2 + 8)
+        batch_bytes = host_batch_bytes(config.batch_size, config.image_size)
         facts["loader_workers_that_fit"] = fit_workers_to_shm(config.num_workers, batch_bytes, local_processes,
                                                               free)[0]
     return facts
@@ -326,10 +327,7 @@ def _device_facts(device: torch.device) -> dict:
     if device.type != "cuda":
         return {"device": "cpu", "capability": None, "uuid": None, "pci_bus_id": None}
     props = torch.cuda.get_device_properties(device)
-    uuid = getattr(props, "uuid", None)  # newer torch
-    uuid = None if uuid is None else str(uuid)
-    if uuid is not None and not uuid.startswith(("GPU-", "MIG-")):
-        uuid = "GPU-" + uuid  # NVML's spelling
+    uuid = nvml_uuid(device)
     pci = None
     if hasattr(props, "pci_bus_id"):
         pci = f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
