@@ -31,10 +31,9 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
+from gpus import child_env, first_gpus
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# NVLink multicast stays off (a shared machine's rule); CUDA numbers GPUs as NVML does.
-CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
-             "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 COMMON = ["--data", "gpu", "--epochs", "100000", "--min-gpus", "1", "--warmup-steps", "20"]
 BALLAST = "20GiB"
 PROFILE = "8s@100,6s@0,8s@50"
@@ -97,10 +96,10 @@ def _run_one(pynvml, name: str, extra: List[str], duration_s: int, gpus: int, lo
     save_dir = tempfile.mkdtemp(prefix=f"duty-{name}-")
     command = [sys.executable, "train.py", *COMMON, *extra, "--nproc-per-node", str(gpus),
                "--duration", f"{duration_s}s", "--save-dir", save_dir]
-    env = dict(os.environ, **CHILD_ENV, CUDA_VISIBLE_DEVICES=",".join(map(str, range(gpus))))
+    env = child_env(gpus)
     log_path = os.path.join(log_dir, f"duty-cycle-{name}-x{gpus}.log")
     started = time.monotonic()
-    with NvmlSampler(pynvml, list(range(gpus))) as sampler, open(log_path, "w") as log:
+    with NvmlSampler(pynvml, first_gpus(gpus)) as sampler, open(log_path, "w") as log:
         try:
             code = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                   timeout=duration_s + 180).returncode

@@ -36,9 +36,9 @@ import tempfile
 import time
 from typing import Dict, List, Optional
 
+from gpus import child_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Keep NVLink multicast off (a shared machine's rule), as bench/run.py does.
-SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 STEP_LINE = re.compile(r"^\[Rank 0\] epoch \d+ step ", re.M)
 STARTED = time.monotonic()
 
@@ -48,8 +48,7 @@ def say(message: str) -> None:
 
 
 def gpu_env(gpus: int) -> Dict[str, str]:
-    return dict(os.environ, **SAFE_ENV, CUDA_VISIBLE_DEVICES=",".join(map(str, range(gpus))),
-                PYTHONUNBUFFERED="1")
+    return child_env(gpus, PYTHONUNBUFFERED="1")
 
 
 class Hog:

@@ -31,9 +31,9 @@ from typing import Dict, List, Optional
 
 import torch
 
+from gpus import child_env, first_gpus
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Keep NVLink multicast off (a shared machine's rule) in every child.
-SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 CONFIGS = {
     # name: (train.py arguments, steps, warm-up steps). The warm-up covers start-up, cuDNN
@@ -82,7 +82,7 @@ class UtilisationSampler:
 
 
 def _run_one(name: str, gpus: int, extra_args: List[str], log_dir: str, timeout_s: float, repeat: int = 0) -> Dict:
-    env = dict(os.environ, **SAFE_ENV, CUDA_VISIBLE_DEVICES=",".join(map(str, range(gpus))))
+    env = child_env(gpus)
     workdir = tempfile.mkdtemp(prefix=f"bench-{name}-{gpus}-")
     if name == "seed-equivalent":
         out = os.path.join(workdir, "summary.json")
@@ -95,7 +95,7 @@ def _run_one(name: str, gpus: int, extra_args: List[str], log_dir: str, timeout_
                    "--max-steps", str(steps), "--warmup-steps", str(warmup), "--save-dir", workdir]
     log_path = os.path.join(log_dir, f"{name}-x{gpus}" + (f"-{repeat}" if repeat else "") + ".log")
     started = time.monotonic()
-    with UtilisationSampler(list(range(gpus))) as sampler, open(log_path, "w") as log:
+    with UtilisationSampler(first_gpus(gpus)) as sampler, open(log_path, "w") as log:
         try:
             code = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                   timeout=timeout_s).returncode

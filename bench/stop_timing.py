@@ -27,8 +27,9 @@ import threading
 import time
 from typing import Dict, List
 
+from gpus import child_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 CONFIGS = {"default": [], "fast": ["--fast"]}
 STOP_LINE = re.compile(r"stopping after step (\d+)")
 RESUME_LINE = re.compile(r"resuming from .*: epoch (\d+), step (\d+) of the epoch, (\d+) steps done")
@@ -67,9 +68,7 @@ def _start(args: List[str], env: Dict[str, str], log_path: str):
 
 
 def measure(name: str, extra: List[str], gpus: int, train_s: float, log_dir: str) -> Dict:
-    # The first N of the GPUs this process may use (all of the machine's when CUDA_VISIBLE_DEVICES is unset).
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(gpus)))
-    env = dict(os.environ, **SAFE_ENV, CUDA_VISIBLE_DEVICES=",".join(visible.split(",")[:gpus]), PYTHONUNBUFFERED="1")
+    env = child_env(gpus, PYTHONUNBUFFERED="1")
     save_dir = tempfile.mkdtemp(prefix=f"stop-{name}-")
     args = [*extra, "--nproc-per-node", str(gpus), "--min-gpus", "1", "--epochs", "100", "--log-interval", "50",
             "--save-dir", save_dir]

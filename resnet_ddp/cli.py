@@ -423,7 +423,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if config.scenario == scenarios.LIST:
             print(scenarios.table())
             return 0
-        from resnet_ddp import checkpoint, launch, prometheus, telemetry
+        from resnet_ddp import checkpoint, launch, model, prometheus, telemetry
 
         plan = launch.plan_launch(config, os.environ)
         checkpoint.ensure_writable_dir(config.save_dir)
@@ -434,6 +434,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             telemetry.require_tensorboard()
         if config.metrics_port is not None and plan.holds_local_rank_zero:
             prometheus.check_can_serve(config.metrics_port)
+        if config.compile:
+            model.require_compiler(plan.device_type)
     except UsageError as exc:
         print(f"resnet-ddp: error: {exc}", file=sys.stderr)
         return 2

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import inspect
+import os
+import shutil
 from typing import Optional
 
 import torch
@@ -12,6 +15,7 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel
 
 from resnet_ddp.distributed import RankInfo
+from resnet_ddp.errors import UsageError
 from resnet_ddp.syncbn import convert_sync_batchnorm
 
 
@@ -44,6 +48,26 @@ def wrap_ddp(model: nn.Module, rank: RankInfo, sync_bn: bool,
 
 def compile_model(model: nn.Module) -> nn.Module:
     return torch.compile(model)
+
+
+def require_compiler(device_type: str) -> None:
+    """--compile where inductor cannot build its kernels: refused at start-up, not by a traceback in the first step.
+
+    On GPUs inductor writes Triton kernels, and Triton builds its launcher with a
+    C compiler (CC, else gcc or clang); on CPUs inductor writes C++ and builds it
+    with CXX, else g++. Slim runtime images often have neither.
+    """
+    if device_type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            raise UsageError("--compile on GPUs needs Triton, which is not installed here: drop --compile, "
+                             "or use an image whose torch comes with it")
+        wanted = "a C compiler (gcc or clang, or the one CC names)"
+        names = [os.environ["CC"]] if os.environ.get("CC") else ["gcc", "clang"]
+    else:
+        wanted, names = "a C++ compiler (g++, or the one CXX names)", [os.environ.get("CXX") or "g++"]
+    if not any(shutil.which(name) for name in names):
+        raise UsageError(f"--compile needs {wanted} to build its kernels, and this machine has none: "
+                         "drop --compile, or use an image with a compiler")
 
 
 def _ddp(model: nn.Module, rank: RankInfo, sync_bn: bool) -> DistributedDataParallel:

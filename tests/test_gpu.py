@@ -83,6 +83,26 @@ def test_cuda_graphs_keep_the_arithmetic(tmp_path):
         torch.testing.assert_close(runs["graphed"][1][key].float(), value.float(), rtol=1e-2, atol=1e-3)
 
 
+def test_a_graphed_job_cut_after_its_background_checkpoints_resumes_to_the_uninterrupted_weights(tmp_path):
+    """Checkpoints written in the background while the graph replays, then a crash, then a resume with a new capture."""
+    common = [*GPU_TINY, "--data", "gpu", "--max-steps", "40", "--checkpoint-every", "10", "--lr", "0.0001",
+              "--seed", "3"]
+    env = dict(SAFE, NVIDIA_TF32_OVERRIDE="0")
+    whole = run_train(*common, "--save-dir", str(tmp_path / "whole"), env=env, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    cut_dir = tmp_path / "cut"
+    cut = run_train(*common, "--fail-at-step", "33", "--fail-mode", "exit", "--save-dir", str(cut_dir), env=env,
+                    timeout=300)
+    assert cut.returncode == 3, cut.stderr[-2000:]
+    assert sorted(p.name for p in cut_dir.glob("checkpoint-*.pt"))[-1] == "checkpoint-000000030.pt"
+    resumed = run_train(*common, "--save-dir", str(cut_dir), env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout and "30 steps done" in resumed.stdout
+    final = torch.load(cut_dir / "model_final.pth")
+    for key, value in torch.load(tmp_path / "whole" / "model_final.pth").items():
+        torch.testing.assert_close(final[key].float(), value.float(), rtol=1e-2, atol=1e-3)
+
+
 @pytest.mark.parametrize("options", [
     ["--amp", "bf16"], ["--amp", "fp16"], ["--data", "gpu"], ["--fast", "--batch-size", "8"],
     ["--compile", "--no-cuda-graphs"], ["--compile"], ["--no-sync-bn"],
