@@ -26,11 +26,12 @@ Every rank then holds the same figures and reaches the same verdict.
 
 from __future__ import annotations
 
+import collections
 import inspect
 import math
 import statistics
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Deque, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -46,16 +47,25 @@ _EVENTS_HAVE_EXTERNAL = "external" in inspect.signature(torch.cuda.Event.__new__
 
 
 class StragglerTracker:
-    """Which ranks have stayed more than EXCESS above the median compute time for a whole window.
+    """Which ranks have computed more than EXCESS above the median at most checks of a whole window.
 
-    Pure bookkeeping over the figures of each check, so that every rank, given
-    the same figures, names the same ranks.
+    Most, not all: a GPU shared with another process (time-sliced) is slow at
+    most sampled steps but not every one, and one fast sample must not hide it.
+    A rank is named once its slow spell has lasted a window and at least
+    NAME_SHARE of the checks in the last window found it slow; a named rank is
+    back once fewer than BACK_SHARE of them did. Pure bookkeeping over the
+    figures of each check, so that every rank, given the same figures, names the
+    same ranks.
     """
+
+    NAME_SHARE = 2 / 3 - 1e-9  # 4 slow checks of 6 are two thirds, whatever the rounding
+    BACK_SHARE = 1 / 3
 
     def __init__(self, world_size: int, window_s: float, excess: float = EXCESS):
         self.window_s = window_s
         self.excess = excess
         self.slow_since: List[Optional[float]] = [None] * world_size
+        self.checks: List[Deque[Tuple[float, bool, float]]] = [collections.deque() for _ in range(world_size)]
         self.named: List[int] = []
 
     def update(self, now: float, compute_ms: List[float]) -> Tuple[List[int], List[int]]:
@@ -68,19 +78,41 @@ class StragglerTracker:
         for rank, value in enumerate(compute_ms):
             if not math.isfinite(value):
                 continue
-            if value > limit:
-                if self.slow_since[rank] is None:
-                    self.slow_since[rank] = now
-                if now - self.slow_since[rank] >= self.window_s and rank not in self.named:
-                    self.named.append(rank)
-                    newly.append(rank)
-            else:
-                self.slow_since[rank] = None
-                if rank in self.named:
+            slow_now = value > limit
+            checks = self.checks[rank]
+            checks.append((now, slow_now, value))
+            while checks[0][0] < now - self.window_s:
+                checks.popleft()
+            if rank in self.named:
+                slow, total = self._slow_since(rank, -math.inf)
+                if slow < self.BACK_SHARE * total:
                     self.named.remove(rank)
                     recovered.append(rank)
+                continue
+            since = self.slow_since[rank]
+            if since is None:
+                self.slow_since[rank] = now if slow_now else None
+                continue
+            # The spell's share: before it began the rank was healthy, and those checks do not count.
+            slow, total = self._slow_since(rank, since)
+            if slow < self.NAME_SHARE * total:
+                self.slow_since[rank] = None
+            elif now - since >= self.window_s:
+                self.named.append(rank)
+                self.slow_since[rank] = None
+                newly.append(rank)
         self.named.sort()
         return newly, recovered
+
+    def _slow_since(self, rank: int, start: float) -> Tuple[int, int]:
+        """(slow, all) of `rank`'s checks in the last window from `start` on."""
+        chosen = [slow for t, slow, _ in self.checks[rank] if t >= start]
+        return sum(chosen), len(chosen)
+
+    def window_figures(self, rank: int) -> Tuple[int, int, float]:
+        """(slow checks, all checks, median compute ms) of `rank` over the last window, for the WARNING line."""
+        slow, total = self._slow_since(rank, -math.inf)
+        return slow, total, statistics.median(value for _, _, value in self.checks[rank])
 
 
 class ForwardComputeTimer:
@@ -209,14 +241,17 @@ class StragglerDetector:
                          "forward_compute_ms": [v if math.isfinite(v) else None for v in figures],
                          "median_ms": median, "straggler_ranks": list(self.straggler_ranks)})
             for r in newly:
+                slow, checks, its_median = self.tracker.window_figures(r)
                 telemetry.log(self.rank.rank, (
-                    f"WARNING straggler: {distributed.describe(self.places[r])} has spent "
-                    f"{figures[r]:.1f} ms per step in forward compute, more than {100 * EXCESS:.0f}% above the "
-                    f"median of all {len(figures)} ranks ({median:.1f} ms), for {self.window_s:.0f} s: "
-                    "every rank waits for it at each collective"))
+                    f"WARNING straggler: {distributed.describe(self.places[r])} spent more than "
+                    f"{100 * EXCESS:.0f}% longer in forward compute than the median of all {len(figures)} ranks "
+                    f"at {slow} of {checks} checks over {self.window_s:.0f} s ({its_median:.1f} ms per step at "
+                    f"its median check; all ranks' median now {median:.1f} ms): every rank waits for it at "
+                    "each collective"))
             for r in recovered:
                 telemetry.log(self.rank.rank, f"straggler: {distributed.describe(self.places[r])} is back "
-                                              f"within {100 * EXCESS:.0f}% of the median")
+                                              f"within {100 * EXCESS:.0f}% of the median at most checks "
+                                              f"over {self.window_s:.0f} s")
         slowest_step_s = max(t[1].item() for t in everyone)
         every = max(1, round(self.check_every_s / slowest_step_s)) if slowest_step_s > 0 else 1
         self._next_check = global_step + every

@@ -174,18 +174,24 @@ def test_without_pynvml_the_link_check_is_skipped_not_an_error(monkeypatch):
     assert facts["available"] is False and "link check skipped" in facts["note"]
 
 
-def test_straggler_is_named_after_a_whole_window_above_the_median_and_once():
+def test_straggler_is_named_after_a_window_slow_at_most_checks_and_once():
     tracker = StragglerTracker(world_size=3, window_s=60)
-    slow = [10.0, 10.0, 12.0]  # rank 2: 20% above the median
-    assert tracker.update(0, slow) == ([], []) and tracker.update(50, slow) == ([], [])
-    assert tracker.update(60, slow) == ([2], []) and tracker.named == [2]
-    assert tracker.update(70, slow) == ([], [])  # named once
-    assert tracker.update(80, [10.0, 10.0, 10.5]) == ([], [2]) and tracker.named == []  # back within 10%
-    tracker.update(100, slow)
-    tracker.update(130, [10.0, 10.0, 10.0])  # one check within 10% starts the window again
-    tracker.update(140, slow)
-    assert tracker.update(190, slow) == ([], []) and tracker.update(200, slow) == ([2], [])
-    assert tracker.update(210, [10.0, 10.0, math.nan]) == ([], []) and tracker.named == [2]  # no figure: no change
+    slow, fast = [10.0, 10.0, 12.0], [10.0, 10.0, 10.5]  # rank 2: 20% above the median, or within 10%
+    for now in (0, 10):
+        assert tracker.update(now, fast) == ([], [])  # healthy checks before the spell do not count against it
+    # A GPU time-sliced with another process: slow at most sampled steps, not all (measured on H100s).
+    for now, figures in ((20, slow), (30, slow), (40, fast), (50, slow), (60, slow), (70, slow)):
+        assert tracker.update(now, figures) == ([], [])  # the spell began at 20: not yet a window
+    assert tracker.update(80, fast) == ([2], []) and tracker.named == [2]  # 60 s on, 5 of 7 checks slow
+    assert tracker.window_figures(2) == (5, 7, 12.0)
+    assert tracker.update(90, slow) == ([], [])  # named once
+    for now in (100, 110, 120):
+        assert tracker.update(now, fast) == ([], [])  # 3 of 7 slow at 120 s: no flapping on a fast check or three
+    assert tracker.update(130, fast) == ([], [2]) and tracker.named == []  # 2 of 7, under a third: back
+    # Slow at only half the checks: never named, however long.
+    for now in range(200, 400, 10):
+        assert tracker.update(now, slow if now % 20 else fast) == ([], [])
+    assert tracker.update(400, [10.0, 10.0, math.nan]) == ([], []) and tracker.named == []  # no figure: no change
 
 
 def test_the_save_dir_write_test_leaves_no_file_even_when_stopped(tmp_path, monkeypatch):
