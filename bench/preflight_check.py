@@ -1,4 +1,4 @@
-"""Check the preflight and the straggler detector on a GPU machine, in about 4 minutes.
+"""Check the preflight and the straggler detector on a GPU machine, in about 5 minutes.
 
 Run from the repository root on a machine with 2 or more GPUs:
 
@@ -9,8 +9,8 @@ Steps, each a real `python train.py` (or tool) on the first N GPUs, NVLink multi
 1. `--preflight-only` on 2 and 4 GPUs (those the machine has): the healthy figures.
 2. `--preflight strict --preflight-only` on the largest count while bench/gpu_hog.py keeps
    GPU 1 busy (a noisy neighbour): expected exit 1 and a finding naming rank 1 / GPU 1.
-3. A short training run on the largest count with `--straggler-window 20s`; the hog starts
-   on GPU 1 once training has begun: the straggler detector should name rank 1.
+3. A 120 s training run on the largest count with the detector's own 60 s window; the hog
+   starts on GPU 1 once training has begun: the straggler detector should name rank 1.
 4. The all-reduce reference on 2 and 4 GPUs: nccl-tests' all_reduce_perf if it is on PATH,
    else bench/allreduce_by_hand.py (nccl-tests' definitions through torch.distributed);
    each size set beside the preflight's busbw from step 1.
@@ -216,8 +216,8 @@ def main() -> int:
     parser.add_argument("--out", required=True, help="directory for preflight_check.json and the logs archive")
     parser.add_argument("--gpus", default=None, help="GPU counts for steps 1 and 4 (default: 2,4 as available)")
     parser.add_argument("--hog-gpu", type=int, default=1)
-    parser.add_argument("--train-seconds", type=float, default=55.0)
-    parser.add_argument("--window", type=float, default=20.0, help="--straggler-window for step 3, seconds")
+    parser.add_argument("--train-seconds", type=float, default=120.0)
+    parser.add_argument("--window", type=float, default=60.0, help="--straggler-window for step 3, seconds")
     parser.add_argument("--train-args", default="", help="more train.py options for step 3, e.g. '--no-cuda-graphs'")
     args = parser.parse_args()
     import torch  # only for the GPU count: no CUDA context in this process
