@@ -20,6 +20,7 @@ from resnet_ddp.errors import UsageError
 
 ENV_PREFIX = "RESNET_DDP_"
 MIN_IMAGE_SIZE = 32  # every supported ResNet downsamples by 32
+MAX_PROFILED_STEPS = 20
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -141,6 +142,19 @@ def _slow_rank(text: str):
     return value
 
 
+def _profile_steps(text: str):
+    """'FIRST:LAST' or 'STEP' -> (first, last) global steps, for --profile-steps."""
+    first, _, last = text.partition(":")
+    try:
+        value = (int(first), int(last or first))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not FIRST:LAST (global steps, e.g. 200:204)") from None
+    if not 1 <= value[0] <= value[1] or value[1] - value[0] >= MAX_PROFILED_STEPS:
+        raise argparse.ArgumentTypeError(f"{text!r}: steps start at 1, FIRST <= LAST, and at most "
+                                         f"{MAX_PROFILED_STEPS} steps (a trace grows with every step)")
+    return value
+
+
 def build_parser(environ: Mapping[str, str] = os.environ, scenario: Optional[str] = None) -> argparse.ArgumentParser:
     """The options, with a scenario preset's values (if named) and then the environment as defaults."""
     p = _Parser(
@@ -206,6 +220,10 @@ def build_parser(environ: Mapping[str, str] = os.environ, scenario: Optional[str
                           "rank's figures labelled rank and local_rank (http://<node>:PORT/metrics)")
     out.add_argument("--tensorboard", action="store_true",
                      help="also write scalars to <save-dir>/tensorboard (pip install 'resnet-ddp[tensorboard]')")
+    out.add_argument("--profile-steps", type=_profile_steps, default=None, metavar="FIRST:LAST",
+                     help="record these global steps with torch.profiler (e.g. 200:204; steps before the warm-up "
+                          "and CUDA-graph capture are skipped): each rank writes <save-dir>/profile/rank<R>.trace.json "
+                          "(open in Perfetto) and rank<R>-ops.txt (operators and kernels by device time)")
 
     ckpt = p.add_argument_group("checkpoints and resume")
     ckpt.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,

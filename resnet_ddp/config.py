@@ -74,6 +74,7 @@ class Config:
     quiet: bool = False
     metrics_port: Optional[int] = None  # Prometheus endpoint on each node's local rank 0
     tensorboard: bool = False
+    profile_steps: Optional[Tuple[int, int]] = None  # (first, last) global steps to record with torch.profiler
     # Checkpoints and resume.
     checkpoint_every: int = 0  # steps; 0: at epoch ends (and on stop) only
     keep_checkpoints: int = 2

@@ -20,6 +20,7 @@ from resnet_ddp.faults import FaultInjector, NonFiniteWatch
 from resnet_ddp.load import GpuMemoryBallast, LoadPacer
 from resnet_ddp.model import build_model, compile_model, export_state_dict, train_flops_per_image, unwrap, wrap_ddp
 from resnet_ddp.nvml import GpuMonitor
+from resnet_ddp.profiling import StepProfiler
 from resnet_ddp.prometheus import PrometheusExporter
 from resnet_ddp.stopping import NONFINITE, TIME_UP, StopAgreement
 from resnet_ddp.watchdog import ProgressWatchdog
@@ -244,6 +245,8 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
     stragglers = straggler.StragglerDetector.start(config, rank, model, logger.record, first_check)
     if stragglers is not None:
         logger.extra["straggler_ranks"] = stragglers.straggler_ranks  # the same list, kept up to date
+    profiler = (StepProfiler(config.profile_steps, rank, config.save_dir, first_steady_step=ballast_step + 1,
+                             quiet=config.quiet) if config.profile_steps else None)
     # Pacing starts two steps after the start-up steps, so that the busy time it sleeps on is a steady step's.
     pacer = LoadPacer(config, rank, stop, logger.record, config.log_interval, LOG_EVERY_S,
                       paced_from_step=ballast_step + 2)
@@ -301,6 +304,8 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
             stop.time_is_up()
 
     pacer.start()
+    if profiler is not None:
+        profiler.steps_done(progress.global_step)
     while progress.epoch <= config.epochs and not stopped_by:
         if config.max_steps is not None and progress.global_step >= config.max_steps:
             break
@@ -316,6 +321,8 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
             if ballast is not None and global_step == ballast_step:
                 ballast.allocate()
             check_duration()
+            if profiler is not None:
+                profiler.steps_done(global_step)
             if stragglers is not None:
                 stragglers.after_step(global_step)
             logger.after_step(global_step, progress.epoch, epoch_start_step + steps_done, len_epoch, loss_sum,
@@ -360,6 +367,8 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
             progress = Progress(progress.epoch, steps_in_epoch, progress.global_step, loss_sum.item())
         save(progress)
     watchdog.stop()
+    if profiler is not None:
+        profiler.finish()  # a run that ended inside the chosen steps keeps what was recorded
     writer.wait()  # the last checkpoint is on disk (or its error raised) before anyone reports the end
     stop.settle()  # a signal that comes with the last step is too late: the run is complete
     time_up = stopped_by == TIME_UP

@@ -69,6 +69,7 @@ def test_help_documents_the_environment():
     (TINY + ["--dataset-size", "1"], {}, "--dataset-size 1 is smaller than the 2 processes"),
     (TINY + ["--fail-at-step", "1", "--fail-rank", "2"], {}, "--fail-rank 2"),
     (TINY + ["--compile"], {"CXX": "/no/such/compiler"}, "--compile needs a C++ compiler"),
+    (TINY + ["--profile-steps", "9:4"], {}, "--profile-steps"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, env, expected, save_dir):
     result = run_train(*args, "--save-dir", str(save_dir), env=env, timeout=60)

@@ -28,8 +28,8 @@ from test_training import DONE_LINE, EPOCH_LINE
 STEP_LINE = re.compile(r"^\[Rank (\d)\] epoch (\d+) step (\d+)/4 \((\d+)/8\) \| loss (\d+\.\d{4}) \| (\d+) img/s", re.M)
 
 
-def test_step_lines_and_metrics_file(save_dir):
-    result = run_train(*TINY, "--log-interval", "2", "--save-dir", str(save_dir))
+def test_step_lines_metrics_file_and_profile(save_dir):
+    result = run_train(*TINY, "--log-interval", "2", "--profile-steps", "4:5", "--save-dir", str(save_dir))
     assert result.returncode == 0, result.stderr[-2000:]
     lines = STEP_LINE.findall(result.stdout)
     assert sorted((rank, int(g)) for rank, _, _, g, _, _ in lines) == [(r, g) for r in "01" for g in (2, 4, 6, 8)]
@@ -47,6 +47,16 @@ def test_step_lines_and_metrics_file(save_dir):
     # each epoch record carries the value of the seed's line for that rank
     printed = {(rank, int(epoch)): float(loss) for rank, epoch, loss in EPOCH_LINE.findall(result.stdout)}
     assert {(str(r["rank"]), r["epoch"]): round(r["avg_loss"], 4) for r in epochs} == printed
+    # --profile-steps: each rank's record of steps 4 and 5 (one across the epoch end), complete files only
+    assert f"[Rank 0] profile of steps 4-5 written to {save_dir / 'profile'}" in result.stdout
+    assert sorted(p.name for p in (save_dir / "profile").iterdir()) == [
+        "rank0-ops.txt", "rank0.trace.json", "rank1-ops.txt", "rank1.trace.json"]
+    for rank in (0, 1):
+        trace = json.loads((save_dir / "profile" / f"rank{rank}.trace.json").read_text())
+        names = {event.get("name") for event in trace["traceEvents"]}
+        assert "aten::convolution_backward" in names and "_SyncBatchNormFunction" in names
+        ops = (save_dir / "profile" / f"rank{rank}-ops.txt").read_text()
+        assert "Self CPU" in ops and "c10d::allgather_" in ops  # SyncBatchNorm's statistics, over gloo
 
 
 def test_quiet_prints_only_the_seeds_lines(save_dir):
