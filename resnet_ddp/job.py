@@ -262,6 +262,7 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
             + (f", scenario {config.scenario}" if config.scenario else "")
         ))
     diverged = None  # (step, rank) of the first non-finite loss, under --nan-policy stop
+    saved_step = None  # the global step of the newest checkpoint submitted
 
     def save(state_progress: Progress) -> None:
         """Called by every rank at the same step: gathers each rank's epoch loss, then rank 0 writes.
@@ -269,7 +270,9 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
         Not under --nan-policy stop once a loss was not finite: a restart would resume
         from those weights, so the newest checkpoint stays the last good one.
         """
-        nonlocal diverged
+        nonlocal diverged, saved_step
+        if state_progress.global_step == saved_step:
+            return  # --max-steps ending on a --checkpoint-every step: that checkpoint is already written
         nonfinite.flush()
         gathered = [None] * rank.world_size
         dist.all_gather_object(gathered, (state_progress.epoch_loss_sum, nonfinite.first_bad_step))
@@ -278,6 +281,7 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
             diverged = diverged or bad[0]
             return
         loss_sums = [loss for loss, _ in gathered]
+        saved_step = state_progress.global_step
         if rank.is_main:
             held_since = time.perf_counter()
             writer.submit(_checkpoint_state(config, rank, model, optimizer, scaler, state_progress, loss_sums),

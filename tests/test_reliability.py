@@ -52,6 +52,16 @@ def test_checkpoints_at_epoch_ends_are_pruned_and_hold_the_training_state(save_d
     assert f"saved {save_dir / 'checkpoint-000000012.pt'} (" in result.stdout
 
 
+def test_max_steps_on_a_checkpoint_step_writes_that_checkpoint_once(save_dir):
+    result = run_train(*TINY, "--epochs", "3", "--max-steps", "6", "--checkpoint-every", "3",
+                       "--save-dir", str(save_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in (save_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in records if r["kind"] == "checkpoint"] == [3, 4, 6]  # 4: the epoch end
+    state = torch.load(save_dir / "checkpoint-000000006.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (2, 2, 6)
+
+
 def test_resume_mid_epoch_ends_with_the_same_weights_bitwise(tmp_path):
     common = [*TINY, "--epochs", "3", "--momentum", "0.9", "--seed", "5", "--checkpoint-every", "3"]
     whole = run_train(*common, "--save-dir", str(tmp_path / "whole"))
