@@ -127,6 +127,9 @@ class PrometheusExporter:
         self._gpu_families = {name: (gauge(name, text, GPU_LABELS), key, factor)
                               for name, (text, key, factor) in GPU_GAUGES.items()}
         self._gpu_gauges: Dict[str, tuple] = {}
+        self._straggler_family = gauge("resnet_ddp_straggler",
+                                       "1 while the straggler detector names this rank, else 0 (PREFLIGHT.md)")
+        self._straggler = None  # made by the first step record that carries the detector's verdict
         if self.serving:
             registry = client.CollectorRegistry()
             client.multiprocess.MultiProcessCollector(registry, path=directory)
@@ -157,6 +160,10 @@ class PrometheusExporter:
             if key in record:  # absent keys (no GPU, no known peak) stay unexported
                 value = record[key]
                 child.set(value * factor if value is not None else math.nan)  # None: a diverged loss
+        if "straggler_ranks" in record:  # absent while the detector is off: so is the series
+            if self._straggler is None:
+                self._straggler = self._straggler_family.labels(**self._labels)
+            self._straggler.set(1.0 if int(self._labels["rank"]) in record["straggler_ranks"] else 0.0)
 
     def gpu_sample(self, identity: Dict[str, str], sample: Dict[str, float]) -> None:
         """Called from the NVML sampling thread with this rank's GPU figures."""

@@ -133,10 +133,13 @@ def test_endpoint_tensorboard_summary_and_report_of_a_run_stopped_by_sigterm(sav
     """One real run serves both ranks' series on one endpoint, writes TensorBoard scalars, a summary
     with its exit reason and the table, and `report` draws its metrics."""
     port = free_port()
-    job = Job(train_command(*TINY, "--epochs", "500", "--log-interval", "1", "--metrics-port", str(port),
-                            "--tensorboard", "--save-dir", str(save_dir)))
+    # rank 1 slowed, so that the straggler detector names it (and the series says so) within the run
+    job = Job(train_command(*TINY, "--epochs", "500", "--log-interval", "1", "--warmup-steps", "1",
+                            "--metrics-port", str(port), "--tensorboard", "--save-dir", str(save_dir)),
+              {"RESNET_DDP_TEST_SLOW_RANK": "1:0.15", "RESNET_DDP_STRAGGLER_WINDOW": "1.5s"})
     # both ranks past their first epoch (so an epoch record exists) and two log points into the second
-    seen = scrape_until(job, port, lambda m: all(m.get(("resnet_ddp_steps_total", r), 0) >= 6 for r in (0, 1)))
+    seen = scrape_until(job, port, lambda m: all(m.get(("resnet_ddp_steps_total", r), 0) >= 6 for r in (0, 1))
+                        and m.get(("resnet_ddp_straggler", 1)) == 1)
     job.process.send_signal(signal.SIGTERM)
     result = job.wait(timeout=120)
     assert result.returncode == 143, result.stderr[-2000:]
@@ -150,6 +153,7 @@ def test_endpoint_tensorboard_summary_and_report_of_a_run_stopped_by_sigterm(sav
         assert 0 < seen["resnet_ddp_loss", rank] < 10 and 0 < seen["resnet_ddp_step_seconds", rank] < 60
         assert seen["resnet_ddp_images_per_second", rank] > 0 and 0 <= seen["resnet_ddp_data_wait_ratio", rank] <= 1
         assert seen["resnet_ddp_host_memory_rss_bytes", rank] > 2**20
+    assert seen["resnet_ddp_straggler", 0] == 0  # rank 1 named, rank 0 not
     # CPU ranks: no GPU figures at all, rather than zeros
     assert not any(name.startswith(("resnet_ddp_gpu_", "resnet_ddp_memory_", "resnet_ddp_mfu")) for name, _ in seen)
     from resnet_ddp.prometheus import metrics_dir
