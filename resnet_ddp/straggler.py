@@ -42,7 +42,7 @@ from resnet_ddp.model import unwrap
 from resnet_ddp.syncbn import SyncBatchNorm
 
 EXCESS = 0.10  # a rank computing more than 10% above the median of all ranks is slow
-CHECKS_PER_WINDOW = 6  # checks within one window: a straggler is slow at all of them
+CHECKS_PER_WINDOW = 6  # checks within one window: a straggler is slow at two thirds of them or more
 _EVENTS_HAVE_EXTERNAL = "external" in inspect.signature(torch.cuda.Event.__new__).parameters
 
 
