@@ -11,7 +11,6 @@ PREFLIGHT.md defines every figure and every rule.
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import statistics

@@ -109,6 +109,7 @@ class PrometheusExporter:
         os.makedirs(directory, exist_ok=True)
         client = _import_in_multiprocess_mode(directory)
         self.batch_size, self.total_steps = batch_size, total_steps
+        self.rank = rank
         self._labels = {"rank": str(rank), "local_rank": str(local_rank)}
         self._last_step = 0
 
@@ -163,7 +164,7 @@ class PrometheusExporter:
         if "straggler_ranks" in record:  # absent while the detector is off: so is the series
             if self._straggler is None:
                 self._straggler = self._straggler_family.labels(**self._labels)
-            self._straggler.set(1.0 if int(self._labels["rank"]) in record["straggler_ranks"] else 0.0)
+            self._straggler.set(1.0 if self.rank in record["straggler_ranks"] else 0.0)
 
     def gpu_sample(self, identity: Dict[str, str], sample: Dict[str, float]) -> None:
         """Called from the NVML sampling thread with this rank's GPU figures."""

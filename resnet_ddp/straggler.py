@@ -31,6 +31,7 @@ import inspect
 import math
 import statistics
 import time
+from fractions import Fraction
 from typing import Callable, Deque, List, Optional, Tuple
 
 import torch
@@ -58,8 +59,8 @@ class StragglerTracker:
     same ranks.
     """
 
-    NAME_SHARE = 2 / 3 - 1e-9  # 4 slow checks of 6 are two thirds, whatever the rounding
-    BACK_SHARE = 1 / 3
+    NAME_SHARE = Fraction(2, 3)  # exact: 4 slow checks of 6 are two thirds
+    BACK_SHARE = Fraction(1, 3)
 
     def __init__(self, world_size: int, window_s: float, excess: float = EXCESS):
         self.window_s = window_s

@@ -6,7 +6,6 @@ import pytest
 
 from conftest import TINY, run_train
 from resnet_ddp.cli import build_parser, parse_config
-from resnet_ddp.config import Config
 from resnet_ddp.errors import UsageError
 
 
