@@ -119,8 +119,11 @@ class GraphedStep:
         self.graph = torch.cuda.CUDAGraph()
         # Gradients are then allocated inside the graph's memory pool, and rewritten by every replay.
         self.eager.optimizer.zero_grad(set_to_none=True)
-        # thread_local: the DataLoader's pin-memory thread may allocate while we capture.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        # Captured on the side stream DDP was built on and the warm-up ran on: autograd's
+        # gradient-accumulation nodes keep that stream, and any other would make them
+        # synchronise between streams (torch warns of it). thread_local: the DataLoader's
+        # pin-memory thread may allocate while we capture.
+        with torch.cuda.graph(self.graph, stream=self.side_stream, capture_error_mode="thread_local"):
             self.static_loss = self.eager.compute(self.static_images, self.static_labels)
         self.graph.replay()  # capturing does not run the step: run it for this batch
         return self.static_loss
