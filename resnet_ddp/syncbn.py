@@ -87,27 +87,30 @@ class _TraceableSyncBatchNorm(torch.autograd.Function):
     """The same statistics and gradients in plain tensor ops and functional collectives, for torch.compile.
 
     The compiler turns each pass into one fused kernel (a Welford reduction for
-    the statistics, the normalisation with its neighbours such as ReLU), while
-    the explicit backward keeps what is saved to the input, not float32 copies
-    of it. Every rank has the same batch size (the sampler pads to whole
-    batches), so the global statistics are plain means over the ranks.
-    Returns the output and the detached global mean and biased variance (for the
-    running statistics).
+    the statistics, the normalisation with its neighbours such as ReLU). Every
+    rank has the same batch size (the sampler pads to whole batches), so the
+    global statistics are plain means over the ranks. Returns the output and the
+    detached global mean and biased variance (for the running statistics).
+
+    Both passes apply per-channel factors to the input itself (out = x * a + b),
+    so the backward shares no full-size intermediate with the forward. Written as
+    (x - mean) * a, the compiler merged the two passes' subtractions into one
+    node and kept it for the backward: a float32 copy of every BatchNorm input,
+    written and read again, which made the compiled step on 2 H100s 9.6 ms slower
+    than on one, against 3.3 ms uncompiled.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, group, world_size):
-        xf = _upcast(x)
-        var, mean = torch.var_mean(xf, dim=(0, 2, 3), unbiased=False)
+        var, mean = torch.var_mean(_upcast(x), dim=(0, 2, 3), unbiased=False)
         gathered = _FC.all_gather_tensor(torch.cat([mean, var]), 0, group).view(world_size, 2, -1)
         means, variances = gathered[:, 0], gathered[:, 1]
         global_mean = means.mean(0)
         global_var = (variances + (means - global_mean).square()).mean(0)
         invstd = torch.rsqrt(global_var + eps)
         scale = invstd if weight is None else invstd * weight
-        out = (xf - _shape(global_mean)) * _shape(scale)
-        if bias is not None:
-            out = out + _shape(bias)
+        shift = -global_mean * scale if bias is None else bias - global_mean * scale
+        out = x * _shape(scale) + _shape(shift)  # float32: the input is promoted inside the fused kernel
         ctx.save_for_backward(x, weight, global_mean, invstd)
         ctx.group, ctx.world_size = group, world_size
         ctx.mark_non_differentiable(global_mean, global_var)
@@ -117,16 +120,19 @@ class _TraceableSyncBatchNorm(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_mean, _grad_var):
         x, weight, mean, invstd = ctx.saved_tensors
         dy = _upcast(grad_out)
-        xmu = _upcast(x) - _shape(mean)
         sum_dy = dy.sum(dim=(0, 2, 3))
-        sum_dy_xmu = (dy * xmu).sum(dim=(0, 2, 3))
+        # sum(dy * (x - mean)), from the input itself (see the class docstring)
+        sum_dy_xmu = (dy * x).sum(dim=(0, 2, 3)) - mean * sum_dy
         grad_weight = sum_dy_xmu * invstd if weight is not None else None  # this rank's: DDP all-reduces it
         grad_bias = sum_dy if weight is not None else None
         global_sums = _FC.all_reduce(torch.cat([sum_dy, sum_dy_xmu]), "sum", ctx.group)
         total = x.numel() // x.shape[1] * ctx.world_size
         mean_dy, mean_dy_xmu = (global_sums / total).chunk(2)
         scale = invstd if weight is None else invstd * weight
-        grad_input = (dy - _shape(mean_dy) - xmu * _shape(invstd.square() * mean_dy_xmu)) * _shape(scale)
+        # (dy - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu) * scale, as dy * scale + x * a + b
+        a = -scale * invstd.square() * mean_dy_xmu
+        b = -scale * mean_dy - a * mean
+        grad_input = dy * _shape(scale) + x * _shape(a) + _shape(b)
         if weight is not None:
             grad_weight, grad_bias = grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
         return grad_input.to(x.dtype), grad_weight, grad_bias, None, None, None
