@@ -189,12 +189,14 @@ def build_parser(environ: Mapping[str, str] = os.environ, scenario: Optional[str
 
     speed = p.add_argument_group("speed (only --amp changes the arithmetic)")
     speed.add_argument("--fast", action="store_true",
-                       help="maximum load: --amp bf16 --data gpu --batch-size 256, unless those are given")
+                       help="maximum load: --amp bf16 --data gpu --batch-size 256, and --compile on GPUs where "
+                            "Triton and a C compiler are present, unless those are given")
     speed.add_argument("--amp", default=None, choices=AMP_MODES,
                        help="mixed precision: bf16 autocast, or fp16 autocast with a gradient scaler (default: off)")
     speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="NHWC memory layout (default: on for GPUs)")
-    speed.add_argument("--compile", action="store_true", help="torch.compile the model")
+    speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the model (default: off; on with --fast where it can build its kernels)")
     speed.add_argument("--data", default=None, choices=DATA_SOURCES,
                        help="cpu: LazyFakeDataset in DataLoader workers; gpu: fake batches made on the device (default: cpu)")
     speed.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
@@ -348,6 +350,8 @@ def parse_config(argv: Optional[Sequence[str]] = None, environ: Mapping[str, str
         batch_size=_given(args.batch_size, 256 if args.fast else None, Config.batch_size),
         amp=_given(args.amp, "bf16" if args.fast else None, Config.amp),
         data=_given(args.data, "gpu" if args.fast else None, Config.data),
+        # None: --fast's "where it can", settled once the device is known (resolve_compile)
+        compile=args.compile if args.compile is not None else (None if args.fast else False),
         preflight="warn" if args.preflight_only and args.preflight == "off" else args.preflight,
     )
     config = Config(**values)
@@ -429,6 +433,23 @@ def validate(config: Config) -> None:
         raise UsageError("--gpu-memory-ballast holds GPU memory, and a --cpu run has none: drop one of them")
 
 
+def resolve_compile(config: Config, device_type: str, announce: bool) -> Config:
+    """--fast without --compile/--no-compile: compile on GPUs where inductor can build its kernels.
+
+    A slim image without a compiler still runs --fast, uncompiled, and says so.
+    """
+    if config.compile is not None:
+        return config
+    if device_type != "cuda":  # compiling the CPU step buys little for minutes of start-up
+        return dataclasses.replace(config, compile=False)
+    from resnet_ddp import model
+
+    missing = model.compiler_missing(device_type)
+    if missing is not None and announce:
+        print(f"resnet-ddp: --fast runs without --compile here: torch.compile {missing}", flush=True)
+    return dataclasses.replace(config, compile=missing is None)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["report"]:
@@ -452,6 +473,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             telemetry.require_tensorboard()
         if config.metrics_port is not None and plan.holds_local_rank_zero:
             prometheus.check_can_serve(config.metrics_port)
+        config = resolve_compile(config, plan.device_type, announce=plan.holds_rank_zero)
         if config.compile:
             model.require_compiler(plan.device_type)
     except UsageError as exc:

@@ -63,7 +63,7 @@ class Config:
     # Speed: none of these changes the maths except --amp.
     amp: str = "off"
     channels_last: Optional[bool] = None  # None: on for GPUs, off on CPU
-    compile: bool = False
+    compile: Optional[bool] = False  # None (from --fast): on GPUs where inductor can build, settled at start-up
     data: str = "cpu"
     cuda_graphs: Optional[bool] = None  # None: on where the step can be captured
     # Run length and measurement.

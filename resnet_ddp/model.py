@@ -51,7 +51,14 @@ def compile_model(model: nn.Module) -> nn.Module:
 
 
 def require_compiler(device_type: str) -> None:
-    """--compile where inductor cannot build its kernels: refused at start-up, not by a traceback in the first step.
+    """--compile where inductor cannot build its kernels: refused at start-up, not by a traceback in the first step."""
+    missing = compiler_missing(device_type)
+    if missing is not None:
+        raise UsageError(f"--compile {missing}: drop --compile, or use an image that has it")
+
+
+def compiler_missing(device_type: str) -> Optional[str]:
+    """What inductor lacks here to build its kernels, or None.
 
     On GPUs inductor writes Triton kernels, and Triton builds its launcher with a
     C compiler (CC, else gcc or clang); on CPUs inductor writes C++ and builds it
@@ -59,15 +66,14 @@ def require_compiler(device_type: str) -> None:
     """
     if device_type == "cuda":
         if importlib.util.find_spec("triton") is None:
-            raise UsageError("--compile on GPUs needs Triton, which is not installed here: drop --compile, "
-                             "or use an image whose torch comes with it")
+            return "needs Triton to build GPU kernels, and it is not installed here"
         wanted = "a C compiler (gcc or clang, or the one CC names)"
         names = [os.environ["CC"]] if os.environ.get("CC") else ["gcc", "clang"]
     else:
         wanted, names = "a C++ compiler (g++, or the one CXX names)", [os.environ.get("CXX") or "g++"]
     if not any(shutil.which(name) for name in names):
-        raise UsageError(f"--compile needs {wanted} to build its kernels, and this machine has none: "
-                         "drop --compile, or use an image with a compiler")
+        return f"needs {wanted} to build its kernels, and this machine has none"
+    return None
 
 
 def _ddp(model: nn.Module, rank: RankInfo, sync_bn: bool) -> DistributedDataParallel:

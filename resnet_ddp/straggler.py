@@ -203,7 +203,8 @@ class StragglerDetector:
         if config.straggler_window_s <= 0 or rank.world_size < 2:
             return None
         if config.compile:
-            why = "--compile traces the model, and the timing marks would break its graphs"
+            why = ("--compile traces the model, and the timing marks would break its graphs "
+                   "(--no-compile keeps the detector, also with --fast)")
         elif config.use_cuda_graphs and not _EVENTS_HAVE_EXTERNAL:
             why = (f"torch {torch.__version__} cannot time inside a CUDA graph (torch.cuda.Event has no "
                    "external=True); --no-cuda-graphs turns it on")

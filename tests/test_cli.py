@@ -97,3 +97,23 @@ def test_durations_read_as_people_write_them():
             parse_config(["--duration", bad], environ={})
     with pytest.raises(UsageError, match="RESNET_DDP_DURATION"):
         parse_config([], environ={"RESNET_DDP_DURATION": "soon"})
+
+
+def test_fast_compiles_on_gpus_that_can_build_and_says_so_where_they_cannot(monkeypatch, capsys):
+    from resnet_ddp import cli, model
+
+    fast = parse_config(["--fast"], environ={})
+    monkeypatch.setattr(model, "compiler_missing", lambda device_type: None)
+    assert cli.resolve_compile(fast, "cuda", announce=True).compile is True
+    assert cli.resolve_compile(fast, "cpu", announce=True).compile is False  # minutes of start-up for little
+    # A slim image: --fast still runs, uncompiled, and the launcher says why in one line.
+    monkeypatch.setattr(model, "compiler_missing", lambda device_type: "needs Triton, and it is not installed here")
+    assert cli.resolve_compile(fast, "cuda", announce=True).compile is False
+    assert capsys.readouterr().out == ("resnet-ddp: --fast runs without --compile here: "
+                                       "torch.compile needs Triton, and it is not installed here\n")
+    # What the user says wins over --fast; an explicit --compile is then checked (and refused) as before.
+    assert cli.resolve_compile(parse_config(["--fast", "--compile"], environ={}), "cuda", announce=True).compile
+    assert not cli.resolve_compile(parse_config(["--fast", "--no-compile"], environ={}), "cuda", announce=True).compile
+    assert not cli.resolve_compile(parse_config(["--fast"], environ={"RESNET_DDP_COMPILE": "0"}), "cuda",
+                                   announce=True).compile
+    assert parse_config([], environ={}).compile is False
