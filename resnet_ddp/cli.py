@@ -442,12 +442,18 @@ def resolve_compile(config: Config, device_type: str, announce: bool) -> Config:
         return config
     if device_type != "cuda":  # compiling the CPU step buys little for minutes of start-up
         return dataclasses.replace(config, compile=False)
-    from resnet_ddp import model
+    from resnet_ddp import model, syncbn
 
     missing = model.compiler_missing(device_type)
-    if missing is not None and announce:
-        print(f"resnet-ddp: --fast runs without --compile here: torch.compile {missing}", flush=True)
-    return dataclasses.replace(config, compile=missing is None)
+    why = f"torch.compile {missing}" if missing is not None else None
+    if why is None and config.sync_bn and not syncbn.COMPILES_WHOLE:
+        import torch
+
+        why = (f"torch {torch.__version__} splits the compiled graph at every SyncBatchNorm layer (2.5 or newer "
+               "compiles it whole); --compile asks for it anyway")
+    if why is not None and announce:
+        print(f"resnet-ddp: --fast runs without --compile here: {why}", flush=True)
+    return dataclasses.replace(config, compile=why is None)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

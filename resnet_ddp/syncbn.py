@@ -81,6 +81,8 @@ def _functional_collectives():
 
 
 _FC = _functional_collectives()
+# Whether torch.compile can take the layer into its graph whole; before torch 2.5 it breaks the graph at each layer.
+COMPILES_WHOLE = _FC is not None
 
 
 class _TraceableSyncBatchNorm(torch.autograd.Function):

@@ -117,3 +117,11 @@ def test_fast_compiles_on_gpus_that_can_build_and_says_so_where_they_cannot(monk
     assert not cli.resolve_compile(parse_config(["--fast"], environ={"RESNET_DDP_COMPILE": "0"}), "cuda",
                                    announce=True).compile
     assert parse_config([], environ={}).compile is False
+    # An old torch (the AstraGo images' 2.2) would compile SyncBatchNorm only in pieces: --fast leaves it out.
+    from resnet_ddp import syncbn
+
+    monkeypatch.setattr(model, "compiler_missing", lambda device_type: None)
+    monkeypatch.setattr(syncbn, "COMPILES_WHOLE", False)
+    assert cli.resolve_compile(fast, "cuda", announce=True).compile is False
+    assert "splits the compiled graph at every SyncBatchNorm layer" in capsys.readouterr().out
+    assert cli.resolve_compile(parse_config(["--fast", "--no-sync-bn"], environ={}), "cuda", announce=False).compile
