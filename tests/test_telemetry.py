@@ -267,3 +267,29 @@ def test_an_interactive_terminal_shows_rank_0s_progress_bar(save_dir):
     assert sorted((m.group(1), m.group(2)) for m in map(EPOCH_LINE.match, lines) if m) == [
         ("0", "1"), ("0", "2"), ("1", "1"), ("1", "2")]
     assert sum(1 for line in lines if DONE_LINE.match(line)) == 2
+
+
+def test_trace_summary_adds_kernel_time_by_kind_and_counts_overlap_once(tmp_path):
+    """bench/trace_summary.py, which PERFORMANCE.md's profile figures come from, on a made-up two-step trace."""
+    def kernel(name, ts, dur, stream=7):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}
+
+    events = [kernel("sm90_xmma_fprop_implicit_gemm_bf16", 0, 1000), kernel("triton_poi_fused_add_relu_3", 1000, 500),
+              kernel("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 1200, 800, stream=9),  # overlaps the one before
+              kernel("triton_red_fused_var_mean_7", 2000, 1000),
+              {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 3000, "dur": 1000, "args": {}},
+              {"ph": "X", "cat": "cpu_op", "name": "aten::add", "ts": 0, "dur": 9999, "args": {}}]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    one.write_text(json.dumps({"traceEvents": events}))
+    two.write_text(json.dumps({"traceEvents": events[:1] + [kernel("triton_poi_fused_add_relu_9", 1000, 1500)]}))
+    result = subprocess.run([sys.executable, "bench/trace_summary.py", str(one), str(two), "--steps", "2"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    first_trace = lines[1:lines.index(next(line for line in lines if line.startswith(str(two))))]
+    rows = {line.split("  ")[1].strip(): line for line in first_trace}
+    assert "2.00 ms/step" in rows["busy (any kernel running)"]  # 4 ms of GPU time in all, over 2 steps
+    assert "0.50 ms/step" in rows["convolution/GEMM"] and "0.40 ms/step" in rows["NCCL"]
+    assert "0.25 ms/step" in rows["Triton elementwise"] and "0.50 ms/step" in rows["copies"]
+    # The same fused kernel under another Triton number is one family: +0.50 ms/step, not a new kernel.
+    assert any(line.split()[:3] == ["+0.50", "0.25", "->"] and "triton_poi_fused_add_relu" in line for line in lines)
