@@ -104,7 +104,7 @@ def main() -> int:
         before, after = by_family(events[0]), by_family(events[1])
         changes = sorted(((after.get(n, 0.0) - before.get(n, 0.0), n) for n in set(before) | set(after)),
                          key=lambda change: -abs(change[0]))
-        print(f"largest changes, second trace against the first (ms/step):")
+        print("largest changes, second trace against the first (ms/step):")
         for delta, name in changes[:args.top]:
             print(f"  {delta / 1000 / args.steps:+8.2f}  {before.get(name, 0.0) / 1000 / args.steps:7.2f} -> "
                   f"{after.get(name, 0.0) / 1000 / args.steps:7.2f}  {name[:100]}")
