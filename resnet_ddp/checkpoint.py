@@ -11,7 +11,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import BinaryIO, Callable, List, Optional, Tuple
+from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -103,37 +103,101 @@ def save_checkpoint(state: dict, save_dir: str, keep: int) -> str:
     return path
 
 
-def copy_to_host(obj):
-    """A copy of a state (nested dicts, lists, tuples) whose tensors live on the host and share nothing with training."""
+class HostSnapshot:
+    """Host buffers that a state's tensors are copied into: allocated once, reused by every checkpoint.
+
+    From a GPU the copies go into pinned memory without waiting for the device:
+    they are queued on the training stream, so they read the weights before the
+    next step changes them, and `wait_copied` (the writer's thread) waits for
+    them. Training then holds only for the copies' time on the GPU (a few ms for
+    ResNet-50), where a blocking copy into fresh pageable memory held it
+    0.02-0.10 s.
+    """
+
+    def __init__(self):
+        self._buffers: Dict[tuple, torch.Tensor] = {}
+        self._copied: List[Tuple["torch.cuda.Event", "torch.cuda.Event"]] = []
+
+    def reserve(self, state: dict) -> None:
+        """Allocate the buffers for `state`'s tensors now (pinning memory takes time), copying nothing."""
+        self._walk(state, (), copy=False)
+
+    def copy(self, state: dict) -> dict:
+        """`state` with every tensor replaced by its buffer, into which a copy has been queued."""
+        devices = sorted({tensor.device for tensor in _tensors(state) if tensor.is_cuda}, key=str)
+        started = [_recorded_event(device) for device in devices]
+        snapshot = self._walk(state, (), copy=True)
+        self._copied = [(start, _recorded_event(device)) for start, device in zip(started, devices)]
+        return snapshot
+
+    def wait_copied(self) -> Optional[float]:
+        """Wait for the queued copies; their time on the GPU in seconds (the longest device's), or None on CPU."""
+        if not self._copied:
+            return None
+        for _, done in self._copied:
+            done.synchronize()
+        return max(start.elapsed_time(done) for start, done in self._copied) / 1000.0
+
+    def _walk(self, obj, path: tuple, copy: bool):
+        if isinstance(obj, torch.Tensor):
+            buffer = self._buffers.get(path)
+            if buffer is None or buffer.shape != obj.shape or buffer.dtype != obj.dtype:
+                # Contiguous whatever the live tensor's layout: the file holds plain tensors.
+                buffer = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
+                self._buffers[path] = buffer
+            if copy:
+                buffer.copy_(obj.detach(), non_blocking=obj.is_cuda)
+            return buffer
+        if isinstance(obj, dict):
+            return {key: self._walk(value, path + (key,), copy) for key, value in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._walk(value, path + (i,), copy) for i, value in enumerate(obj))
+        return obj
+
+
+def _tensors(obj):
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
-    if isinstance(obj, dict):
-        return {key: copy_to_host(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(copy_to_host(value) for value in obj)
-    return obj
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
+
+
+def _recorded_event(device: torch.device) -> "torch.cuda.Event":
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(torch.cuda.current_stream(device))
+    return event
 
 
 class CheckpointWriter:
     """Writes checkpoints in a background thread, so training goes on while the disk works.
 
-    `submit` copies the state to host memory (the only part the training loop
-    waits for), then a thread writes it atomically and prunes the old ones. One
-    write at a time: a new submit first waits for the one before. A failed write
-    is raised by the next `submit` or by `wait`, which the job calls before it
-    ends or stops, so nothing is reported as saved that is not on disk.
+    `submit` queues the state's copy into host buffers (HostSnapshot), then a
+    thread waits for the copy, writes it atomically and prunes the old ones. One
+    write at a time: a new submit first waits for the one before (whose buffers
+    it reuses). A failed write is raised by the next `submit` or by `wait`,
+    which the job calls before it ends or stops, so nothing is reported as saved
+    that is not on disk.
     """
 
     def __init__(self, save_dir: str, keep: int, on_written: Callable[[dict], None]):
         """`on_written` gets, from the writer's thread, the figures of each write once it is on disk."""
         self.save_dir, self.keep, self.on_written = save_dir, keep, on_written
+        self._snapshot = HostSnapshot()
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
+
+    def reserve(self, state: dict) -> None:
+        """Allocate host memory for checkpoints of this state before training, not at the first checkpoint."""
+        self._snapshot.reserve(state)
 
     def submit(self, state: dict, held_since: float) -> None:
         """`held_since`: when training stopped for this checkpoint (perf_counter), for the figures."""
         self.wait()
-        snapshot = copy_to_host(state)
+        snapshot = self._snapshot.copy(state)
         held_s = time.perf_counter() - held_since
         # Not a daemon: a process that ends while a write is under way finishes it (or its clean-up) first.
         self._thread = threading.Thread(target=self._write, args=(snapshot, held_s), name="checkpoint-writer")
@@ -142,9 +206,13 @@ class CheckpointWriter:
     def _write(self, state: dict, held_s: float) -> None:
         started = time.perf_counter()
         try:
+            copy_s = self._snapshot.wait_copied()
             path = save_checkpoint(state, self.save_dir, self.keep)
-            self.on_written({"global_step": state["global_step"], "path": path, "bytes": os.path.getsize(path),
-                             "write_s": time.perf_counter() - started, "training_held_s": held_s})
+            figures = {"global_step": state["global_step"], "path": path, "bytes": os.path.getsize(path),
+                       "write_s": time.perf_counter() - started, "training_held_s": held_s}
+            if copy_s is not None:
+                figures["gpu_copy_s"] = copy_s
+            self.on_written(figures)
         except BaseException as exc:  # raised in the training thread by the next submit or wait
             self._error = exc
 

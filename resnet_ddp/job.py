@@ -291,10 +291,14 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
         """Once a checkpoint is on disk: its write time is what a preemption's grace period must cover."""
         logger.record({"kind": "checkpoint", **figures})
         if not config.quiet:
+            on_gpu = f" + {figures['gpu_copy_s'] * 1000:.1f} ms of copy on the GPU" if "gpu_copy_s" in figures else ""
             telemetry.log(rank.rank, f"saved {figures['path']} ({figures['bytes'] / 2**20:.0f} MiB in "
-                                     f"{figures['write_s']:.2f} s, training held {figures['training_held_s']:.2f} s)")
+                                     f"{figures['write_s']:.2f} s, training held {figures['training_held_s']:.3f} s"
+                                     f"{on_gpu})")
 
     writer = checkpoint.CheckpointWriter(config.save_dir, config.keep_checkpoints, checkpoint_written)
+    if rank.is_main:
+        writer.reserve({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict()})
     faults.before_failing = writer.wait
 
     stopped_by = 0

@@ -283,8 +283,16 @@ def test_a_checkpoint_written_in_the_background_holds_the_state_as_it_was_submit
     assert torch.count_nonzero(state["model"]["w"]) == 0 and torch.count_nonzero(state["optimizer"]["state"][0]) == 0
     assert [w["global_step"] for w in written] == [7] and written[0]["bytes"] > 4_000_000
 
-    (tmp_path / "checkpoint-000000008.pt").mkdir()  # a write that must fail: a directory is in the way
-    writer.submit({"global_step": 8, "model": {}}, time.perf_counter())
+    # The next checkpoint reuses the host buffers: it holds the new weights, and the file before it is untouched.
+    writer.submit({"global_step": 8, "model": {"w": weights}, "optimizer": {"state": [weights]}}, time.perf_counter())
+    weights.add_(1)
+    writer.wait()
+    newer = torch.load(tmp_path / "checkpoint-000000008.pt", weights_only=True)
+    assert torch.equal(newer["model"]["w"], torch.ones(1_000_000))
+    assert torch.count_nonzero(torch.load(tmp_path / "checkpoint-000000007.pt", weights_only=True)["model"]["w"]) == 0
+
+    (tmp_path / "checkpoint-000000009.pt").mkdir()  # a write that must fail: a directory is in the way
+    writer.submit({"global_step": 9, "model": {}}, time.perf_counter())
     with pytest.raises(CheckpointWriteError, match="could not write checkpoint"):
         writer.wait()
     writer.wait()  # reported once
