@@ -242,6 +242,27 @@ def test_compiled_syncbn_keeps_no_float32_copy_of_its_bf16_input_for_the_backwar
         assert not [s for s in saved if s[0] == "torch.float32" and s[1] >= activation], saved
 
 
+def test_a_checkpoint_of_gpu_tensors_holds_their_values_when_submitted_while_the_stream_runs_on(tmp_path):
+    """The copy to host is queued, not waited for: it must still read the weights of its step, and the
+    writer must wait for it before writing."""
+    from resnet_ddp.checkpoint import CheckpointWriter
+
+    written = []
+    writer = CheckpointWriter(str(tmp_path), keep=2, on_written=written.append)
+    weights = torch.zeros(50_000_000, device="cuda")
+    writer.reserve({"model": {"w": weights}})
+    busy = torch.randn(8192, 8192, device="cuda")
+    for _ in range(30):  # some 100 ms of queued work: the copy cannot have run when submit returns
+        busy = busy @ busy / 8192
+    weights.fill_(3.0)  # this step's update, still queued behind the work
+    writer.submit({"global_step": 5, "model": {"w": weights}}, time.perf_counter())
+    weights.add_(1)  # the next step's update, queued after the copy
+    writer.wait()
+    state = torch.load(tmp_path / "checkpoint-000000005.pt", weights_only=True)
+    assert torch.equal(state["model"]["w"], torch.full((50_000_000,), 3.0))
+    assert written[0]["gpu_copy_s"] > 0  # the log line reports the copy's time on the GPU
+
+
 def test_two_torchrun_agents_over_nccl_one_gpu_each(tmp_path):
     """Two 'nodes' (torchrun agents, one GPU each, as two pods would have) make one job over NCCL."""
     port = free_port()
@@ -285,7 +306,8 @@ def _records(save_dir, kind):
 
 
 def test_duty_cycle_on_gpus_sleeps_the_agreed_busy_time_of_graphed_steps(save_dir):
-    result = run_train(*GPU_TINY, "--epochs", "50", "--max-steps", "40", "--duty-cycle", "0.25", "--log-interval", "1",
+    # Pacing starts two steps after graph capture (step 14): 50 steps leave 36 paced ones.
+    result = run_train(*GPU_TINY, "--epochs", "50", "--max-steps", "50", "--duty-cycle", "0.25", "--log-interval", "1",
                        "--save-dir", str(save_dir), env=SAFE)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "CUDA graphs on" in result.stdout
