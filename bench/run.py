@@ -150,7 +150,7 @@ def main() -> int:
     }
     os.makedirs(args.results_dir, exist_ok=True)
     slug = card.replace("NVIDIA ", "").replace(" ", "-").lower()
-    path = os.path.join(args.results_dir, f"{payload['date']}-{slug}-x{available}.json")
+    path = _unused_path(os.path.join(args.results_dir, f"{payload['date']}-{slug}-x{available}"))
     plan = [("runs", name, int(gpus), []) for gpus in args.gpus.split(",") for name in args.configs.split(",")]
     for spec in args.experiment:
         name, gpus, extra = spec.split(":", 2)
@@ -166,6 +166,15 @@ def main() -> int:
             f.write("\n")
     print(f"wrote {path}")
     return 0
+
+
+def _unused_path(stem: str) -> str:
+    """stem.json, or stem-2.json, -3 ... if taken: a second run on the same day keeps the first one's results."""
+    path, n = f"{stem}.json", 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{stem}-{n}.json"
+    return path
 
 
 def _print_row(r: Dict) -> None:

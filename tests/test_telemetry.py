@@ -293,3 +293,18 @@ def test_trace_summary_adds_kernel_time_by_kind_and_counts_overlap_once(tmp_path
     assert "0.25 ms/step" in rows["Triton elementwise"] and "0.50 ms/step" in rows["copies"]
     # The same fused kernel under another Triton number is one family: +0.50 ms/step, not a new kernel.
     assert any(line.split()[:3] == ["+0.50", "0.25", "->"] and "triton_poi_fused_add_relu" in line for line in lines)
+
+
+def test_a_second_benchmark_run_on_the_same_day_keeps_the_first_ones_results(tmp_path, monkeypatch):
+    """bench/run.py names its file by date, card and GPU count: a second run must not overwrite the first."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))
+    spec = importlib.util.spec_from_file_location("bench_run", os.path.join(REPO, "bench", "run.py"))
+    bench_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_run)
+    stem = str(tmp_path / "2026-11-27-h100-80gb-hbm3-x4")
+    assert bench_run._unused_path(stem) == stem + ".json"
+    (tmp_path / "2026-11-27-h100-80gb-hbm3-x4.json").write_text("{}")
+    (tmp_path / "2026-11-27-h100-80gb-hbm3-x4-2.json").write_text("{}")
+    assert bench_run._unused_path(stem) == stem + "-3.json"
