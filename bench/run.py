@@ -9,6 +9,10 @@ Runs on the GPU machine, from the repository root, in one process tree:
     python bench/run.py --gpus 4 --configs fast --repeat 3 \
         --experiment "fast-metrics:4:--fast --metrics-port 8000" \
         --experiment "fast-metrics-tensorboard:4:--fast --metrics-port 8000 --tensorboard"
+    # a code change against the current code, in one call: the experiment runs from a copy of
+    # the tree with the patch applied (bench/variants/ holds the ones tried or still to try)
+    python bench/run.py --gpus 1,4 --configs fast --experiment "own-group:4:--fast" \
+        --variant own-group=bench/variants/syncbn-own-group.patch
 
 Each run is a real `python train.py` (or the baseline script) on the first N
 GPUs; the figures come from its summary.json, and GPU utilisation from NVML,
@@ -22,6 +26,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -82,7 +87,21 @@ class UtilisationSampler:
         return sum(inside) / len(inside) if inside else None
 
 
-def _run_one(name: str, gpus: int, extra_args: List[str], log_dir: str, timeout_s: float, repeat: int = 0) -> Dict:
+def patched_tree(patch: str, into: str) -> str:
+    """A copy of this repository's code in `into`, with `patch` (a unified diff against it) applied.
+
+    An A/B of a code change then runs both sides in one call, on one machine.
+    """
+    tree = os.path.join(into, os.path.splitext(os.path.basename(patch))[0])
+    shutil.copytree(REPO, tree, ignore=shutil.ignore_patterns(".git", ".venv", ".gpu", "results", "__pycache__"))
+    applied = subprocess.run(["git", "apply", os.path.abspath(patch)], cwd=tree, capture_output=True, text=True)
+    if applied.returncode != 0:
+        raise SystemExit(f"bench: {patch} does not apply to this tree: {applied.stderr.strip().splitlines()[0]}")
+    return tree
+
+
+def _run_one(name: str, gpus: int, extra_args: List[str], log_dir: str, timeout_s: float, repeat: int = 0,
+             tree: str = REPO) -> Dict:
     env = child_env(gpus)
     workdir = tempfile.mkdtemp(prefix=f"bench-{name}-{gpus}-")
     if name == "seed-equivalent":
@@ -98,7 +117,7 @@ def _run_one(name: str, gpus: int, extra_args: List[str], log_dir: str, timeout_
     started = time.monotonic()
     with UtilisationSampler(first_gpus(gpus)) as sampler, open(log_path, "w") as log:
         try:
-            code = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            code = subprocess.run(command, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT,
                                   timeout=timeout_s).returncode
         except subprocess.TimeoutExpired:
             code = f"none: still running after {timeout_s:.0f} s"
@@ -128,6 +147,9 @@ def main() -> int:
     parser.add_argument("--experiment", action="append", default=[],
                         help="NAME:GPUS:ARGS, an extra train.py run recorded under experiments (e.g. "
                              "'default-no-graphs:2:--no-cuda-graphs')")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=PATCH",
+                        help="run the experiment NAME from a copy of this tree with PATCH applied (e.g. "
+                             "'own-group=bench/variants/syncbn-own-group.patch')")
     parser.add_argument("--log-dir", default=os.environ.get("OUT", tempfile.gettempdir()))
     parser.add_argument("--results-dir", default=os.path.join(REPO, "bench", "results"))
     parser.add_argument("--run-timeout", type=float, default=300, help="seconds one run may take")
@@ -157,8 +179,12 @@ def main() -> int:
         plan.append(("experiments", name, int(gpus), extra.split()))
     rounds = [(section, name, gpus, extra, repeat if args.repeat > 1 else 0)
               for repeat in range(1, max(1, args.repeat) + 1) for section, name, gpus, extra in plan]
+    patches = dict(spec.split("=", 1) for spec in args.variant)
+    trees = {name: patched_tree(patch, tempfile.mkdtemp(prefix="bench-variant-")) for name, patch in patches.items()}
     for section, name, gpus, extra, repeat in rounds:
-        result = _run_one(name, gpus, extra, args.log_dir, args.run_timeout, repeat)
+        result = _run_one(name, gpus, extra, args.log_dir, args.run_timeout, repeat, trees.get(name, REPO))
+        if name in patches:
+            result["variant"] = patches[name]
         payload[section].append(result)
         _print_row(result)
         with open(path, "w") as f:  # after every run, so a cut-short session keeps what it measured

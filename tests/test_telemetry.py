@@ -295,16 +295,39 @@ def test_trace_summary_adds_kernel_time_by_kind_and_counts_overlap_once(tmp_path
     assert any(line.split()[:3] == ["+0.50", "0.25", "->"] and "triton_poi_fused_add_relu" in line for line in lines)
 
 
-def test_a_second_benchmark_run_on_the_same_day_keeps_the_first_ones_results(tmp_path, monkeypatch):
-    """bench/run.py names its file by date, card and GPU count: a second run must not overwrite the first."""
+def _bench_run_module(monkeypatch):
     import importlib.util
 
     monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))
     spec = importlib.util.spec_from_file_location("bench_run", os.path.join(REPO, "bench", "run.py"))
-    bench_run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_run)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_second_benchmark_run_on_the_same_day_keeps_the_first_ones_results(tmp_path, monkeypatch):
+    """bench/run.py names its file by date, card and GPU count: a second run must not overwrite the first."""
+    bench_run = _bench_run_module(monkeypatch)
     stem = str(tmp_path / "2026-11-27-h100-80gb-hbm3-x4")
     assert bench_run._unused_path(stem) == stem + ".json"
     (tmp_path / "2026-11-27-h100-80gb-hbm3-x4.json").write_text("{}")
     (tmp_path / "2026-11-27-h100-80gb-hbm3-x4-2.json").write_text("{}")
     assert bench_run._unused_path(stem) == stem + "-3.json"
+
+
+def test_a_benchmark_variant_runs_from_a_patched_copy_and_a_stale_patch_stops_the_harness(tmp_path, monkeypatch):
+    """bench/run.py --variant NAME=PATCH: the A/B of a code change in one call; the tree itself stays as it was."""
+    bench_run = _bench_run_module(monkeypatch)
+    readme = open(os.path.join(REPO, "README.en.md")).read().splitlines()
+    patch = tmp_path / "title.patch"
+    context = "".join(f" {line}\n" for line in readme[1:3])
+    patch.write_text("A made-up variant.\n\n--- a/README.en.md\n+++ b/README.en.md\n@@ -1,3 +1,3 @@\n"
+                     f"-{readme[0]}\n+# patched\n{context}")
+    tree = bench_run.patched_tree(str(patch), str(tmp_path / "variants"))
+    assert open(os.path.join(tree, "README.en.md")).read().splitlines()[0] == "# patched"
+    assert os.path.exists(os.path.join(tree, "train.py")) and not os.path.exists(os.path.join(tree, ".git"))
+    assert open(os.path.join(REPO, "README.en.md")).read().splitlines()[0] == readme[0]
+    stale = tmp_path / "stale.patch"
+    stale.write_text(f"--- a/README.en.md\n+++ b/README.en.md\n@@ -1,3 +1,3 @@\n-# not the title\n+# patched\n{context}")
+    with pytest.raises(SystemExit, match="stale.patch does not apply to this tree"):
+        bench_run.patched_tree(str(stale), str(tmp_path / "variants"))
