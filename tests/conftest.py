@@ -29,6 +29,27 @@ _LAUNCH_VARIABLES = (
 )
 
 
+def pytest_addoption(parser):
+    parser.addoption("--lane", default=None, metavar="I/N",
+                     help="run only every N-th selected test, from the I-th (1-based): N lanes of the GPU suite "
+                          "side by side, each on its own GPUs (CUDA_VISIBLE_DEVICES)")
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k: the lanes split what would have run
+def pytest_collection_modifyitems(config, items):
+    lane = config.getoption("--lane")
+    if lane is None:
+        return
+    try:
+        index, count = (int(part) for part in lane.split("/"))
+        assert 1 <= index <= count
+    except (ValueError, AssertionError):
+        raise pytest.UsageError(f"--lane {lane}: expected I/N with 1 <= I <= N, such as 1/2") from None
+    keep = set(items[index - 1::count])
+    config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    items[:] = [item for item in items if item in keep]
+
+
 def clean_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES and not k.startswith("RESNET_DDP_")}
     env["PYTHONUNBUFFERED"] = "1"

@@ -331,3 +331,18 @@ def test_a_benchmark_variant_runs_from_a_patched_copy_and_a_stale_patch_stops_th
     stale.write_text(f"--- a/README.en.md\n+++ b/README.en.md\n@@ -1,3 +1,3 @@\n-# not the title\n+# patched\n{context}")
     with pytest.raises(SystemExit, match="stale.patch does not apply to this tree"):
         bench_run.patched_tree(str(stale), str(tmp_path / "variants"))
+
+
+def test_pytest_lanes_split_the_selected_tests_between_them(tmp_path):
+    """--lane I/N: the GPU suite split over GPU pairs runs every selected test once, and only those."""
+    def collected(*args):
+        result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                                 "-m", "gpu", "tests/test_gpu.py", *args], cwd=REPO, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stdout[-2000:]
+        total = int(re.search(r"/(\d+) tests collected", result.stdout).group(1))  # before the lane's deselection
+        return [line for line in result.stdout.splitlines() if line.startswith("tests/")], total
+
+    (first, total), (second, _) = collected("--lane", "1/2"), collected("--lane", "2/2")
+    assert total > 10 and len(first) + len(second) == total and len(set(first) | set(second)) == total
+    assert abs(len(first) - len(second)) <= 1
