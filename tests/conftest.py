@@ -13,6 +13,8 @@ from typing import Dict, List, Optional, Sequence
 
 import pytest
 
+pytest_plugins = ["pytester"]  # for the test of --lane below
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Tiny settings: resnet18 at 32 px, a few steps on 2 CPU ranks over gloo.

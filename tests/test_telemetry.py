@@ -333,16 +333,18 @@ def test_a_benchmark_variant_runs_from_a_patched_copy_and_a_stale_patch_stops_th
         bench_run.patched_tree(str(stale), str(tmp_path / "variants"))
 
 
-def test_pytest_lanes_split_the_selected_tests_between_them(tmp_path):
+def test_pytest_lanes_split_the_selected_tests_between_them(pytester):
     """--lane I/N: the GPU suite split over GPU pairs runs every selected test once, and only those."""
-    def collected(*args):
-        result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                                 "-m", "gpu", "tests/test_gpu.py", *args], cwd=REPO, capture_output=True, text=True,
-                                timeout=120)
-        assert result.returncode == 0, result.stdout[-2000:]
-        total = int(re.search(r"/(\d+) tests collected", result.stdout).group(1))  # before the lane's deselection
-        return [line for line in result.stdout.splitlines() if line.startswith("tests/")], total
+    pytester.makeconftest((REPO / "tests" / "conftest.py").read_text())
+    pytester.makeini("[pytest]\nmarkers =\n    gpu: needs GPUs\n")
+    # The unmarked test first: lanes split what -m selected, not what was collected.
+    pytester.makepyfile(test_made_up="import pytest\ndef test_not_gpu(): pass\n" + "".join(
+        f"@pytest.mark.gpu\ndef test_{i}(): pass\n" for i in range(7)))
 
-    (first, total), (second, _) = collected("--lane", "1/2"), collected("--lane", "2/2")
-    assert total > 10 and len(first) + len(second) == total and len(set(first) | set(second)) == total
-    assert abs(len(first) - len(second)) <= 1
+    def collected(*args):
+        result = pytester.runpytest_inprocess("--collect-only", "-q", "-m", "gpu", *args)
+        return [line for line in result.outlines if "::test_" in line]
+
+    whole, first, second = collected(), collected("--lane", "1/2"), collected("--lane", "2/2")
+    assert len(whole) == 7 and sorted(first + second) == sorted(whole) and len(first) == 4 and len(second) == 3
+    assert pytester.runpytest_inprocess("--lane", "3/2").ret == pytest.ExitCode.USAGE_ERROR
