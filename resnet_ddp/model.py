@@ -11,7 +11,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torchvision
 from torch.nn.parallel import DistributedDataParallel
 
 from resnet_ddp.distributed import RankInfo
@@ -24,10 +23,17 @@ _DDP_PARAMETERS = inspect.signature(DistributedDataParallel.__init__).parameters
 
 def build_model(arch: str, num_classes: int, sync_bn: bool) -> nn.Module:
     """A randomly initialised torchvision model: weights=None, so never a download."""
-    model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    model = _torchvision_model(arch, num_classes)
     if sync_bn:
         model = convert_sync_batchnorm(model)
     return model
+
+
+def _torchvision_model(arch: str, num_classes: int) -> nn.Module:
+    # Imported here: torchvision takes over a second to import, and the launcher never builds a model.
+    import torchvision
+
+    return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
 
 
 def wrap_ddp(model: nn.Module, rank: RankInfo, sync_bn: bool,
@@ -107,7 +113,7 @@ def train_flops_per_image(arch: str, num_classes: int, image_size: int) -> Optio
         from torch.utils.flop_counter import FlopCounterMode
 
         with torch.device("meta"):
-            model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes).eval()
+            model = _torchvision_model(arch, num_classes).eval()
             with FlopCounterMode(display=False) as counter:
                 model(torch.empty(1, 3, image_size, image_size))
         return 3.0 * counter.get_total_flops()
