@@ -1,4 +1,4 @@
-from resnet_ddp.cli import main
+from resnet_ddp.cli import run
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

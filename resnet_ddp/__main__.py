@@ -1,6 +1,4 @@
-import sys
-
-from resnet_ddp.cli import main
+from resnet_ddp.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import os
 import sys
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, NoReturn, Optional, Sequence
 
 from resnet_ddp import scenarios
 from resnet_ddp.config import (ALL_RANKS, AMP_MODES, ARCHITECTURES, DATA_SOURCES, FAIL_MODES, NAN_POLICIES,
@@ -486,3 +486,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"resnet-ddp: error: {exc}", file=sys.stderr)
         return 2
     return launch.run(config, plan)
+
+
+def run() -> NoReturn:
+    """The command (train.py, python -m resnet_ddp, resnet-ddp): main(), then a quick end of the process."""
+    code = main()
+    from resnet_ddp.launch import exit_process
+
+    exit_process(code)

@@ -13,15 +13,18 @@ The mode is settled here, once; every process then runs the same code (job.py).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
 import socket
 import sys
+import threading
 import traceback
 from dataclasses import dataclass
-from typing import Dict, List, Mapping
+from typing import Dict, List, Mapping, NoReturn
 
 from resnet_ddp.config import Config
 from resnet_ddp.errors import CheckpointWriteError, ReportedElsewhere, UsageError
@@ -210,6 +213,27 @@ def _worker_main(local_rank: int, config: Config, plan: LaunchPlan) -> None:
     if code != 0:
         # Skip interpreter teardown: it can block on a process group whose peers are gone.
         os._exit(code)
+    exit_process(0)
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process once its work is done, without the interpreter's teardown.
+
+    What a normal exit does for us still happens: other threads are waited for,
+    atexit handlers run (multiprocessing's ends DataLoader workers) and output is
+    flushed. Skipped is the clean-up of every module and object, which took 0.9 s
+    per process once torch and torchvision are loaded (2 CPU cores): at the end of
+    each rank, and again of the launcher.
+    """
+    current = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not current and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # not public, but the one way to run them before os._exit
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # closed, or a broken pipe: nothing more can be said
+            stream.flush()
+    os._exit(code)
 
 
 def _spawn_and_supervise(config: Config, plan: LaunchPlan) -> int:

@@ -296,3 +296,20 @@ def test_a_checkpoint_written_in_the_background_holds_the_state_as_it_was_submit
     with pytest.raises(CheckpointWriteError, match="could not write checkpoint"):
         writer.wait()
     writer.wait()  # reported once
+
+
+def test_the_quick_process_exit_still_waits_for_threads_runs_atexit_and_flushes_output(tmp_path):
+    """Ranks and the launcher end with launch.exit_process, which skips the interpreter's teardown: nothing
+    a normal exit does for the job may be lost with it."""
+    thread_file, atexit_file = tmp_path / "thread", tmp_path / "atexit"
+    script = "\n".join([
+        "import atexit, sys, threading, time",
+        "from resnet_ddp.launch import exit_process",
+        f"threading.Thread(target=lambda: (time.sleep(0.3), open({str(thread_file)!r}, 'w').write('done'))).start()",
+        f"atexit.register(lambda: open({str(atexit_file)!r}, 'w').write('ran'))",
+        "sys.stdout.write('no newline, not flushed')",
+        "exit_process(7)",
+    ])
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 7 and result.stdout == "no newline, not flushed", result.stderr
+    assert thread_file.read_text() == "done" and atexit_file.read_text() == "ran"
