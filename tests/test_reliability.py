@@ -310,6 +310,8 @@ def test_the_quick_process_exit_still_waits_for_threads_runs_atexit_and_flushes_
         "sys.stdout.write('no newline, not flushed')",
         "exit_process(7)",
     ])
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # so that the flush matters
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=buffered, capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 7 and result.stdout == "no newline, not flushed", result.stderr
     assert thread_file.read_text() == "done" and atexit_file.read_text() == "ran"
