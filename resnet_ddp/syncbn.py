@@ -116,7 +116,9 @@ class _TraceableSyncBatchNorm(torch.autograd.Function):
         ctx.save_for_backward(x, weight, global_mean, invstd)
         ctx.group, ctx.world_size = group, world_size
         ctx.mark_non_differentiable(global_mean, global_var)
-        return out.to(x.dtype), global_mean, global_var
+        # Converted only where the dtypes differ: on torch 2.11 (not 2.14), a Function output made by a
+        # no-op .to() left every gradient before the layer at zero under torch.compile (fp32 runs).
+        return (out if out.dtype == x.dtype else out.to(x.dtype)), global_mean, global_var
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var):
