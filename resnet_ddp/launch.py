@@ -225,11 +225,11 @@ def exit_process(code: int) -> NoReturn:
     per process once torch and torchvision are loaded (2 CPU cores): at the end of
     each rank, and again of the launcher.
     """
-    current = threading.current_thread()
-    for thread in threading.enumerate():
-        if thread is not current and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # not public, but the one way to run them before os._exit
+    # What the interpreter runs first at exit (not public): threading's exit hooks, which stop the idle
+    # workers of every concurrent.futures pool (torch.compile keeps one), then a join of the other threads.
+    # Joining them without those hooks waited forever on the pool's workers.
+    threading._shutdown()
+    atexit._run_exitfuncs()  # not public either, but the one way to run them before os._exit
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # closed, or a broken pipe: nothing more can be said
             stream.flush()

@@ -301,17 +301,20 @@ def test_a_checkpoint_written_in_the_background_holds_the_state_as_it_was_submit
 def test_the_quick_process_exit_still_waits_for_threads_runs_atexit_and_flushes_output(tmp_path):
     """Ranks and the launcher end with launch.exit_process, which skips the interpreter's teardown: nothing
     a normal exit does for the job may be lost with it."""
-    thread_file, atexit_file = tmp_path / "thread", tmp_path / "atexit"
+    thread_file, atexit_file, pool_file = tmp_path / "thread", tmp_path / "atexit", tmp_path / "pool"
     script = "\n".join([
-        "import atexit, sys, threading, time",
+        "import atexit, concurrent.futures, sys, threading, time",
         "from resnet_ddp.launch import exit_process",
         f"threading.Thread(target=lambda: (time.sleep(0.3), open({str(thread_file)!r}, 'w').write('done'))).start()",
+        # a pool left open, as torch.compile leaves its own: its idle workers end only when asked to
+        "pool = concurrent.futures.ThreadPoolExecutor(2)",
+        f"pool.submit(lambda: (time.sleep(0.3), open({str(pool_file)!r}, 'w').write('done')))",
         f"atexit.register(lambda: open({str(atexit_file)!r}, 'w').write('ran'))",
         "sys.stdout.write('no newline, not flushed')",
         "exit_process(7)",
     ])
     buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # so that the flush matters
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=buffered, capture_output=True, text=True,
-                            timeout=60)
+                            timeout=30)
     assert result.returncode == 7 and result.stdout == "no newline, not flushed", result.stderr
-    assert thread_file.read_text() == "done" and atexit_file.read_text() == "ran"
+    assert thread_file.read_text() == "done" and atexit_file.read_text() == "ran" and pool_file.read_text() == "done"
