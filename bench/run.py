@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -100,6 +100,20 @@ def patched_tree(patch: str, into: str) -> str:
     return tree
 
 
+def run_window(name: str, extra_args: List[str]) -> Tuple[List[str], int, int]:
+    """A run's own train.py arguments, steps and warm-up steps.
+
+    An experiment on top of --fast is timed like the fast row (its variant then meets
+    as many epoch ends in as many steps); other experiments take 400 steps with 100 of
+    warm-up, room for a compiled fp32 step to settle.
+    """
+    if name in CONFIGS:
+        return CONFIGS[name]
+    if "--fast" in extra_args:
+        return [], *CONFIGS["fast"][1:]
+    return [], 400, 100
+
+
 def _run_one(name: str, gpus: int, extra_args: List[str], log_dir: str, timeout_s: float, repeat: int = 0,
              tree: str = REPO) -> Dict:
     env = child_env(gpus)
@@ -109,7 +123,7 @@ def _run_one(name: str, gpus: int, extra_args: List[str], log_dir: str, timeout_
         command = [sys.executable, "bench/seed_equivalent.py", "--gpus", str(gpus),
                    "--steps", str(BASELINE_STEPS), "--warmup", str(BASELINE_WARMUP), "--out", out]
     else:
-        args, steps, warmup = CONFIGS.get(name, ([], 400, 100))
+        args, steps, warmup = run_window(name, extra_args)
         out = os.path.join(workdir, "summary.json")
         command = [sys.executable, "train.py", *args, *extra_args, "--nproc-per-node", str(gpus), "--min-gpus", "1",
                    "--max-steps", str(steps), "--warmup-steps", str(warmup), "--save-dir", workdir]

@@ -315,6 +315,17 @@ def test_a_second_benchmark_run_on_the_same_day_keeps_the_first_ones_results(tmp
     assert bench_run._unused_path(stem) == stem + "-3.json"
 
 
+def test_a_benchmark_experiment_on_top_of_fast_is_timed_like_the_fast_row(monkeypatch):
+    """A variant's figure is set against the fast row's of the same call: both run the same steps with the same
+    warm-up, so that they meet as many epoch ends (session 6 timed its variants over 400 steps against 250)."""
+    bench_run = _bench_run_module(monkeypatch)
+    fast = bench_run.run_window("fast", [])
+    assert fast[0] == ["--fast"]
+    assert bench_run.run_window("symm-mem", ["--fast"]) == ([], *fast[1:])
+    assert bench_run.run_window("fast-metrics", ["--fast", "--metrics-port", "8000"]) == ([], *fast[1:])
+    assert bench_run.run_window("default-compile", ["--compile"]) == ([], 400, 100)  # room to compile and settle
+
+
 def test_a_benchmark_variant_runs_from_a_patched_copy_and_a_stale_patch_stops_the_harness(tmp_path, monkeypatch):
     """bench/run.py --variant NAME=PATCH: the A/B of a code change in one call; the tree itself stays as it was."""
     bench_run = _bench_run_module(monkeypatch)
