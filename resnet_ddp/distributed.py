@@ -6,7 +6,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -58,10 +58,11 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over all ranks, in place, and return it."""
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+def gather_rows(row: torch.Tensor) -> List[List[float]]:
+    """Every rank's copy of a small 1-D tensor, in rank order, on the host: one collective, one wait for the device."""
+    parts = [torch.empty_like(row) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, row)
+    return torch.stack(parts).tolist()
 
 
 def physical_gpu(device: torch.device) -> Optional[str]:

@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from resnet_ddp import telemetry
+from resnet_ddp.tensors import copy_all
 from resnet_ddp.config import ALL_RANKS, Config
 
 OOM_CHUNK_BYTES = 2**30
@@ -138,7 +139,7 @@ class NonFiniteWatch:
     def _update_or_undo(self, apply_update: Callable[[], None]) -> None:
         before = self._tensors_of_update()
         saved = [self._saved_copy(t) for t in before]
-        _copy_all(saved, before)
+        copy_all(saved, before)
         grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         found = torch.stack(_norms(grads)).isfinite().all().logical_not_()
         apply_update()
@@ -178,9 +179,9 @@ class NonFiniteWatch:
             self._host.copy_(self.state)
 
     @property
-    def first_bad_step(self) -> int:
-        """The first step with a non-finite loss on this rank, as far as the host knows (0: none)."""
-        return int(self._host[self.FIRST_BAD])
+    def first_bad_step_on_device(self) -> torch.Tensor:
+        """The first step with a non-finite loss on this rank (0: none), as a tensor on the step's device."""
+        return self._first_bad
 
     def report(self, rank: int, policy: str, stop) -> None:
         """Log what is new; under --nan-policy stop, ask `stop` (a StopAgreement) to end the run."""
@@ -207,14 +208,6 @@ class NonFiniteWatch:
             return None
         return {"first_bad_step": first_bad, "skipped": max(0, skipped), "skipped_total": self.seen[self.SKIPPED],
                 "last_skipped_step": self.seen[self.LAST_SKIPPED]}
-
-
-def _copy_all(destinations: List[torch.Tensor], sources: List[torch.Tensor]) -> None:
-    if hasattr(torch, "_foreach_copy_"):  # one fused launch where this torch has it
-        torch._foreach_copy_(destinations, sources)
-    else:
-        for destination, source in zip(destinations, sources):
-            destination.copy_(source)
 
 
 def _norms(tensors: List[torch.Tensor]) -> List[torch.Tensor]:

@@ -273,10 +273,10 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
         nonlocal diverged, saved_step
         if state_progress.global_step == saved_step:
             return  # --max-steps ending on a --checkpoint-every step: that checkpoint is already written
-        nonfinite.flush()
-        gathered = [None] * rank.world_size
-        dist.all_gather_object(gathered, (state_progress.epoch_loss_sum, nonfinite.first_bad_step))
-        bad = sorted((bad_step, r) for r, (_, bad_step) in enumerate(gathered) if bad_step)
+        # One small collective read from the device, no pickling: at every epoch end all ranks wait for it.
+        loss = torch.full((), state_progress.epoch_loss_sum, dtype=torch.float64, device=rank.device)
+        gathered = distributed.gather_rows(torch.stack([loss, nonfinite.first_bad_step_on_device.double()]))
+        bad = sorted((int(bad_step), r) for r, (_, bad_step) in enumerate(gathered) if bad_step)
         if bad and config.nan_policy == "stop":
             diverged = diverged or bad[0]
             return
@@ -357,12 +357,11 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
         progress.global_step += steps
         if stopped:
             break
-        steps_in_epoch = epoch_start_step + steps
-        totals = torch.stack([loss_sum, torch.tensor(float(steps_in_epoch), device=rank.device)])
-        avg_loss = (totals[0] / totals[1]).item()
+        steps_in_epoch = epoch_start_step + steps  # the same on every rank
+        loss_sums = [row[0] for row in distributed.gather_rows(loss_sum.double().view(1))]
+        avg_loss = loss_sums[rank.rank] / steps_in_epoch
         telemetry.epoch_line(rank.rank, progress.epoch, avg_loss)
-        distributed.all_reduce_sum(totals)
-        global_loss = (totals[0] / totals[1]).item()
+        global_loss = sum(loss_sums) / (steps_in_epoch * rank.world_size)
         logger.record({"kind": "epoch", "epoch": progress.epoch, "global_step": progress.global_step,
                        "avg_loss": avg_loss, "global_avg_loss": global_loss})
         if rank.is_main and not config.quiet:
