@@ -297,16 +297,24 @@ def test_a_checkpoint_of_gpu_tensors_holds_their_values_when_submitted_while_the
     written = []
     writer = CheckpointWriter(str(tmp_path), keep=2, on_written=written.append)
     weights = torch.zeros(50_000_000, device="cuda")
-    writer.reserve({"model": {"w": weights}})
-    busy = torch.randn(8192, 8192, device="cuda")
-    for _ in range(30):  # some 100 ms of queued work: the copy cannot have run when submit returns
-        busy = busy @ busy / 8192
-    weights.fill_(3.0)  # this step's update, still queued behind the work
-    writer.submit({"global_step": 5, "model": {"w": weights}}, time.perf_counter())
-    weights.add_(1)  # the next step's update, queued after the copy
-    writer.wait()
-    state = torch.load(tmp_path / "checkpoint-000000005.pt", weights_only=True)
-    assert torch.equal(state["model"]["w"], torch.full((50_000_000,), 3.0))
+    conv = torch.zeros(64, 32, 3, 3, device="cuda").to(memory_format=torch.channels_last)  # as the job's weights
+    counter = torch.zeros((), dtype=torch.int64, device="cuda")  # a BatchNorm's num_batches_tracked
+    model = {"w": weights, "conv": conv, "n": counter}
+    writer.reserve({"model": model})
+    for value in (3, 7):  # the second checkpoint reuses the first one's buffers
+        busy = torch.randn(8192, 8192, device="cuda")
+        for _ in range(30):  # some 100 ms of queued work: the copy cannot have run when submit returns
+            busy = busy @ busy / 8192
+        for tensor in model.values():  # this step's update, still queued behind the work
+            tensor.fill_(value)
+        writer.submit({"global_step": value, "model": model}, time.perf_counter())
+        for tensor in model.values():  # the next step's update, queued after the copy
+            tensor.add_(1)
+        writer.wait()
+        state = torch.load(tmp_path / f"checkpoint-{value:09d}.pt", weights_only=True)
+        for name, tensor in model.items():
+            assert torch.equal(state["model"][name], torch.full(tensor.shape, value, dtype=tensor.dtype)), name
+        assert state["model"]["conv"].is_contiguous()  # a plain tensor in the file, whatever the live layout
     assert written[0]["gpu_copy_s"] > 0  # the log line reports the copy's time on the GPU
 
 
