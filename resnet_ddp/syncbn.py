@@ -81,56 +81,6 @@ def _functional_collectives():
 
 
 _FC = _functional_collectives()
-# The compiled layer's forward statistics in one all-reduce (the form that symmetric memory's one-shot
-# kernel takes) instead of an all-gather; set by use_symmetric_memory. Over NCCL the all-gather is faster.
-STATS_BY_ALL_REDUCE = False
-
-
-def symmetric_memory_missing() -> Optional[str]:
-    """Why this torch cannot run SyncBatchNorm's compiled all-reduces on symmetric memory, or None."""
-    try:
-        import torch._functorch.config as functorch_config
-        import torch._inductor.config as inductor_config
-        from torch.distributed import _symmetric_memory
-    except ImportError as exc:
-        return f"torch {torch.__version__} lacks {exc.name}"
-    needs = {"torch._inductor.config._collective.auto_select": hasattr(getattr(inductor_config, "_collective", None),
-                                                                        "auto_select"),
-             "torch._functorch.config.force_non_lazy_backward_lowering": hasattr(functorch_config,
-                                                                                 "force_non_lazy_backward_lowering"),
-             "torch.distributed._symmetric_memory.enable_symm_mem_for_group": hasattr(_symmetric_memory,
-                                                                                     "enable_symm_mem_for_group")}
-    missing = [name for name, present in needs.items() if not present]
-    return f"torch {torch.__version__} lacks {', '.join(missing)}" if missing else None
-
-
-def use_symmetric_memory(group) -> None:
-    """Let inductor lower compiled SyncBatchNorm's all-reduces to symmetric-memory one-shot kernels.
-
-    Each rank reads its peers' buffers directly over NVLink in one kernel (no
-    multicast), instead of NCCL's ring: so only for GPUs of one node with peer
-    access. Inductor's auto-select does it for all-reduces of up to 128 KiB (a
-    layer's are 0.5-16 KiB) in groups with symmetric memory enabled. Call before
-    torch.compile traces the model.
-    """
-    global STATS_BY_ALL_REDUCE
-    import warnings
-
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
-    from torch.distributed import _symmetric_memory
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # newer torch: enabled without being asked
-        _symmetric_memory.enable_symm_mem_for_group(group.group_name)
-    inductor_config._collective.auto_select = True
-    # Each comm buffer's alloc_id is drawn from Python's random at code generation, and dynamo restores
-    # that state after compiling a frame: a backward lowered lazily, at the first backward(), drew the
-    # ids of the forward's buffers, one of which the forward keeps alive for the backward (torch 2.11).
-    functorch_config.force_non_lazy_backward_lowering = True
-    # DDP's subgraphs of the same structure would share one cached module, and so its alloc_ids.
-    inductor_config.fx_graph_cache = False
-    STATS_BY_ALL_REDUCE = True
 # Whether torch.compile can take the layer into its graph whole; before torch 2.5 it breaks the graph at each layer.
 COMPILES_WHOLE = _FC is not None
 
@@ -153,19 +103,12 @@ class _TraceableSyncBatchNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, center, eps, group, world_size):
+    def forward(ctx, x, weight, bias, eps, group, world_size):
         var, mean = torch.var_mean(_upcast(x), dim=(0, 2, 3), unbiased=False)
-        if STATS_BY_ALL_REDUCE:
-            # The mean of the ranks' means, and of var + (mean - c)^2, where c is the same on every rank
-            # (the running mean), so that the spread of the means is a difference of small numbers.
-            summed = _FC.all_reduce(torch.cat([mean, var + (mean - center).square()]), "sum", group) / world_size
-            global_mean, second = summed.chunk(2)
-            global_var = (second - (global_mean - center).square()).clamp_min(0)
-        else:
-            gathered = _FC.all_gather_tensor(torch.cat([mean, var]), 0, group).view(world_size, 2, -1)
-            means, variances = gathered[:, 0], gathered[:, 1]
-            global_mean = means.mean(0)
-            global_var = (variances + (means - global_mean).square()).mean(0)
+        gathered = _FC.all_gather_tensor(torch.cat([mean, var]), 0, group).view(world_size, 2, -1)
+        means, variances = gathered[:, 0], gathered[:, 1]
+        global_mean = means.mean(0)
+        global_var = (variances + (means - global_mean).square()).mean(0)
         invstd = torch.rsqrt(global_var + eps)
         scale = invstd if weight is None else invstd * weight
         shift = -global_mean * scale if bias is None else bias - global_mean * scale
@@ -196,12 +139,11 @@ class _TraceableSyncBatchNorm(torch.autograd.Function):
         grad_input = dy * _shape(scale) + x * _shape(a) + _shape(b)
         if weight is not None:
             grad_weight, grad_bias = grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
-        return grad_input.to(x.dtype), grad_weight, grad_bias, None, None, None, None
+        return grad_input.to(x.dtype), grad_weight, grad_bias, None, None, None
 
 
 def _traceable_sync_batch_norm(x, weight, bias, running_mean, running_var, eps, momentum, group, world_size):
-    center = running_mean.detach() if running_mean is not None else x.new_zeros(x.shape[1], dtype=torch.float32)
-    out, mean, var = _TraceableSyncBatchNorm.apply(x, weight, bias, center, eps, group, world_size)
+    out, mean, var = _TraceableSyncBatchNorm.apply(x, weight, bias, eps, group, world_size)
     if running_mean is not None:
         total = x.numel() // x.shape[1] * world_size
         with torch.no_grad():
