@@ -120,7 +120,7 @@ class HostSnapshot:
 
     def __init__(self):
         self._buffers: Dict[tuple, torch.Tensor] = {}  # on the host; pinned where the tensor is on a GPU
-        self._staging: Dict[tuple, torch.Tensor] = {}  # on the tensor's GPU, contiguous
+        self._staging: Dict[tuple, torch.Tensor] = {}  # on the tensor's GPU, in its layout
         self._streams: Dict[torch.device, "torch.cuda.Stream"] = {}
         self._queued: List[_StagedCopy] = []
 
@@ -168,8 +168,8 @@ class HostSnapshot:
                 # Contiguous whatever the live tensor's layout: the file holds plain tensors.
                 buffer = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
                 self._buffers[path] = buffer
-                if obj.is_cuda:
-                    self._staging[path] = torch.empty(obj.shape, dtype=obj.dtype, device=obj.device)
+                if obj.is_cuda:  # in the live tensor's layout: a layout change takes the foreach copy's slow path
+                    self._staging[path] = torch.empty_like(obj, memory_format=torch.preserve_format)
             pairs.append((path, obj.detach()))
             return buffer
         if isinstance(obj, dict):
@@ -190,7 +190,13 @@ class _StagedCopy:
         stream = torch.cuda.current_stream(self.device)
         start, staged = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(stream)
-        copy_all(self.staging, live)  # one fused launch; also turns channels_last weights contiguous
+        by_dtype: Dict[torch.dtype, Tuple[List[torch.Tensor], List[torch.Tensor]]] = {}
+        for staging, tensor in zip(self.staging, live):  # one dtype per fused copy: mixed, it copies one by one
+            destinations, sources = by_dtype.setdefault(tensor.dtype, ([], []))
+            destinations.append(staging)
+            sources.append(tensor)
+        for destinations, sources in by_dtype.values():
+            copy_all(destinations, sources)
         staged.record(stream)
         self._events = [start, staged]
 
