@@ -201,8 +201,7 @@ class _StagedCopy:
         self._events = [start, staged]
 
     def to_host(self, stream: "torch.cuda.Stream") -> None:
-        start, staged = self._events
-        stream.wait_event(staged)
+        stream.wait_event(self._events[1])  # after the staging copy
         with torch.cuda.stream(stream):
             for host, staging in zip(self.host, self.staging):
                 host.copy_(staging, non_blocking=True)

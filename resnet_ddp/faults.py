@@ -18,8 +18,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from resnet_ddp import telemetry
-from resnet_ddp.tensors import copy_all
 from resnet_ddp.config import ALL_RANKS, Config
+from resnet_ddp.tensors import copy_all
 
 OOM_CHUNK_BYTES = 2**30
 # More than any address space (x86-64 and arm64 map at most 2**57 bytes): the allocator
