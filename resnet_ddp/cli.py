@@ -201,6 +201,10 @@ def build_parser(environ: Mapping[str, str] = os.environ, scenario: Optional[str
                        help="cpu: LazyFakeDataset in DataLoader workers; gpu: fake batches made on the device (default: cpu)")
     speed.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                        help="capture the whole training step in one CUDA graph (default: on for GPUs, except --amp fp16)")
+    speed.add_argument("--syncbn-symm-mem", action=argparse.BooleanOptionalAction, default=None,
+                       help="compiled SyncBatchNorm all-reduces its statistics through symmetric memory (one-shot "
+                            "kernels over NVLink) instead of NCCL: needs --compile and one node whose GPUs have peer "
+                            "access (default: off; on with --fast where it can run)")
 
     length = p.add_argument_group("run length and measurement")
     length.add_argument("--duration", type=parse_duration, default=None, dest="duration_s",
@@ -352,6 +356,8 @@ def parse_config(argv: Optional[Sequence[str]] = None, environ: Mapping[str, str
         data=_given(args.data, "gpu" if args.fast else None, Config.data),
         # None: --fast's "where it can", settled once the device is known (resolve_compile)
         compile=args.compile if args.compile is not None else (None if args.fast else False),
+        syncbn_symm_mem=(args.syncbn_symm_mem if args.syncbn_symm_mem is not None
+                         else (None if args.fast else False)),  # None: settled by resolve_syncbn_symm_mem
         preflight="warn" if args.preflight_only and args.preflight == "off" else args.preflight,
     )
     config = Config(**values)
@@ -456,6 +462,49 @@ def resolve_compile(config: Config, device_type: str, announce: bool) -> Config:
     return dataclasses.replace(config, compile=why is None)
 
 
+def resolve_syncbn_symm_mem(config: Config, plan, announce: bool) -> Config:
+    """--syncbn-symm-mem refused where it cannot run; under --fast (None), on where it can.
+
+    `plan` is the launch plan: the job's processes, and how many of them run on this node.
+    """
+    if config.syncbn_symm_mem is False:
+        return config
+    why = _symm_mem_unusable(config, plan)
+    if config.syncbn_symm_mem:
+        if why is not None:
+            raise UsageError(f"--syncbn-symm-mem: {why}")
+        return config
+    if why is not None and announce and plan.device_type == "cuda" and plan.world_size > 1 and config.compile:
+        print(f"resnet-ddp: --fast keeps SyncBatchNorm's all-reduces on NCCL: {why}", flush=True)
+    return dataclasses.replace(config, syncbn_symm_mem=why is None)
+
+
+def _symm_mem_unusable(config: Config, plan) -> Optional[str]:
+    if plan.device_type != "cuda":
+        return "symmetric memory is for GPUs"
+    if not config.sync_bn:
+        return "SyncBatchNorm is off (--no-sync-bn)"
+    if not config.compile:
+        return "needs --compile: inductor lowers the all-reduces to symmetric-memory kernels"
+    if plan.world_size == 1:
+        return "a job of one process has no peers"
+    if plan.world_size != plan.nproc:
+        return (f"the job spans nodes ({plan.world_size} processes, {plan.nproc} on this node), and symmetric memory "
+                "reaches only the GPUs of one node")
+    from resnet_ddp import syncbn
+
+    missing = syncbn.symmetric_memory_missing()
+    if missing is not None:
+        return missing
+    import torch
+
+    for a in range(plan.nproc):
+        for b in range(plan.nproc):
+            if a != b and not torch.cuda.can_device_access_peer(a, b):
+                return f"GPU {a} has no peer access to GPU {b}"
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["report"]:
@@ -482,6 +531,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config = resolve_compile(config, plan.device_type, announce=plan.holds_rank_zero)
         if config.compile:
             model.require_compiler(plan.device_type)
+        config = resolve_syncbn_symm_mem(config, plan, announce=plan.holds_rank_zero)
     except UsageError as exc:
         print(f"resnet-ddp: error: {exc}", file=sys.stderr)
         return 2

@@ -66,6 +66,7 @@ class Config:
     compile: Optional[bool] = False  # None (from --fast): on GPUs where inductor can build, settled at start-up
     data: str = "cpu"
     cuda_graphs: Optional[bool] = None  # None: on where the step can be captured
+    syncbn_symm_mem: Optional[bool] = False  # None (from --fast): on where it can run, settled at start-up
     # Run length and measurement.
     duration_s: Optional[float] = None
     max_steps: Optional[int] = None

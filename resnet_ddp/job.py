@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from resnet_ddp import checkpoint, distributed, engine, preflight, straggler, telemetry
+from resnet_ddp import checkpoint, distributed, engine, preflight, straggler, syncbn, telemetry
 from resnet_ddp.config import Config
 from resnet_ddp.data import (SHM_MARGIN, DeviceBatches, HostBatches, LazyFakeDataset, ShardedPermutationSampler,
                              fit_workers_to_shm, host_batch_bytes, shm_free_bytes)
@@ -219,6 +219,8 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
     # fp16's gradient scaler already skips updates whose gradients are not finite.
     undo_updates = config.nan_policy == "skip" and config.amp != "fp16"
     nonfinite = NonFiniteWatch(rank.device, optimizer, undo_updates)
+    if config.syncbn_symm_mem:  # before the compiler traces the model (settled at start-up: one node, peer access)
+        syncbn.use_symmetric_memory(dist.group.WORLD)
     step = engine.EagerStep(model if not config.compile else compile_model(model), torch.nn.CrossEntropyLoss(),
                             optimizer, rank.device, amp=config.amp, channels_last=config.use_channels_last,
                             nonfinite=nonfinite, loss_poison=faults.loss_poison)
@@ -255,7 +257,8 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
         telemetry.log(rank.rank, (
             f"{config.arch} on {rank.world_size} x {rank.device.type}, batch {config.batch_size} per process, "
             f"{len(batches)} steps per epoch, {config.epochs} epochs, "
-            f"SyncBatchNorm {'on' if config.sync_bn else 'off'}, amp {config.amp}, "
+            f"SyncBatchNorm {('on (symmetric memory)' if config.syncbn_symm_mem else 'on') if config.sync_bn else 'off'}, "
+            f"amp {config.amp}, "
             f"channels_last {'on' if config.use_channels_last else 'off'}, "
             f"compile {'on' if config.compile else 'off'}, data {config.data}, "
             f"CUDA graphs {'on' if config.use_cuda_graphs else 'off'}, save dir {config.save_dir}"

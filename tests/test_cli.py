@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import pytest
 
 from conftest import TINY, run_train
@@ -69,6 +72,7 @@ def test_help_documents_the_environment():
     (TINY + ["--fail-at-step", "1", "--fail-rank", "2"], {}, "--fail-rank 2"),
     (TINY + ["--compile"], {"CXX": "/no/such/compiler"}, "--compile needs a C++ compiler"),
     (TINY + ["--profile-steps", "9:4"], {}, "--profile-steps"),
+    (TINY + ["--syncbn-symm-mem"], {}, "--syncbn-symm-mem: symmetric memory is for GPUs"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, env, expected, save_dir):
     result = run_train(*args, "--save-dir", str(save_dir), env=env, timeout=60)
@@ -124,3 +128,43 @@ def test_fast_compiles_on_gpus_that_can_build_and_says_so_where_they_cannot(monk
     assert cli.resolve_compile(fast, "cuda", announce=True).compile is False
     assert "splits the compiled graph at every SyncBatchNorm layer" in capsys.readouterr().out
     assert cli.resolve_compile(parse_config(["--fast", "--no-sync-bn"], environ={}), "cuda", announce=False).compile
+
+
+def test_symmetric_memory_syncbn_is_refused_where_it_cannot_run_and_taken_by_fast_where_it_can(monkeypatch, capsys):
+    import torch
+
+    from resnet_ddp import cli, syncbn
+    from resnet_ddp.launch import LaunchPlan
+
+    def plan(world_size, nproc, device_type="cuda"):
+        return LaunchPlan("standalone", device_type, nproc, 0, world_size, "127.0.0.1", 29500)
+
+    peers = {(0, 1), (1, 0), (0, 2), (2, 0)}  # GPUs 1 and 2 cannot reach each other
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: (a, b) in peers)
+    monkeypatch.setattr(syncbn, "symmetric_memory_missing", lambda: None)
+    fast = dataclasses.replace(parse_config(["--fast"], environ={}), compile=True)  # as resolve_compile leaves it
+    assert fast.syncbn_symm_mem is None and parse_config([], environ={}).syncbn_symm_mem is False
+    assert cli.resolve_syncbn_symm_mem(fast, plan(2, 2), announce=True).syncbn_symm_mem is True
+    assert capsys.readouterr().out == ""
+    # --fast falls back to NCCL and says why once; an explicit request is refused with the same reason.
+    assert cli.resolve_syncbn_symm_mem(fast, plan(3, 3), announce=True).syncbn_symm_mem is False
+    assert capsys.readouterr().out == ("resnet-ddp: --fast keeps SyncBatchNorm's all-reduces on NCCL: "
+                                       "GPU 1 has no peer access to GPU 2\n")
+    explicit = dataclasses.replace(fast, syncbn_symm_mem=True)
+    reasons = {
+        "has no peer access": (explicit, plan(3, 3)),
+        "the job spans nodes (4 processes, 2 on this node)": (explicit, plan(4, 2)),
+        "has no peers": (explicit, plan(1, 1)),
+        "needs --compile": (dataclasses.replace(explicit, compile=False), plan(2, 2)),
+        "SyncBatchNorm is off": (dataclasses.replace(explicit, sync_bn=False), plan(2, 2)),
+        "for GPUs": (explicit, plan(2, 2, "cpu")),
+    }
+    for reason, (config, launch_plan) in reasons.items():
+        with pytest.raises(UsageError, match=f"--syncbn-symm-mem: .*{re.escape(reason)}"):
+            cli.resolve_syncbn_symm_mem(config, launch_plan, announce=True)
+    monkeypatch.setattr(syncbn, "symmetric_memory_missing", lambda: "torch 2.4 lacks torch._inductor.config._collective")
+    with pytest.raises(UsageError, match="lacks torch._inductor"):
+        cli.resolve_syncbn_symm_mem(explicit, plan(2, 2), announce=True)
+    # Quiet where there is nothing to choose: a job of one process.
+    assert cli.resolve_syncbn_symm_mem(fast, plan(1, 1), announce=True).syncbn_symm_mem is False
+    assert capsys.readouterr().out == ""

@@ -122,12 +122,15 @@ def test_a_graphed_job_cut_after_its_background_checkpoints_resumes_to_the_unint
 
 @pytest.mark.parametrize("options", [
     ["--amp", "bf16"], ["--amp", "fp16"], ["--data", "gpu"], ["--fast", "--batch-size", "8"],
-    ["--compile", "--no-cuda-graphs"], ["--compile"], ["--no-sync-bn"],
+    ["--compile", "--no-cuda-graphs"], ["--compile"], ["--compile", "--syncbn-symm-mem"], ["--no-sync-bn"],
 ], ids=" ".join)
 def test_every_speed_option_trains(options, save_dir):
     result = run_train(*GPU_TINY, *options, "--save-dir", str(save_dir), env=SAFE, timeout=600)
     losses = assert_trained(result, save_dir, ranks=2, epochs=2)
     assert all(loss == loss and loss < 10 for loss in losses)
+    # --fast takes symmetric memory where the GPUs have peer access, as the test machine's do
+    symm_mem = "--syncbn-symm-mem" in options or "--fast" in options
+    assert ("SyncBatchNorm on (symmetric memory)" in result.stdout) == symm_mem
     # Every weight learns in the second epoch: a finite loss alone let through compiled fp32 runs whose
     # gradients were zero before each SyncBatchNorm (torch 2.11), where only the last layer moved.
     first, last = (torch.load(path, weights_only=True)["model"] for path in sorted(save_dir.glob("checkpoint-*.pt")))
@@ -249,46 +252,59 @@ def test_compiled_syncbn_keeps_no_float32_copy_of_its_bf16_input_for_the_backwar
         assert not [s for s in saved if s[0] == "torch.float32" and s[1] >= activation], saved
 
 
-def _compiled_gradients_rank(rank, port, amp, out):
+def _compiled_gradients_rank(rank, port, amp, symm_mem, out):
     import torch.distributed as dist
+    from torch._inductor.utils import run_and_get_code
 
+    from resnet_ddp import syncbn
     from resnet_ddp.syncbn import SyncBatchNorm
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("nccl", rank=rank, world_size=2)
     torch.cuda.set_device(rank)
+    if symm_mem:
+        syncbn.use_symmetric_memory(dist.group.WORLD)
     torch.manual_seed(0)  # the same weights on both ranks, as DDP makes them
     model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1, bias=False), SyncBatchNorm(8), torch.nn.ReLU(),
                                 torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), SyncBatchNorm(8)).cuda()
     torch.manual_seed(1 + rank)
     x = torch.randn(16, 4, 14, 14, device="cuda")
     weights = torch.randn(16, 8, 14, 14, device="cuda")
-    grads = {}
+    grads, code = {}, []
+
+    def step(forward):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp == "bf16"):
+            y = forward(x)
+        (y.float() * weights).sum().backward()
+
     for name, forward in (("eager", model), ("compiled", torch.compile(model))):
-        for _ in range(2):  # the second step runs the compiled code as training does
-            model.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp == "bf16"):
-                y = forward(x)
-            (y.float() * weights).sum().backward()
+        code += run_and_get_code(step, forward)[1]  # the first step compiles (forward and backward)
+        step(forward)  # the second runs the compiled code as training does
         grads[name] = [p.grad.float().cpu() for p in model.parameters()]
-    out[rank] = grads
+    out[rank] = {"grads": grads, "code": "\n".join(code)}
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("amp", ["off", "bf16"])
-def test_compiled_syncbn_gives_the_gradients_of_the_eager_layer(amp):
+@pytest.mark.parametrize("amp,symm_mem", [("off", False), ("bf16", False), ("off", True), ("bf16", True)],
+                         ids=["off", "bf16", "off-symm-mem", "bf16-symm-mem"])
+def test_compiled_syncbn_gives_the_gradients_of_the_eager_layer(amp, symm_mem):
     """On torch 2.11, the compiled layer once left every gradient before it at zero in fp32 (a no-op .to() on its
-    output); bf16 converts for real and was right. Both must match the eager layer."""
+    output); bf16 converts for real and was right. Both must match the eager layer, also with the all-reduces
+    on symmetric memory (--syncbn-symm-mem), whose one-shot kernels the compiled code must then call."""
     import torch.multiprocessing as mp
 
     os.environ.update(SAFE)
     out = mp.get_context("spawn").Manager().dict()
-    mp.start_processes(_compiled_gradients_rank, args=(free_port(), amp, out), nprocs=2, start_method="spawn")
+    mp.start_processes(_compiled_gradients_rank, args=(free_port(), amp, symm_mem, out), nprocs=2,
+                       start_method="spawn")
     for rank in range(2):
-        for eager, compiled in zip(out[rank]["eager"], out[rank]["compiled"]):
+        grads = out[rank]["grads"]
+        for eager, compiled in zip(grads["eager"], grads["compiled"]):
             assert eager.norm() > 0
             # relative to the whole gradient: convolutions may take other (TF32, bf16) kernels when compiled
             assert (compiled - eager).norm() / eager.norm() < 2e-2, (amp, rank)
+        assert ("one_shot_all_reduce" in out[rank]["code"]) == symm_mem
 
 
 def test_a_checkpoint_of_gpu_tensors_holds_their_values_when_submitted_while_the_stream_runs_on(tmp_path):

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from conftest import free_port
 from resnet_ddp import syncbn
+from resnet_ddp.model import compiler_missing
 from resnet_ddp.syncbn import SyncBatchNorm, convert_sync_batchnorm
 
 WORLD = 2
@@ -92,14 +93,15 @@ def test_conversion_keeps_state_and_state_dict_keys():
     assert torch.all(converted[1].running_mean == 0.25)
 
 
-def _traceable_rank(rank, port, x, dy, results):
+def _traceable_rank(rank, port, x, dy, stats_by_all_reduce, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    syncbn.STATS_BY_ALL_REDUCE = stats_by_all_reduce  # what use_symmetric_memory sets on GPUs
     try:
         layer = syncbn.SyncBatchNorm(CHANNELS).double()
-        # What torch.compile makes of the layer: dynamo and AOTAutograd trace it as one graph
-        # (fullgraph: a graph break fails the test), run without code generation.
-        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+        # What --compile makes of the layer: one graph (fullgraph: a graph break fails the test), built
+        # by inductor, whose partitioner once let the backward read a buffer the forward updates.
+        compiled = torch.compile(layer, fullgraph=True)
         outs = []
         for path in (syncbn._SyncBatchNormFunction.apply, syncbn._traceable_sync_batch_norm, "compiled"):
             w = torch.linspace(0.5, 1.5, CHANNELS, dtype=torch.float64, requires_grad=True)
@@ -121,14 +123,23 @@ def _traceable_rank(rank, port, x, dy, results):
         dist.destroy_process_group()
 
 
-def test_the_compiler_friendly_path_computes_the_same_as_the_fused_one():
-    """torch.compile runs SyncBatchNorm through plain ops and functional collectives: same numbers, one graph."""
+@pytest.mark.parametrize("stats_by_all_reduce", [False, True], ids=["all-gather", "all-reduce"])
+def test_the_compiler_friendly_path_computes_the_same_as_the_fused_one(stats_by_all_reduce):
+    """torch.compile runs SyncBatchNorm through plain ops and functional collectives: same numbers, one graph.
+
+    Also with the statistics gathered by one all-reduce (the symmetric-memory form), here on ranks whose
+    means lie far apart."""
     if syncbn._FC is None:
         pytest.skip("this torch has no functional collectives")
+    missing = compiler_missing("cpu")
+    if missing is not None:
+        pytest.skip(f"torch.compile {missing}")
     x = torch.randn(8, CHANNELS, 4, 3, dtype=torch.float64) * 2 + 1
+    x[4:] += 50  # the second rank's half
     dy = torch.randn(8, CHANNELS, 4, 3, dtype=torch.float64)
     results = mp.get_context("spawn").Manager().dict()
-    mp.start_processes(_traceable_rank, args=(free_port(), x, dy, results), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(_traceable_rank, args=(free_port(), x, dy, stats_by_all_reduce, results), nprocs=WORLD,
+                       start_method="spawn")
     for rank in range(WORLD):
         fused, traceable, compiled = results[rank]
         for a, b, c in zip(fused, traceable, compiled):
