@@ -271,9 +271,12 @@ def _supervise(processes, plan: LaunchPlan, received: List[int]) -> int:
     forwarded, or sent to one of them): that is a stop, not a failure.
     """
     while True:
+        # One reading of the exit codes per round: read twice, a rank that ended between the reads
+        # was neither failed nor running, and the launcher exited 1 without naming it.
+        codes = [p.exitcode for p in processes]
         # A rank killed by the signal we forwarded (before it could handle it) was stopped too.
         stopped = (*STOP_CODES, *(-sig for sig in received))
-        failed = [(i, p.exitcode) for i, p in enumerate(processes) if p.exitcode not in (None, 0, *stopped)]
+        failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0, *stopped)]
         if failed:
             _report_failures(failed, plan)
             _terminate(processes)
@@ -281,11 +284,11 @@ def _supervise(processes, plan: LaunchPlan, received: List[int]) -> int:
             # end before we look: a more specific code (3 from --fail-mode exit, 2) says more.
             specific = [code for _, code in failed if code > 1]
             return specific[0] if specific else 1
-        running = [p for p in processes if p.exitcode is None]
+        running = [p for p, code in zip(processes, codes) if code is None]
         if not running:
             break
         multiprocessing.connection.wait([p.sentinel for p in running], timeout=1.0)
-    stops = [p.exitcode if p.exitcode > 0 else 128 - p.exitcode for p in processes if p.exitcode != 0]
+    stops = [code if code > 0 else 128 - code for code in codes if code != 0]
     return stops[0] if stops else 0
 
 

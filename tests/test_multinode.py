@@ -49,6 +49,6 @@ def test_a_failure_on_one_node_ends_both_node_level_launchers(tmp_path):
     started = time.monotonic()
     results = [node.wait(timeout=240) for node in nodes]
     assert time.monotonic() - started < 180
-    assert results[1].returncode == 1 and "rank 1 exited with code 1" in results[1].stderr
-    assert results[0].returncode != 0
+    assert results[1].returncode == 1 and "rank 1 exited with code 1" in results[1].stderr, results[1].stderr[-3000:]
+    assert results[0].returncode != 0, results[0].stderr[-3000:]
     assert all(wait_for_no_leftovers(node) == [] for node in nodes)

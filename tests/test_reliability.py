@@ -318,3 +318,37 @@ def test_the_quick_process_exit_still_waits_for_threads_runs_atexit_and_flushes_
                             timeout=30)
     assert result.returncode == 7 and result.stdout == "no newline, not flushed", result.stderr
     assert thread_file.read_text() == "done" and atexit_file.read_text() == "ran" and pool_file.read_text() == "done"
+
+
+class _RankEndingAsTheLauncherLooks:
+    """A rank process still running at the first reading of its exit code, failed with 1 from the next on."""
+
+    def __init__(self):
+        self.readings = 0
+        self.sentinel, self._write_end = os.pipe()  # never readable: the launcher's wait runs to its timeout
+
+    @property
+    def exitcode(self):
+        self.readings += 1
+        return None if self.readings == 1 else 1
+
+    def join(self, timeout=None):
+        pass
+
+    def close(self):
+        os.close(self.sentinel)
+        os.close(self._write_end)
+
+
+def test_the_launcher_names_a_rank_that_fails_while_it_looks(capsys):
+    """Its exit codes were read twice a round: a rank that ended between the readings was neither failed nor
+    running, and the launcher exited 1 without naming it (seen under load in the two-node failure test)."""
+    from resnet_ddp import launch
+
+    plan = launch.LaunchPlan("node-env", "cpu", 1, 1, 2, "127.0.0.1", 29500)  # node 1 of 2, one process each
+    rank = _RankEndingAsTheLauncherLooks()
+    try:
+        assert launch._supervise([rank], plan, received=[]) == 1
+    finally:
+        rank.close()
+    assert "resnet-ddp: rank 1 exited with code 1; stopping the other ranks" in capsys.readouterr().err
