@@ -132,6 +132,8 @@ def use_symmetric_memory(group) -> None:
     # DDP's subgraphs of the same structure would share one cached module, and so its alloc_ids.
     inductor_config.fx_graph_cache = False
     STATS_BY_ALL_REDUCE = True
+
+
 # Whether torch.compile can take the layer into its graph whole; before torch 2.5 it breaks the graph at each layer.
 COMPILES_WHOLE = _FC is not None
 
