@@ -155,6 +155,13 @@ def _profile_steps(text: str):
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends an option's default unless its help already says it (those whose default depends on others)."""
+
+    def _get_help_string(self, action):
+        return action.help if "default:" in (action.help or "") else super()._get_help_string(action)
+
+
 def build_parser(environ: Mapping[str, str] = os.environ, scenario: Optional[str] = None) -> argparse.ArgumentParser:
     """The options, with a scenario preset's values (if named) and then the environment as defaults."""
     p = _Parser(
@@ -167,7 +174,7 @@ def build_parser(environ: Mapping[str, str] = os.environ, scenario: Optional[str
         "Exit codes: 0 finished, 1 failed during the run, 2 bad input or unusable setup, "
         "130/143 stopped by SIGINT/SIGTERM. `resnet-ddp report SAVE_DIR` draws a finished or running "
         "job's metrics into SAVE_DIR/report.png and report.html.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     d = Config()
     seed = p.add_argument_group("training (the seed's options)")
@@ -205,6 +212,9 @@ def build_parser(environ: Mapping[str, str] = os.environ, scenario: Optional[str
                        help="compiled SyncBatchNorm all-reduces its statistics through symmetric memory (one-shot "
                             "kernels over NVLink) instead of NCCL: needs --compile and one node whose GPUs have peer "
                             "access (default: off; on with --fast where it can run)")
+    speed.add_argument("--fuse-bn-relu", action=argparse.BooleanOptionalAction, default=None,
+                       help="each SyncBatchNorm applies the residual add and ReLU after it, in one pass over the "
+                            "activation on fp32 GPUs (same maths; default: on)")
 
     length = p.add_argument_group("run length and measurement")
     length.add_argument("--duration", type=parse_duration, default=None, dest="duration_s",
@@ -358,6 +368,7 @@ def parse_config(argv: Optional[Sequence[str]] = None, environ: Mapping[str, str
         compile=args.compile if args.compile is not None else (None if args.fast else False),
         syncbn_symm_mem=(args.syncbn_symm_mem if args.syncbn_symm_mem is not None
                          else (None if args.fast else False)),  # None: settled by resolve_syncbn_symm_mem
+        fuse_bn_relu=args.fuse_bn_relu is not False,
         preflight="warn" if args.preflight_only and args.preflight == "off" else args.preflight,
     )
     config = Config(**values)

@@ -67,6 +67,7 @@ class Config:
     data: str = "cpu"
     cuda_graphs: Optional[bool] = None  # None: on where the step can be captured
     syncbn_symm_mem: Optional[bool] = False  # None (from --fast): on where it can run, settled at start-up
+    fuse_bn_relu: bool = True  # SyncBatchNorm applies the add and ReLU after it: one pass on fp32 GPUs
     # Run length and measurement.
     duration_s: Optional[float] = None
     max_steps: Optional[int] = None

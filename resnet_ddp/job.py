@@ -116,7 +116,7 @@ def _build_batches(config: Config, rank: distributed.RankInfo):
 
 
 def _build_model_and_optimizer(config: Config, rank: distributed.RankInfo):
-    model = build_model(config.arch, config.num_classes, config.sync_bn)
+    model = build_model(config.arch, config.num_classes, config.sync_bn, config.fuse_bn_relu)
     if config.use_channels_last:
         model = model.to(memory_format=torch.channels_last)
     side_stream = torch.cuda.Stream(rank.device) if config.use_cuda_graphs else None

@@ -21,11 +21,18 @@ from resnet_ddp.syncbn import convert_sync_batchnorm
 _DDP_PARAMETERS = inspect.signature(DistributedDataParallel.__init__).parameters
 
 
-def build_model(arch: str, num_classes: int, sync_bn: bool) -> nn.Module:
-    """A randomly initialised torchvision model: weights=None, so never a download."""
+def build_model(arch: str, num_classes: int, sync_bn: bool, fuse_bn_relu: bool = False) -> nn.Module:
+    """A randomly initialised torchvision model: weights=None, so never a download.
+
+    fuse_bn_relu: SyncBatchNorm applies the residual add and ReLU after it (blocks.py).
+    """
     model = _torchvision_model(arch, num_classes)
     if sync_bn:
         model = convert_sync_batchnorm(model)
+        if fuse_bn_relu:
+            from resnet_ddp.blocks import hand_relu_to_batchnorm  # imports torchvision, as the line above did
+
+            model = hand_relu_to_batchnorm(model)
     return model
 
 

@@ -10,10 +10,15 @@ Statistics: each rank computes its per-channel mean and invstd, they are
 all-gathered with the element counts, and the global mean and variance are
 combined from them (the same reduction as the stock layer). The backward pass
 all-reduces sum(dy) and sum(dy * (x - mean)).
+
+The layer can also take the residual add and ReLU that follow it in ResNet's
+blocks (blocks.py hands them over); in fp32 on GPUs it then applies all three in
+one jitted kernel.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional
 
 import torch
@@ -238,11 +243,65 @@ def _shape(v: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1, 1, 1)
 
 
+# The fp32 GPU path's normalisation, residual add and ReLU in one elementwise kernel, which torch's jiterator
+# compiles at run time with NVRTC (no C compiler needed). Unfused, the add and the ReLU read and write the
+# activation again: the forward passes over a bottleneck's last activation fall from eight to four. Same
+# expression as torch.batch_norm_elemt's; the ReLU lets NaN through, as torch.relu does.
+_BN_RELU = ("template <typename T> T bn_relu(T x, T mean, T invstd, T w, T b) {"
+            " T y = w * (x - mean) * invstd + b; return y < T(0) ? T(0) : y; }")
+_BN_ADD_RELU = ("template <typename T> T bn_add_relu(T x, T residual, T mean, T invstd, T w, T b) {"
+                " T y = w * (x - mean) * invstd + b + residual; return y < T(0) ? T(0) : y; }")
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(code: str):
+    from torch.cuda import jiterator
+
+    return jiterator._create_jit_fn(code)
+
+
+def _one_kernel(x, residual, weight, bias) -> bool:
+    """Whether the jitted kernel applies: float32 throughout (mixed dtypes take its slow casting path)."""
+    tensors = [x, weight, bias] + ([residual] if residual is not None else [])
+    return (x.is_cuda and torch.version.hip is None and weight is not None and bias is not None
+            and all(t.dtype == torch.float32 for t in tensors))
+
+
+def _normalise(x, weight, bias, mean, invstd, eps, residual, relu):
+    """(x - mean) * invstd * weight + bias, then + residual, then ReLU: the layer's output."""
+    if relu and _one_kernel(x, residual, weight, bias):
+        factors = (_shape(mean), _shape(invstd), _shape(weight), _shape(bias))
+        if residual is None:
+            return _jitted(_BN_RELU)(x, *factors)
+        return _jitted(_BN_ADD_RELU)(x, residual, *factors)
+    if x.is_cuda:
+        out = torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
+    else:
+        out = (_upcast(x) - _shape(mean)) * _shape(invstd)
+        if weight is not None:
+            out = out * _shape(weight) + _shape(bias)
+        out = out.to(x.dtype).contiguous(memory_format=_memory_format(x))
+    return _add_relu(out, residual, relu)
+
+
+def _add_relu(out, residual, relu):
+    """The residual add and ReLU after a BatchNorm, in place as torchvision's blocks do them."""
+    if residual is not None:
+        out += residual
+    return F.relu(out, inplace=True) if relu else out
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
 class _SyncBatchNormFunction(torch.autograd.Function):
+    """The layer, and the residual add and ReLU after it when given (ResNet's blocks hand them over)."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group, world_size):
-        memory_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        x = x.contiguous(memory_format=memory_format)
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group, world_size,
+                residual=None, relu=False):
+        x = x.contiguous(memory_format=_memory_format(x))
         channels = x.shape[1]
         mean, invstd = _local_stats(x, eps)
         count = torch.full((1,), x.numel() // channels, dtype=mean.dtype, device=mean.device)
@@ -251,19 +310,18 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         mean, invstd = _global_stats(
             x, mean_all, invstd_all, count_all.view(-1), running_mean, running_var, momentum, eps
         )
-        ctx.save_for_backward(x, weight, mean, invstd, count_all.to(torch.int32).view(-1))
-        ctx.group = group
-        if x.is_cuda:
-            return torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
-        out = (_upcast(x) - _shape(mean)) * _shape(invstd)
-        if weight is not None:
-            out = out * _shape(weight) + _shape(bias)
-        return out.to(x.dtype).contiguous(memory_format=memory_format)
+        out = _normalise(x, weight, bias, mean, invstd, eps, residual, relu)
+        # The output is kept only for the ReLU's backward, which needs to know where it was zero.
+        ctx.save_for_backward(x, weight, mean, invstd, count_all.to(torch.int32).view(-1), out if relu else None)
+        ctx.group, ctx.relu, ctx.has_residual = group, relu, residual is not None
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, mean, invstd, count_all = ctx.saved_tensors
-        memory_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        x, weight, mean, invstd, count_all, out = ctx.saved_tensors
+        if ctx.relu:
+            grad_out = torch.ops.aten.threshold_backward(grad_out, out, 0)  # ReLU's own backward
+        memory_format = _memory_format(x)
         grad_out = grad_out.contiguous(memory_format=memory_format)
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         channels = x.shape[1]
@@ -298,7 +356,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             grad_weight = None
         if not need_bias:
             grad_bias = None
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+        # The residual's gradient is the masked one: the add passes it through unchanged.
+        grad_residual = grad_out if ctx.has_residual and ctx.needs_input_grad[9] else None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, grad_residual, None
 
 
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -317,7 +377,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
+        """The layer's output; with `residual` and `relu`, relu(output + residual) (ResNet's blocks, blocks.py)."""
         self._check_input_dim(x)
         # The cumulative average (momentum=None) would need a host read of the
         # batch counter; ResNet uses the default momentum.
@@ -326,23 +387,23 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             self.num_batches_tracked.add_(1)
         world_size = dist.get_world_size(self.process_group) if dist.is_available() and dist.is_initialized() else 1
         if not self.training or world_size == 1:
-            return F.batch_norm(
+            return _add_relu(F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias,
                 self.training or not self.track_running_stats, momentum, self.eps,
-            )
+            ), residual, relu)
         group = self.process_group or dist.group.WORLD
-        if _is_compiling() and _FC is not None:
-            return _traceable_sync_batch_norm(
+        if _is_compiling() and _FC is not None:  # inductor fuses the add and ReLU itself
+            return _add_relu(_traceable_sync_batch_norm(
                 x, self.weight, self.bias,
                 self.running_mean if self.track_running_stats else None,
                 self.running_var if self.track_running_stats else None,
                 self.eps, momentum, group, world_size,
-            )
+            ), residual, relu)
         return _SyncBatchNormFunction.apply(
             x, self.weight, self.bias,
             self.running_mean if self.track_running_stats else None,
             self.running_var if self.track_running_stats else None,
-            self.eps, momentum, group, world_size,
+            self.eps, momentum, group, world_size, residual, relu,
         )
 
 

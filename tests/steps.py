@@ -1,7 +1,7 @@
 """Train two copies of one model on the same batches, the plain eager step against a variant.
 
-Used by the CPU test (channels_last over gloo) and the GPU test (channels_last
-over NCCL). The graphed variant hung twice on a 4 x H100 machine (2026-11-27)
+Used by the CPU tests (channels_last; BatchNorm handed its add and ReLU) over
+gloo and the GPU tests over NCCL. The graphed variant hung twice on a 4 x H100 machine (2026-11-27)
 while the job's own graphed step trained fine beside it, so the GPU test of CUDA
 graphs compares two real jobs instead; the variant stays here for diagnosis, and
 every comparison ends its ranks after `timeout_s` instead of hanging.
@@ -20,7 +20,8 @@ import torchvision
 
 from conftest import free_port
 
-def _rank_main(rank, port, backend, variant, steps, out):
+def _rank_main(rank, port, backend, variant, steps, arch, out):
+    from resnet_ddp.blocks import hand_relu_to_batchnorm
     from resnet_ddp.distributed import RankInfo
     from resnet_ddp.engine import EagerStep, GraphedStep
     from resnet_ddp.model import wrap_ddp
@@ -38,7 +39,7 @@ def _rank_main(rank, port, backend, variant, steps, out):
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     info = RankInfo(rank, 2, rank, 2, device)
     torch.manual_seed(0)
-    base = convert_sync_batchnorm(torchvision.models.resnet18(num_classes=10))
+    base = convert_sync_batchnorm(getattr(torchvision.models, arch)(num_classes=10))
     generator = torch.Generator().manual_seed(rank)
     size = 64 if cuda else 32
     batches = [(torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8, generator=generator),
@@ -49,6 +50,8 @@ def _rank_main(rank, port, backend, variant, steps, out):
         model = copy.deepcopy(base)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if name == "fuse_bn_relu":
+            model = hand_relu_to_batchnorm(model)
         stream = torch.cuda.Stream(device) if name == "graphed" else None
         model = wrap_ddp(model, info, sync_bn=True, stream=stream)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
@@ -61,7 +64,7 @@ def _rank_main(rank, port, backend, variant, steps, out):
     dist.destroy_process_group()
 
 
-def compare_steps(backend: str, variant: str, steps: int, timeout_s: float = 240):
+def compare_steps(backend: str, variant: str, steps: int, timeout_s: float = 240, arch: str = "resnet18"):
     """Returns ({rank: (losses, params)} for eager, the same for the variant).
 
     Training on random labels is chaotic: rounding differences (another conv
@@ -70,7 +73,7 @@ def compare_steps(backend: str, variant: str, steps: int, timeout_s: float = 240
     is compared past its warm-up (GraphedStep.WARMUP_STEPS) into the replays.
     """
     out = mp.get_context("spawn").Manager().dict()
-    ranks = mp.start_processes(_rank_main, args=(free_port(), backend, variant, steps, out), nprocs=2,
+    ranks = mp.start_processes(_rank_main, args=(free_port(), backend, variant, steps, arch, out), nprocs=2,
                                start_method="spawn", join=False)
     deadline = time.monotonic() + timeout_s
     while not ranks.join(timeout=5):

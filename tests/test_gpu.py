@@ -210,6 +210,70 @@ def test_our_syncbn_matches_torch_syncbn_on_cuda(channels_last):
             torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-5)
 
 
+def _handed_relu_rank(rank, port, channels_last, out):
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+
+    from resnet_ddp.syncbn import SyncBatchNorm
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("nccl", rank=rank, world_size=2)
+    torch.cuda.set_device(rank)
+    torch.manual_seed(rank)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = (torch.randn(8, 16, 14, 14, device="cuda") * 2 + 0.5).contiguous(memory_format=memory_format)
+    residual = torch.randn_like(x)
+    dy = torch.randn_like(x)
+    results, kernels = {}, {}
+    for name in ("separate", "handed"):
+        torch.manual_seed(0)
+        layer = SyncBatchNorm(16).cuda()
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.uniform_(-0.5, 0.5)
+        xi, ri = x.clone().requires_grad_(True), residual.clone().requires_grad_(True)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            y = torch.relu(layer(xi) + ri) if name == "separate" else layer(xi, residual=ri, relu=True)
+            y.backward(dy)
+            torch.cuda.synchronize()
+        kernels[name] = sorted({event.name for event in prof.events() if event.device_type.name == "CUDA"})
+        results[name] = [t.detach().cpu() for t in (y, xi.grad, ri.grad, layer.weight.grad, layer.bias.grad,
+                                                    layer.running_mean, layer.running_var)]
+        results[name].append(y.is_contiguous(memory_format=memory_format))
+    out[rank] = {"results": results, "kernels": kernels}
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+def test_batchnorm_add_and_relu_in_one_kernel_give_what_the_separate_ops_give(channels_last):
+    """The fp32 layer handed its residual and ReLU (blocks.py) runs one jitted kernel for all three, with the
+    output, gradients and running statistics of BatchNorm, add and ReLU run one after another."""
+    import torch.multiprocessing as mp
+
+    os.environ.update(SAFE)
+    out = mp.get_context("spawn").Manager().dict()
+    mp.start_processes(_handed_relu_rank, args=(free_port(), channels_last, out), nprocs=2, start_method="spawn")
+    for rank in range(2):
+        results, kernels = out[rank]["results"], out[rank]["kernels"]
+        assert any("bn_add_relu" in k for k in kernels["handed"]), kernels["handed"]
+        assert not any("batch_norm_transform_input" in k for k in kernels["handed"]), kernels["handed"]
+        assert any("batch_norm_transform_input" in k for k in kernels["separate"]), kernels["separate"]
+        *tensors, layout_kept = results["handed"]
+        assert layout_kept
+        for handed, separate in zip(tensors, results["separate"]):
+            torch.testing.assert_close(handed, separate)
+
+
+def test_resnet50_with_batchnorm_handed_its_relu_trains_as_torchvisions():
+    """Three DDP steps of ResNet-50 over NCCL with torchvision's blocks and with ours (blocks.py), fp32."""
+    os.environ.update(SAFE, NVIDIA_TF32_OVERRIDE="0")
+    eager, fused = compare_steps("nccl", "fuse_bn_relu", steps=3, arch="resnet50")
+    for rank in range(2):
+        torch.testing.assert_close(fused[rank][0], eager[rank][0], rtol=1e-4, atol=1e-5)
+        for a, b in zip(fused[rank][1], eager[rank][1]):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
 def _compiled_syncbn_rank(rank, port, out):
     import torch.distributed as dist
 

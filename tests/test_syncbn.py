@@ -19,18 +19,20 @@ WORLD = 2
 CHANNELS = 5
 
 
-def _reference(full_x, full_dy):
+def _reference(full_x, full_dy, full_r):
     bn = nn.BatchNorm2d(CHANNELS).double()
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
         bn.bias.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(2))
     x = full_x.clone().requires_grad_(True)
-    out = bn(x)
+    r = full_r.clone().requires_grad_(True) if full_r is not None else None
+    out = bn(x) if r is None else torch.relu(bn(x) + r)
     out.backward(full_dy)
-    return out.detach(), x.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var
+    return (out.detach(), x.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var,
+            r.grad if r is not None else None)
 
 
-def _rank_main(rank, port, full_x, full_dy, channels_last, results):
+def _rank_main(rank, port, full_x, full_dy, full_r, channels_last, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
@@ -41,33 +43,43 @@ def _rank_main(rank, port, full_x, full_dy, channels_last, results):
         # Unequal shares, as a padded last batch could give.
         split = [3, 5][rank]
         start = 0 if rank == 0 else 3
-        x = full_x[start:start + split].clone()
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        x.requires_grad_(True)
-        out = bn(x)
+
+        def share(full):
+            part = full[start:start + split].clone()
+            if channels_last:
+                part = part.contiguous(memory_format=torch.channels_last)
+            return part.requires_grad_(True)
+
+        x = share(full_x)
+        r = share(full_r) if full_r is not None else None
+        out = bn(x) if r is None else bn(x, residual=r, relu=True)
         out.backward(full_dy[start:start + split])
         grads = torch.stack([bn.weight.grad, bn.bias.grad])
         dist.all_reduce(grads)  # what DDP does with parameter gradients (as a sum here)
-        results[rank] = (out.detach(), x.grad, grads[0], grads[1], bn.running_mean, bn.running_var)
+        results[rank] = (out.detach(), x.grad, grads[0], grads[1], bn.running_mean, bn.running_var,
+                         r.grad if r is not None else None)
     finally:
         dist.destroy_process_group()
 
 
-def _run(channels_last):
+def _run(channels_last, residual_and_relu=False):
     full_x = torch.randn(8, CHANNELS, 4, 3, dtype=torch.float64) * 3 + 1
     full_dy = torch.randn(8, CHANNELS, 4, 3, dtype=torch.float64)
+    full_r = torch.randn(8, CHANNELS, 4, 3, dtype=torch.float64) if residual_and_relu else None
     manager = mp.get_context("spawn").Manager()
     results = manager.dict()
-    mp.start_processes(_rank_main, args=(free_port(), full_x, full_dy, channels_last, results),
+    mp.start_processes(_rank_main, args=(free_port(), full_x, full_dy, full_r, channels_last, results),
                        nprocs=WORLD, start_method="spawn")
-    out_ref, dx_ref, dw_ref, db_ref, rm_ref, rv_ref = _reference(full_x, full_dy)
+    out_ref, dx_ref, dw_ref, db_ref, rm_ref, rv_ref, dr_ref = _reference(full_x, full_dy, full_r)
     out = torch.cat([results[0][0], results[1][0]])
     dx = torch.cat([results[0][1], results[1][1]])
     torch.testing.assert_close(out, out_ref)
     torch.testing.assert_close(dx, dx_ref)
+    if residual_and_relu:
+        assert 0 < (out == 0).sum() < out.numel()  # the ReLU cut some values and kept others
+        torch.testing.assert_close(torch.cat([results[0][6], results[1][6]]), dr_ref)
     for rank in range(WORLD):
-        _, _, dw, db, rm, rv = results[rank]
+        _, _, dw, db, rm, rv, _ = results[rank]
         torch.testing.assert_close(dw, dw_ref)
         torch.testing.assert_close(db, db_ref)
         torch.testing.assert_close(rm, rm_ref)
@@ -80,6 +92,11 @@ def test_syncbn_matches_batchnorm_over_the_whole_batch():
 
 def test_syncbn_matches_batchnorm_in_channels_last():
     _run(channels_last=True)
+
+
+def test_syncbn_with_the_residual_add_and_relu_matches_batchnorm_then_add_then_relu():
+    """What ResNet's blocks hand the layer (blocks.py): output, and gradients of input, residual and weights."""
+    _run(channels_last=True, residual_and_relu=True)
 
 
 def test_conversion_keeps_state_and_state_dict_keys():
