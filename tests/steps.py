@@ -1,10 +1,11 @@
 """Train two copies of one model on the same batches, the plain eager step against a variant.
 
 Used by the CPU tests (channels_last; BatchNorm handed its add and ReLU) over
-gloo and the GPU tests over NCCL. The graphed variant hung twice on a 4 x H100 machine (2026-11-27)
-while the job's own graphed step trained fine beside it, so the GPU test of CUDA
-graphs compares two real jobs instead; the variant stays here for diagnosis, and
-every comparison ends its ranks after `timeout_s` instead of hanging.
+gloo and the GPU tests over NCCL. The graphed variant hung twice on a 4 x H100
+machine (2026-11-27) while the job's own graphed step trained fine beside it, so
+the GPU test of CUDA graphs compares two real jobs instead; the variant stays
+here for diagnosis, and every comparison ends its ranks after `timeout_s`
+instead of hanging.
 """
 
 from __future__ import annotations
