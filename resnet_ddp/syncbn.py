@@ -19,6 +19,8 @@ one jitted kernel.
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
 from typing import List, Optional
 
 import torch
@@ -257,7 +259,34 @@ _BN_ADD_RELU = ("template <typename T> T bn_add_relu(T x, T residual, T mean, T 
 def _jitted(code: str):
     from torch.cuda import jiterator
 
+    use_a_writable_kernel_cache()
     return jiterator._create_jit_fn(code)
+
+
+def use_a_writable_kernel_cache() -> None:
+    """Point torch's cache of jitted kernels at the temp dir where its default place cannot be made.
+
+    torch keeps them in $PYTORCH_KERNEL_CACHE_PATH, else $XDG_CACHE_HOME/torch/kernels, else
+    $HOME/.cache/torch/kernels. In a container whose home is read-only or unset, each rank would warn
+    at its first step and compile the kernels anew at every start. A path the user set is kept.
+    """
+    if "PYTORCH_KERNEL_CACHE_PATH" in os.environ or os.environ.get("USE_PYTORCH_KERNEL_CACHE") == "0":
+        return
+    xdg, home = os.environ.get("XDG_CACHE_HOME"), os.environ.get("HOME")
+    default = os.path.join(xdg, "torch") if xdg else os.path.join(home, ".cache", "torch") if home else None
+    if default is not None and _writable_dir(os.path.join(default, "kernels")):
+        return
+    fallback = os.path.join(tempfile.gettempdir(), f"torch-kernels-{os.getuid()}")
+    if _writable_dir(fallback):
+        os.environ["PYTORCH_KERNEL_CACHE_PATH"] = fallback
+
+
+def _writable_dir(path: str) -> bool:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.R_OK | os.W_OK | os.X_OK)
 
 
 def _one_kernel(x, residual, weight, bias) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -162,3 +163,38 @@ def test_the_compiler_friendly_path_computes_the_same_as_the_fused_one(stats_by_
         for a, b, c in zip(fused, traceable, compiled):
             torch.testing.assert_close(b, a)
             torch.testing.assert_close(c.detach(), a)
+
+
+@pytest.fixture
+def kernel_cache_env(monkeypatch, tmp_path):
+    for name in ("PYTORCH_KERNEL_CACHE_PATH", "XDG_CACHE_HOME", "USE_PYTORCH_KERNEL_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    return monkeypatch
+
+
+def test_jitted_kernels_are_cached_in_the_temp_dir_where_the_home_cannot_hold_them(kernel_cache_env, tmp_path):
+    """A container's home that is a file, read-only or unset: torch would warn on every rank and recompile."""
+    home = tmp_path / "home"
+    home.write_text("not a directory")
+    kernel_cache_env.setenv("HOME", str(home))
+    syncbn.use_a_writable_kernel_cache()
+    cache = os.environ["PYTORCH_KERNEL_CACHE_PATH"]
+    assert cache.startswith(str(tmp_path / "tmp")) and os.path.isdir(cache) and os.access(cache, os.W_OK)
+    kernel_cache_env.delenv("PYTORCH_KERNEL_CACHE_PATH")
+    kernel_cache_env.delenv("HOME")
+    syncbn.use_a_writable_kernel_cache()
+    assert os.environ["PYTORCH_KERNEL_CACHE_PATH"] == cache
+
+
+def test_a_usable_home_or_a_chosen_kernel_cache_is_left_alone(kernel_cache_env, tmp_path):
+    kernel_cache_env.setenv("HOME", str(tmp_path / "home"))
+    syncbn.use_a_writable_kernel_cache()
+    assert "PYTORCH_KERNEL_CACHE_PATH" not in os.environ  # torch uses ~/.cache/torch/kernels, which now exists
+    assert (tmp_path / "home" / ".cache" / "torch" / "kernels").is_dir()
+    kernel_cache_env.setenv("HOME", str(tmp_path / "home-is-a-file"))
+    (tmp_path / "home-is-a-file").write_text("")
+    kernel_cache_env.setenv("PYTORCH_KERNEL_CACHE_PATH", "/where/the/user/wants/it")
+    syncbn.use_a_writable_kernel_cache()
+    assert os.environ["PYTORCH_KERNEL_CACHE_PATH"] == "/where/the/user/wants/it"
