@@ -4,9 +4,10 @@
     python bench/trace_summary.py one-gpu.trace.json two-gpus.trace.json --steps 5   # and what changed
 
 For each trace: GPU kernel time per step by kind (convolutions and GEMMs, Triton's fused
-elementwise and reduction kernels, PyTorch's native BatchNorm and other kernels, NCCL,
-copies), and the time per step at least one kernel ran (kernels of a CUDA-graph replay run
-on several streams at once, so the kinds add up to more than that). Given two traces, the
+elementwise and reduction kernels, PyTorch's native BatchNorm, SyncBatchNorm's jitted
+kernels and other kernels, NCCL, copies), and the time per step at least one kernel ran
+(kernels of a CUDA-graph replay run on several streams at once, so the kinds add up to more
+than that). Given two traces, the
 kernel families whose time per step changed most between them. `--steps` is the number of
 steps the trace holds (`--profile-steps A:B` records B - A + 1, fewer if the run ended first).
 """
@@ -21,7 +22,9 @@ from typing import Dict, Iterable, List, Tuple
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 KINDS = ("convolution/GEMM", "Triton elementwise", "Triton reduction", "native BatchNorm",
-         "other kernels", "NCCL", "copies")
+         "jitted BatchNorm", "other kernels", "NCCL", "copies")
+# The kernels SyncBatchNorm compiles with torch's jiterator (resnet_ddp/syncbn.py), named after their functions.
+JITTED_BATCHNORM = ("bn_relu", "bn_add_relu")
 
 
 def kind_of(name: str, category: str) -> str:
@@ -38,6 +41,8 @@ def kind_of(name: str, category: str) -> str:
         return "convolution/GEMM"
     if "batch_norm" in lowered:
         return "native BatchNorm"
+    if lowered.startswith(JITTED_BATCHNORM):
+        return "jitted BatchNorm"
     return "other kernels"
 
 

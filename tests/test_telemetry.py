@@ -276,7 +276,7 @@ def test_trace_summary_adds_kernel_time_by_kind_and_counts_overlap_once(tmp_path
 
     events = [kernel("sm90_xmma_fprop_implicit_gemm_bf16", 0, 1000), kernel("triton_poi_fused_add_relu_3", 1000, 500),
               kernel("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 1200, 800, stream=9),  # overlaps the one before
-              kernel("triton_red_fused_var_mean_7", 2000, 1000),
+              kernel("triton_red_fused_var_mean_7", 2000, 1000), kernel("bn_add_relu_kernel", 4000, 600),
               {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 3000, "dur": 1000, "args": {}},
               {"ph": "X", "cat": "cpu_op", "name": "aten::add", "ts": 0, "dur": 9999, "args": {}}]
     one, two = tmp_path / "one.json", tmp_path / "two.json"
@@ -288,7 +288,8 @@ def test_trace_summary_adds_kernel_time_by_kind_and_counts_overlap_once(tmp_path
     lines = result.stdout.splitlines()
     first_trace = lines[1:lines.index(next(line for line in lines if line.startswith(str(two))))]
     rows = {line.split("  ")[1].strip(): line for line in first_trace}
-    assert "2.00 ms/step" in rows["busy (any kernel running)"]  # 4 ms of GPU time in all, over 2 steps
+    assert "2.30 ms/step" in rows["busy (any kernel running)"]  # 4.6 ms of GPU time in all, over 2 steps
+    assert "0.30 ms/step" in rows["jitted BatchNorm"]  # SyncBatchNorm's own kernels (--fuse-bn-relu)
     assert "0.50 ms/step" in rows["convolution/GEMM"] and "0.40 ms/step" in rows["NCCL"]
     assert "0.25 ms/step" in rows["Triton elementwise"] and "0.50 ms/step" in rows["copies"]
     # The same fused kernel under another Triton number is one family: +0.50 ms/step, not a new kernel.
