@@ -30,7 +30,7 @@ def build_model(arch: str, num_classes: int, sync_bn: bool, fuse_bn_relu: bool =
     if sync_bn:
         model = convert_sync_batchnorm(model)
         if fuse_bn_relu:
-            from resnet_ddp.blocks import hand_relu_to_batchnorm  # imports torchvision, as the line above did
+            from resnet_ddp.blocks import hand_relu_to_batchnorm  # imports torchvision, as _torchvision_model did
 
             model = hand_relu_to_batchnorm(model)
     return model
