@@ -95,7 +95,10 @@ def _ddp(model: nn.Module, rank: RankInfo, sync_bn: bool) -> DistributedDataPara
     # so DDP's per-step broadcast of buffers from rank 0 would only cost time.
     # Newer torch renamed the option (the old name warns); both sync once at start.
     name = "forward_sync_buffers" if "forward_sync_buffers" in _DDP_PARAMETERS else "broadcast_buffers"
-    return DistributedDataParallel(model, device_ids=device_ids, **{name: not sync_bn})
+    # Gradients as views into DDP's all-reduce buckets: DDP then does not copy every gradient back out of
+    # its bucket after each all-reduce (161 copies a ResNet-50 step).
+    return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True,
+                                   **{name: not sync_bn})
 
 
 def unwrap(model: nn.Module) -> nn.Module:
