@@ -111,8 +111,18 @@ def _build_batches(config: Config, rank: distributed.RankInfo):
             f"{rank.local_world_size} processes need about {need / 2**20:.0f} MiB: using {workers} worker(s) "
             f"with {prefetch} batch(es) prefetched (mount a larger memory-backed /dev/shm for more)"
         ))
-    return HostBatches(dataset, sampler, config.batch_size, workers,
-                       pin_memory=rank.device.type == "cuda", prefetch=prefetch)
+    return HostBatches(dataset, sampler, config.batch_size, workers, rank.device, prefetch=prefetch)
+
+
+def _syncbn_description(config: Config, rank: distributed.RankInfo) -> str:
+    """The start-up line's word on SyncBatchNorm: where its collectives run, and whether its kernel fuses."""
+    if not config.sync_bn:
+        return "off"
+    parts = ["symmetric memory"] if config.syncbn_symm_mem else []
+    if config.fuse_bn_relu:
+        one_kernel = syncbn.fuses_in_one_kernel(rank.device, config.amp, config.compile, rank.world_size)
+        parts.append("add and ReLU in its jitted kernel" if one_kernel else "add and ReLU handed over")
+    return f"on ({', '.join(parts)})" if parts else "on"
 
 
 def _build_model_and_optimizer(config: Config, rank: distributed.RankInfo):
