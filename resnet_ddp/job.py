@@ -267,7 +267,7 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
         telemetry.log(rank.rank, (
             f"{config.arch} on {rank.world_size} x {rank.device.type}, batch {config.batch_size} per process, "
             f"{len(batches)} steps per epoch, {config.epochs} epochs, "
-            f"SyncBatchNorm {('on (symmetric memory)' if config.syncbn_symm_mem else 'on') if config.sync_bn else 'off'}, "
+            f"SyncBatchNorm {_syncbn_description(config, rank)}, "
             f"amp {config.amp}, "
             f"channels_last {'on' if config.use_channels_last else 'off'}, "
             f"compile {'on' if config.compile else 'off'}, data {config.data}, "

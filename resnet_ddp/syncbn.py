@@ -289,6 +289,16 @@ def _writable_dir(path: str) -> bool:
     return os.access(path, os.R_OK | os.W_OK | os.X_OK)
 
 
+def fuses_in_one_kernel(device: torch.device, amp: str, compiled: bool, world_size: int) -> bool:
+    """Whether training steps will run the jitted kernel: the conditions of _one_kernel, known at start-up.
+
+    Otherwise the layer adds and applies ReLU after torch's own kernels (one GPU, mixed precision, CPUs), or
+    inductor fuses them (compiled).
+    """
+    return (device.type == "cuda" and torch.version.hip is None and amp == "off" and not compiled
+            and world_size > 1)
+
+
 def _one_kernel(x, residual, weight, bias) -> bool:
     """Whether the jitted kernel applies: float32 throughout (mixed dtypes take its slow casting path)."""
     tensors = [x, weight, bias] + ([residual] if residual is not None else [])
