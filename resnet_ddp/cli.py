@@ -366,8 +366,7 @@ def parse_config(argv: Optional[Sequence[str]] = None, environ: Mapping[str, str
         data=_given(args.data, "gpu" if args.fast else None, Config.data),
         # None: --fast's "where it can", settled once the device is known (resolve_compile)
         compile=args.compile if args.compile is not None else (None if args.fast else False),
-        syncbn_symm_mem=(args.syncbn_symm_mem if args.syncbn_symm_mem is not None
-                         else (None if args.fast else False)),  # None: settled by resolve_syncbn_symm_mem
+        syncbn_symm_mem=args.syncbn_symm_mem,  # None: on where it can run, settled by resolve_syncbn_symm_mem
         fuse_bn_relu=args.fuse_bn_relu is not False,
         preflight="warn" if args.preflight_only and args.preflight == "off" else args.preflight,
     )
@@ -474,7 +473,7 @@ def resolve_compile(config: Config, device_type: str, announce: bool) -> Config:
 
 
 def resolve_syncbn_symm_mem(config: Config, plan, announce: bool) -> Config:
-    """--syncbn-symm-mem refused where it cannot run; under --fast (None), on where it can.
+    """--syncbn-symm-mem refused where it cannot run; unless given (None), on where it can.
 
     `plan` is the launch plan: the job's processes, and how many of them run on this node.
     """
@@ -485,8 +484,9 @@ def resolve_syncbn_symm_mem(config: Config, plan, announce: bool) -> Config:
         if why is not None:
             raise UsageError(f"--syncbn-symm-mem: {why}")
         return config
-    if why is not None and announce and plan.device_type == "cuda" and plan.world_size > 1 and config.compile:
-        print(f"resnet-ddp: --fast keeps SyncBatchNorm's all-reduces on NCCL: {why}", flush=True)
+    # Said only where a GPU job of several processes with SyncBatchNorm stays on NCCL: where it had a choice.
+    if why is not None and announce and plan.device_type == "cuda" and plan.world_size > 1 and config.sync_bn:
+        print(f"resnet-ddp: SyncBatchNorm's collectives stay on NCCL: {why}", flush=True)
     return dataclasses.replace(config, syncbn_symm_mem=why is None)
 
 
@@ -495,20 +495,21 @@ def _symm_mem_unusable(config: Config, plan) -> Optional[str]:
         return "symmetric memory is for GPUs"
     if not config.sync_bn:
         return "SyncBatchNorm is off (--no-sync-bn)"
-    if not config.compile:
-        return "needs --compile: inductor lowers the all-reduces to symmetric-memory kernels"
     if plan.world_size == 1:
         return "a job of one process has no peers"
     if plan.world_size != plan.nproc:
         return (f"the job spans nodes ({plan.world_size} processes, {plan.nproc} on this node), and symmetric memory "
                 "reaches only the GPUs of one node")
-    from resnet_ddp import syncbn
+    from resnet_ddp import syncbn, syncbn_symm
 
-    missing = syncbn.symmetric_memory_missing()
+    # Compiled, inductor lowers the collectives to symmetric memory's kernels; uncompiled, the layer calls them.
+    missing = syncbn.symmetric_memory_missing() if config.compile else syncbn_symm.missing()
     if missing is not None:
         return missing
     import torch
 
+    if torch.cuda.device_count() < plan.nproc:
+        return f"this process sees {torch.cuda.device_count()} of the node's {plan.nproc} GPUs"
     for a in range(plan.nproc):
         for b in range(plan.nproc):
             if a != b and not torch.cuda.can_device_access_peer(a, b):

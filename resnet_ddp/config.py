@@ -66,7 +66,7 @@ class Config:
     compile: Optional[bool] = False  # None (from --fast): on GPUs where inductor can build, settled at start-up
     data: str = "cpu"
     cuda_graphs: Optional[bool] = None  # None: on where the step can be captured
-    syncbn_symm_mem: Optional[bool] = False  # None (from --fast): on where it can run, settled at start-up
+    syncbn_symm_mem: Optional[bool] = None  # None: on where it can run, settled at start-up
     fuse_bn_relu: bool = True  # SyncBatchNorm applies the add and ReLU after it: one pass on fp32 GPUs
     # Run length and measurement.
     duration_s: Optional[float] = None

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from resnet_ddp import checkpoint, distributed, engine, preflight, straggler, syncbn, telemetry
+from resnet_ddp import checkpoint, distributed, engine, preflight, straggler, syncbn, syncbn_symm, telemetry
 from resnet_ddp.config import Config
 from resnet_ddp.data import (SHM_MARGIN, DeviceBatches, HostBatches, LazyFakeDataset, ShardedPermutationSampler,
                              fit_workers_to_shm, host_batch_bytes, shm_free_bytes)
@@ -229,8 +229,10 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
     # fp16's gradient scaler already skips updates whose gradients are not finite.
     undo_updates = config.nan_policy == "skip" and config.amp != "fp16"
     nonfinite = NonFiniteWatch(rank.device, optimizer, undo_updates)
-    if config.syncbn_symm_mem:  # before the compiler traces the model (settled at start-up: one node, peer access)
+    if config.syncbn_symm_mem and config.compile:  # before the compiler traces the model
         syncbn.use_symmetric_memory(dist.group.WORLD)
+    elif config.syncbn_symm_mem:  # settled at start-up: GPUs of one node with peer access
+        syncbn_symm.share_statistics(model, dist.group.WORLD, rank.device)
     step = engine.EagerStep(model if not config.compile else compile_model(model), torch.nn.CrossEntropyLoss(),
                             optimizer, rank.device, amp=config.amp, channels_last=config.use_channels_last,
                             nonfinite=nonfinite, loss_poison=faults.loss_poison)

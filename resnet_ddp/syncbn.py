@@ -339,12 +339,17 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group, world_size,
-                residual=None, relu=False):
+                residual=None, relu=False, slots=None):
         x = x.contiguous(memory_format=_memory_format(x))
         channels = x.shape[1]
         mean, invstd = _local_stats(x, eps)
         count = torch.full((1,), x.numel() // channels, dtype=mean.dtype, device=mean.device)
-        gathered = _gather_stats(torch.cat([mean, invstd, count]), world_size, group)
+        # Symmetric memory's buffer holds float32, the statistics' type for every input type the GPU kernels take.
+        slots = slots if mean.dtype == torch.float32 else None
+        if slots is not None:
+            gathered = slots.gather([mean, invstd, count])
+        else:
+            gathered = _gather_stats(torch.cat([mean, invstd, count]), world_size, group)
         mean_all, invstd_all, count_all = torch.split(gathered, [channels, channels, 1], dim=1)
         mean, invstd = _global_stats(
             x, mean_all, invstd_all, count_all.view(-1), running_mean, running_var, momentum, eps
@@ -352,7 +357,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         out = _normalise(x, weight, bias, mean, invstd, eps, residual, relu)
         # The output is kept only for the ReLU's backward, which needs to know where it was zero.
         ctx.save_for_backward(x, weight, mean, invstd, count_all.to(torch.int32).view(-1), out if relu else None)
-        ctx.group, ctx.relu, ctx.has_residual = group, relu, residual is not None
+        ctx.group, ctx.relu, ctx.has_residual, ctx.slots = group, relu, residual is not None, slots
         return out
 
     @staticmethod
@@ -377,8 +382,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             grad_bias = sum_dy.to(weight.dtype) if need_bias else None
         grad_input = None
         if need_input:
-            sums = torch.cat([sum_dy, sum_dy_xmu])
-            dist.all_reduce(sums, group=ctx.group)
+            if ctx.slots is not None and sum_dy.dtype == torch.float32:
+                sums = ctx.slots.all_reduce([sum_dy, sum_dy_xmu])
+            else:
+                sums = torch.cat([sum_dy, sum_dy_xmu])
+                dist.all_reduce(sums, group=ctx.group)
             sum_dy, sum_dy_xmu = torch.split(sums, channels)
             if x.is_cuda:
                 grad_input = torch.batch_norm_backward_elemt(
@@ -397,7 +405,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             grad_bias = None
         # The residual's gradient is the masked one: the add passes it through unchanged.
         grad_residual = grad_out if ctx.has_residual and ctx.needs_input_grad[9] else None
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, grad_residual, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, grad_residual, None, None
 
 
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -411,6 +419,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                  affine: bool = True, track_running_stats: bool = True, process_group=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats)
         self.process_group = process_group
+        # Its slices of symmetric memory for uncompiled steps, where the job set them up (syncbn_symm.py).
+        self.symmetric_slots = None
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() != 4:
@@ -442,7 +452,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             x, self.weight, self.bias,
             self.running_mean if self.track_running_stats else None,
             self.running_var if self.track_running_stats else None,
-            self.eps, momentum, group, world_size, residual, relu,
+            self.eps, momentum, group, world_size, residual, relu, self.symmetric_slots,
         )
 
 

@@ -130,10 +130,10 @@ def test_fast_compiles_on_gpus_that_can_build_and_says_so_where_they_cannot(monk
     assert cli.resolve_compile(parse_config(["--fast", "--no-sync-bn"], environ={}), "cuda", announce=False).compile
 
 
-def test_symmetric_memory_syncbn_is_refused_where_it_cannot_run_and_taken_by_fast_where_it_can(monkeypatch, capsys):
+def test_symmetric_memory_syncbn_is_refused_where_it_cannot_run_and_taken_where_it_can(monkeypatch, capsys):
     import torch
 
-    from resnet_ddp import cli, syncbn
+    from resnet_ddp import cli, syncbn, syncbn_symm
     from resnet_ddp.launch import LaunchPlan
 
     def plan(world_size, nproc, device_type="cuda"):
@@ -141,30 +141,43 @@ def test_symmetric_memory_syncbn_is_refused_where_it_cannot_run_and_taken_by_fas
 
     peers = {(0, 1), (1, 0), (0, 2), (2, 0)}  # GPUs 1 and 2 cannot reach each other
     monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: (a, b) in peers)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     monkeypatch.setattr(syncbn, "symmetric_memory_missing", lambda: None)
+    monkeypatch.setattr(syncbn_symm, "missing", lambda: None)
+    default = parse_config([], environ={})
     fast = dataclasses.replace(parse_config(["--fast"], environ={}), compile=True)  # as resolve_compile leaves it
-    assert fast.syncbn_symm_mem is None and parse_config([], environ={}).syncbn_symm_mem is False
+    assert fast.syncbn_symm_mem is None and default.syncbn_symm_mem is None
+    assert parse_config(["--no-syncbn-symm-mem"], environ={}).syncbn_symm_mem is False
+    # Compiled or not, it is taken where it can run, without a word.
     assert cli.resolve_syncbn_symm_mem(fast, plan(2, 2), announce=True).syncbn_symm_mem is True
+    assert cli.resolve_syncbn_symm_mem(default, plan(2, 2), announce=True).syncbn_symm_mem is True
     assert capsys.readouterr().out == ""
-    # --fast falls back to NCCL and says why once; an explicit request is refused with the same reason.
-    assert cli.resolve_syncbn_symm_mem(fast, plan(3, 3), announce=True).syncbn_symm_mem is False
-    assert capsys.readouterr().out == ("resnet-ddp: --fast keeps SyncBatchNorm's all-reduces on NCCL: "
+    # Otherwise it stays on NCCL and says why once; an explicit request is refused with the same reason.
+    assert cli.resolve_syncbn_symm_mem(default, plan(3, 3), announce=True).syncbn_symm_mem is False
+    assert capsys.readouterr().out == ("resnet-ddp: SyncBatchNorm's collectives stay on NCCL: "
                                        "GPU 1 has no peer access to GPU 2\n")
     explicit = dataclasses.replace(fast, syncbn_symm_mem=True)
     reasons = {
         "has no peer access": (explicit, plan(3, 3)),
         "the job spans nodes (4 processes, 2 on this node)": (explicit, plan(4, 2)),
+        "sees 3 of the node's 4 GPUs": (explicit, plan(4, 4)),
         "has no peers": (explicit, plan(1, 1)),
-        "needs --compile": (dataclasses.replace(explicit, compile=False), plan(2, 2)),
         "SyncBatchNorm is off": (dataclasses.replace(explicit, sync_bn=False), plan(2, 2)),
         "for GPUs": (explicit, plan(2, 2, "cpu")),
     }
     for reason, (config, launch_plan) in reasons.items():
         with pytest.raises(UsageError, match=f"--syncbn-symm-mem: .*{re.escape(reason)}"):
             cli.resolve_syncbn_symm_mem(config, launch_plan, announce=True)
+    # What torch lacks is asked of the path that runs: inductor's lowering when compiled, the eager kernels if not.
     monkeypatch.setattr(syncbn, "symmetric_memory_missing", lambda: "torch 2.4 lacks torch._inductor.config._collective")
     with pytest.raises(UsageError, match="lacks torch._inductor"):
         cli.resolve_syncbn_symm_mem(explicit, plan(2, 2), announce=True)
-    # Quiet where there is nothing to choose: a job of one process.
+    uncompiled = dataclasses.replace(explicit, compile=False)
+    assert cli.resolve_syncbn_symm_mem(uncompiled, plan(2, 2), announce=True).syncbn_symm_mem is True
+    monkeypatch.setattr(syncbn_symm, "missing", lambda: "torch 2.2.2 lacks torch.ops.symm_mem.one_shot_all_reduce")
+    with pytest.raises(UsageError, match="lacks torch.ops.symm_mem"):
+        cli.resolve_syncbn_symm_mem(uncompiled, plan(2, 2), announce=True)
+    # Quiet where there is nothing to choose: a job of one process, or on CPUs.
     assert cli.resolve_syncbn_symm_mem(fast, plan(1, 1), announce=True).syncbn_symm_mem is False
+    assert cli.resolve_syncbn_symm_mem(default, plan(2, 2, "cpu"), announce=True).syncbn_symm_mem is False
     assert capsys.readouterr().out == ""

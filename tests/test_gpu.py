@@ -34,7 +34,8 @@ def _losses(result):
 def test_standalone_spawn_with_syncbn_over_nccl(save_dir):
     result = run_train(*GPU_TINY, "--save-dir", str(save_dir), env=SAFE)
     assert_trained(result, save_dir, ranks=2, epochs=2)
-    assert "SyncBatchNorm on (add and ReLU in its jitted kernel)" in result.stdout and "CUDA graphs on" in result.stdout
+    assert "SyncBatchNorm on (symmetric memory, add and ReLU in its jitted kernel)" in result.stdout
+    assert "CUDA graphs on" in result.stdout
     summary = json.loads((save_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["img_s"] > 0
 
@@ -122,14 +123,15 @@ def test_a_graphed_job_cut_after_its_background_checkpoints_resumes_to_the_unint
 
 @pytest.mark.parametrize("options", [
     ["--amp", "bf16"], ["--amp", "fp16"], ["--data", "gpu"], ["--fast", "--batch-size", "8"],
-    ["--compile", "--no-cuda-graphs"], ["--compile"], ["--compile", "--syncbn-symm-mem"], ["--no-sync-bn"],
+    ["--compile", "--no-cuda-graphs"], ["--compile"], ["--compile", "--no-syncbn-symm-mem"], ["--no-sync-bn"],
+    ["--no-syncbn-symm-mem"],
 ], ids=" ".join)
 def test_every_speed_option_trains(options, save_dir):
     result = run_train(*GPU_TINY, *options, "--save-dir", str(save_dir), env=SAFE, timeout=600)
     losses = assert_trained(result, save_dir, ranks=2, epochs=2)
     assert all(loss == loss and loss < 10 for loss in losses)
-    # --fast takes symmetric memory where the GPUs have peer access, as the test machine's do
-    symm_mem = "--syncbn-symm-mem" in options or "--fast" in options
+    # SyncBatchNorm takes symmetric memory where the GPUs have peer access, as the test machine's do
+    symm_mem = not {"--no-syncbn-symm-mem", "--no-sync-bn"} & set(options)
     assert ("SyncBatchNorm on (symmetric memory" in result.stdout) == symm_mem
     # Every weight learns in the second epoch: a finite loss alone let through compiled fp32 runs whose
     # gradients were zero before each SyncBatchNorm (torch 2.11), where only the last layer moved.
@@ -178,20 +180,27 @@ def _syncbn_rank(rank, port, x_full, dy_full, channels_last, out):
     import torch.distributed as dist
 
     from resnet_ddp.syncbn import SyncBatchNorm
+    from resnet_ddp.syncbn_symm import share_statistics
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("nccl", rank=rank, world_size=2)
     torch.cuda.set_device(rank)
+    symm = SyncBatchNorm(8).cuda()
+    share_statistics(symm, dist.group.WORLD, torch.device("cuda", rank))
     results = {}
-    for name, layer in (("ours", SyncBatchNorm(8)), ("stock", torch.nn.SyncBatchNorm(8))):
+    for name, layer in (("ours", SyncBatchNorm(8)), ("symm", symm), ("stock", torch.nn.SyncBatchNorm(8))):
         layer = layer.cuda()
-        x = x_full.chunk(2)[rank].cuda()
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        x.requires_grad_(True)
-        y = layer(x)
-        y.backward(dy_full.chunk(2)[rank].cuda())
+        for _ in range(2):  # a second step reuses the layer's slices of symmetric memory
+            x = x_full.chunk(2)[rank].cuda()
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            x.requires_grad_(True)
+            y = layer(x)
+            y.backward(dy_full.chunk(2)[rank].cuda())
         results[name] = [t.detach().cpu() for t in (y, x.grad, layer.weight.grad, layer.running_mean, layer.running_var)]
+    # The symmetric path ran: its slices hold this rank's statistics row (the count last) and its backward sums.
+    row = symm.symmetric_slots.rows[rank]
+    results["row"] = (row[-1].item(), row[:-1].abs().sum().item(), symm.symmetric_slots.sums.abs().sum().item())
     out[rank] = results
     dist.destroy_process_group()
 
@@ -206,8 +215,11 @@ def test_our_syncbn_matches_torch_syncbn_on_cuda(channels_last):
     out = mp.get_context("spawn").Manager().dict()
     mp.start_processes(_syncbn_rank, args=(free_port(), x, dy, channels_last, out), nprocs=2, start_method="spawn")
     for rank in range(2):
-        for ours, stock in zip(out[rank]["ours"], out[rank]["stock"]):
+        for ours, symm, stock in zip(out[rank]["ours"], out[rank]["symm"], out[rank]["stock"]):
             torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(symm, stock, rtol=1e-4, atol=1e-5)
+        count, stats, sums = out[rank]["row"]
+        assert count == 8 * 7 * 7 and stats > 0 and sums > 0
 
 
 def _handed_relu_rank(rank, port, channels_last, out):
