@@ -209,9 +209,9 @@ def build_parser(environ: Mapping[str, str] = os.environ, scenario: Optional[str
     speed.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                        help="capture the whole training step in one CUDA graph (default: on for GPUs, except --amp fp16)")
     speed.add_argument("--syncbn-symm-mem", action=argparse.BooleanOptionalAction, default=None,
-                       help="compiled SyncBatchNorm all-reduces its statistics through symmetric memory (one-shot "
-                            "kernels over NVLink) instead of NCCL: needs --compile and one node whose GPUs have peer "
-                            "access (default: off; on with --fast where it can run)")
+                       help="SyncBatchNorm exchanges its statistics through symmetric memory (one-shot kernels "
+                            "over NVLink) instead of NCCL: needs a job on one node whose GPUs have peer access "
+                            "(default: on where it can run; otherwise NCCL, and one line says why)")
     speed.add_argument("--fuse-bn-relu", action=argparse.BooleanOptionalAction, default=None,
                        help="each SyncBatchNorm applies the residual add and ReLU after it, in one pass over the "
                             "activation on fp32 GPUs (same maths; default: on)")

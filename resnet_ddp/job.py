@@ -6,7 +6,7 @@ import contextlib
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -232,7 +232,11 @@ def train(config: Config, rank: distributed.RankInfo, facts: Optional[RunFacts] 
     if config.syncbn_symm_mem and config.compile:  # before the compiler traces the model
         syncbn.use_symmetric_memory(dist.group.WORLD)
     elif config.syncbn_symm_mem:  # settled at start-up: GPUs of one node with peer access
-        syncbn_symm.share_statistics(model, dist.group.WORLD, rank.device)
+        why = syncbn_symm.share_statistics_everywhere_or_nowhere(model, dist.group.WORLD, rank.device)
+        if why is not None:
+            config = replace(config, syncbn_symm_mem=False)
+            if rank.is_main:
+                telemetry.log(rank.rank, f"SyncBatchNorm's collectives stay on NCCL: symmetric memory failed ({why})")
     step = engine.EagerStep(model if not config.compile else compile_model(model), torch.nn.CrossEntropyLoss(),
                             optimizer, rank.device, amp=config.amp, channels_last=config.use_channels_last,
                             nonfinite=nonfinite, loss_poison=faults.loss_poison)

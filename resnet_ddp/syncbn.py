@@ -9,7 +9,8 @@ never needed.
 Statistics: each rank computes its per-channel mean and invstd, they are
 all-gathered with the element counts, and the global mean and variance are
 combined from them (the same reduction as the stock layer). The backward pass
-all-reduces sum(dy) and sum(dy * (x - mean)).
+all-reduces sum(dy) and sum(dy * (x - mean)). On the GPUs of one node both
+exchanges can go through symmetric memory instead of NCCL (syncbn_symm.py).
 
 The layer can also take the residual add and ReLU that follow it in ResNet's
 blocks (blocks.py hands them over); in fp32 on GPUs it then applies all three in

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from resnet_ddp.syncbn import SyncBatchNorm
+
 
 def missing() -> Optional[str]:
     """Why this torch cannot run the uncompiled layer's collectives on symmetric memory, or None."""
@@ -63,16 +65,14 @@ class LayerSlots:
         return torch.ops.symm_mem.one_shot_all_reduce(self.sums, "sum", self.group_name)
 
 
-def share_statistics(model: nn.Module, group, device: torch.device) -> int:
-    """Give every SyncBatchNorm in `model` its slices of one symmetric buffer; returns the buffer's bytes.
+def share_statistics(model: nn.Module, group, device: torch.device) -> None:
+    """Give every SyncBatchNorm in `model` its slices of one symmetric buffer.
 
     A collective: every rank of `group` calls it with the same model. The layers
     then use the slices in training steps that are not compiled (compiled ones
     leave the choice to inductor, syncbn.use_symmetric_memory).
     """
     from torch.distributed import _symmetric_memory as symm_mem
-
-    from resnet_ddp.syncbn import SyncBatchNorm
 
     layers = [m for m in model.modules() if isinstance(m, SyncBatchNorm) and m.process_group in (None, group)]
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -92,4 +92,30 @@ def share_statistics(model: nn.Module, group, device: torch.device) -> int:
         offset += world * row_length
         layer.symmetric_slots = LayerSlots(rows, buffer[offset:offset + sum_length], rank, group.group_name)
         offset += sum_length
-    return total * buffer.element_size()
+
+
+def share_statistics_everywhere_or_nowhere(model: nn.Module, group, device: torch.device) -> Optional[str]:
+    """share_statistics on every rank, or on none: returns why the layers stay on NCCL, or None.
+
+    Mapping peers' memory can fail where the checks at start-up passed: a
+    driver or container that refuses the shared handles, say. Every rank then
+    learns whether any rank failed (one collective over `group`, before
+    training) and all of them stay on NCCL together; a rank left on symmetric
+    memory alone would wait for peers that never join its collectives. (A rank
+    that fails inside the rendezvous itself, while its peers wait there for it,
+    is not caught here: those peers go on waiting in it.)
+    """
+    try:
+        share_statistics(model, group, device)
+        failure = None
+    except Exception as exc:  # whatever torch or the driver raised: the job goes on over NCCL
+        message = str(exc).strip()
+        failure = type(exc).__name__ + (f": {message.splitlines()[0]}" if message else "")
+    failed = torch.tensor([0 if failure is None else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(failed, group=group)
+    if failed.item() == 0:
+        return None
+    for layer in model.modules():
+        if isinstance(layer, SyncBatchNorm):
+            layer.symmetric_slots = None
+    return failure or "another rank could not set it up"

@@ -198,3 +198,37 @@ def test_a_usable_home_or_a_chosen_kernel_cache_is_left_alone(kernel_cache_env, 
     kernel_cache_env.setenv("PYTORCH_KERNEL_CACHE_PATH", "/where/the/user/wants/it")
     syncbn.use_a_writable_kernel_cache()
     assert os.environ["PYTORCH_KERNEL_CACHE_PATH"] == "/where/the/user/wants/it"
+
+
+def _symmetric_setup_rank(rank, port, failing_ranks, results):
+    from resnet_ddp import syncbn_symm
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        def share(model, group, device):  # as the real one, but the driver of `failing_ranks` refuses the mapping
+            if rank in failing_ranks:
+                raise RuntimeError("CUDA driver error: operation not permitted\n(more lines of detail)")
+            for layer in model:
+                layer.symmetric_slots = f"slices for rank {rank}"
+
+        syncbn_symm.share_statistics = share
+        model = nn.Sequential(SyncBatchNorm(4), SyncBatchNorm(8))
+        why = syncbn_symm.share_statistics_everywhere_or_nowhere(model, dist.group.WORLD, torch.device("cpu"))
+        results[rank] = (why, [layer.symmetric_slots for layer in model])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("failing_ranks", [(), (1,)], ids=["none-fails", "rank-1-fails"])
+def test_symmetric_memory_is_set_up_on_every_rank_or_on_none(failing_ranks):
+    """A rank whose symmetric memory cannot be mapped takes every rank back to NCCL: one left on it alone
+    would wait in its collectives for peers that never come."""
+    results = mp.get_context("spawn").Manager().dict()
+    mp.start_processes(_symmetric_setup_rank, args=(free_port(), failing_ranks, results), nprocs=WORLD,
+                       start_method="spawn")
+    if not failing_ranks:
+        assert results[0] == (None, ["slices for rank 0"] * 2) and results[1] == (None, ["slices for rank 1"] * 2)
+        return
+    assert results[0] == ("another rank could not set it up", [None, None])
+    assert results[1] == ("RuntimeError: CUDA driver error: operation not permitted", [None, None])
