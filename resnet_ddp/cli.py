@@ -498,8 +498,8 @@ def _symm_mem_unusable(config: Config, plan) -> Optional[str]:
     if plan.world_size == 1:
         return "a job of one process has no peers"
     if plan.world_size != plan.nproc:
-        return (f"the job spans nodes ({plan.world_size} processes, {plan.nproc} on this node), and symmetric memory "
-                "reaches only the GPUs of one node")
+        return (f"this launcher starts {plan.nproc} of the job's {plan.world_size} processes, and symmetric memory "
+                "needs every process on one node, started together")
     from resnet_ddp import syncbn, syncbn_symm
 
     # Compiled, inductor lowers the collectives to symmetric memory's kernels; uncompiled, the layer calls them.

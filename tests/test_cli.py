@@ -159,7 +159,7 @@ def test_symmetric_memory_syncbn_is_refused_where_it_cannot_run_and_taken_where_
     explicit = dataclasses.replace(fast, syncbn_symm_mem=True)
     reasons = {
         "has no peer access": (explicit, plan(3, 3)),
-        "the job spans nodes (4 processes, 2 on this node)": (explicit, plan(4, 2)),
+        "this launcher starts 2 of the job's 4 processes": (explicit, plan(4, 2)),
         "sees 3 of the node's 4 GPUs": (explicit, plan(4, 4)),
         "has no peers": (explicit, plan(1, 1)),
         "SyncBatchNorm is off": (dataclasses.replace(explicit, sync_bn=False), plan(2, 2)),
