@@ -112,6 +112,18 @@ def symmetric_memory_missing() -> Optional[str]:
     return f"torch {torch.__version__} lacks {', '.join(missing)}" if missing else None
 
 
+def enable_symmetric_memory(group) -> None:
+    """Enable symmetric memory for `group` where this torch asks for it (newer ones enable it unasked)."""
+    import warnings
+
+    from torch.distributed import _symmetric_memory
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # newer torch: deprecated, as it needs no enabling
+        if hasattr(_symmetric_memory, "enable_symm_mem_for_group"):
+            _symmetric_memory.enable_symm_mem_for_group(group.group_name)
+
+
 def use_symmetric_memory(group) -> None:
     """Let inductor lower compiled SyncBatchNorm's all-reduces to symmetric-memory one-shot kernels.
 
@@ -123,15 +135,10 @@ def use_symmetric_memory(group) -> None:
     torch.compile traces the model.
     """
     global STATS_BY_ALL_REDUCE
-    import warnings
-
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
-    from torch.distributed import _symmetric_memory
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # newer torch: enabled without being asked
-        _symmetric_memory.enable_symm_mem_for_group(group.group_name)
+    enable_symmetric_memory(group)
     inductor_config._collective.auto_select = True
     # Each comm buffer's alloc_id is drawn from Python's random at code generation, and dynamo restores
     # that state after compiling a frame: a backward lowered lazily, at the first backward(), drew the

@@ -14,14 +14,13 @@ layer never overwrites a slice a peer may still be reading.
 
 from __future__ import annotations
 
-import warnings
 from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from resnet_ddp.syncbn import SyncBatchNorm
+from resnet_ddp.syncbn import SyncBatchNorm, enable_symmetric_memory
 
 
 def missing() -> Optional[str]:
@@ -79,10 +78,7 @@ def share_statistics(model: nn.Module, group, device: torch.device) -> None:
     row_lengths = [2 * layer.num_features + 1 for layer in layers]
     sum_lengths = [2 * layer.num_features for layer in layers]
     total = world * sum(row_lengths) + sum(sum_lengths)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # newer torch: enabled without being asked
-        if hasattr(symm_mem, "enable_symm_mem_for_group"):
-            symm_mem.enable_symm_mem_for_group(group.group_name)
+    enable_symmetric_memory(group)
     buffer = symm_mem.empty(total, dtype=torch.float32, device=device)
     symm_mem.rendezvous(buffer, group.group_name)
     buffer.zero_()  # on this stream, before this rank's first collective lets any peer read it
