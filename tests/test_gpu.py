@@ -431,12 +431,15 @@ def test_two_torchrun_agents_over_nccl_one_gpu_each(tmp_path):
     assert not (tmp_path / f"node{1 - main}" / "model_final.pth").exists()
 
 
-@pytest.mark.parametrize("launcher", ["standalone", "torchrun"])
-def test_a_hung_rank_ends_a_graphed_gpu_job_through_the_dist_timeout(launcher, save_dir):
+@pytest.mark.parametrize("launcher,collectives", [("standalone", "symm-mem"), ("torchrun", "symm-mem"), ("standalone", "nccl")])
+def test_a_hung_rank_ends_a_graphed_gpu_job_through_the_dist_timeout(launcher, collectives, save_dir):
     """Past capture, collectives replay from a CUDA graph where NCCL's watchdog does not see them, and
-    --log-interval 1 blocks the host reading each loss: the job must still end within --dist-timeout."""
+    --log-interval 1 blocks the host reading each loss: the job must still end within --dist-timeout.
+    On symmetric memory the survivor's GPU spins in the one-shot kernel rather than waiting in NCCL's."""
     args = [*GPU_TINY, "--epochs", "50", "--fail-at-step", "30", "--fail-rank", "1", "--fail-mode", "hang",
             "--dist-timeout", "30", "--log-interval", "1", "--save-dir", str(save_dir)]
+    if collectives == "nccl":
+        args.append("--no-syncbn-symm-mem")
     prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     job = Job([*prefix, "train.py", *args] if launcher == "torchrun" else [sys.executable, "train.py", *args], SAFE)
     started = time.monotonic()
@@ -444,6 +447,7 @@ def test_a_hung_rank_ends_a_graphed_gpu_job_through_the_dist_timeout(launcher, s
     assert result.returncode != 0
     assert time.monotonic() - started < 200
     assert "injecting fault 'hang'" in result.stdout
+    assert ("SyncBatchNorm on (symmetric memory" in result.stdout) == (collectives == "symm-mem")
     assert wait_for_no_leftovers(job) == []
 
 
