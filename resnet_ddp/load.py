@@ -6,8 +6,10 @@ cycle below 1 costs; at 1 it does nothing at all), takes the time from the
 step's start as the step's busy time, and sleeps busy * (1 - F) / F. The busy
 time it sleeps on is the slowest rank's of the step before, agreed through the
 per-step stop agreement, so every rank sleeps the same and the next step starts
-together. Load phases (--load-profile) change F on rank 0's clock; the phase
-number rides on the same agreement, so every rank switches after the same step.
+together. Load phases (--load-profile) change F on rank 0's clock, each phase
+lasting its own seconds from the step it began after (so a long start-up stretches
+the first phase and skips none); the phase number rides on the same agreement, so
+every rank switches after the same step.
 An idle phase (0%) runs no step: it ticks the agreement every IDLE_TICK_S, so
 stops and --duration are still answered, while memory and the process group stay
 as they are.
@@ -60,9 +62,8 @@ class LoadPacer:
         self.active = any(phase.duty_cycle < 1 for phase in self.phases)
         self.rank, self.stop, self.record = rank, stop, record
         self.record_every_steps, self.record_every_s = record_every_steps, record_every_s
-        self.cycle_s = sum(phase.seconds for phase in self.phases)
         self.phase_number = 0  # agreed; the phase is phases[phase_number % len(phases)]
-        self._start = self._step_started = self._last_record = time.perf_counter()
+        self._phase_started = self._step_started = self._last_record = time.perf_counter()
         self._data_wait_s = 0.0
         self._busy_s = 0.0
         self._sums = _IntervalSums()
@@ -73,7 +74,7 @@ class LoadPacer:
 
     def start(self) -> None:
         """Training starts now: the phases' clock starts."""
-        self._start = self._step_started = self._last_record = time.perf_counter()
+        self._phase_started = self._step_started = self._last_record = time.perf_counter()
         if self.active and self.rank.is_main:
             where = f"1 of {len(self.phases)}, " if len(self.phases) > 1 else ""
             telemetry.log(self.rank.rank, f"load phase {where}from the start: {describe_phase(self.phase)}")
@@ -155,22 +156,19 @@ class LoadPacer:
             self._write_record(global_step)
 
     def _phase_number_by_clock(self) -> int:
-        if math.isinf(self.cycle_s):
-            return 0
-        cycles, into = divmod(time.perf_counter() - self._start, self.cycle_s)
-        number = int(cycles) * len(self.phases)
-        for phase in self.phases:
-            if into < phase.seconds:
-                break
-            into -= phase.seconds
-            number += 1
-        return number
+        # One phase at a time, each for its own seconds from the step it began after: a start-up
+        # (autotuning, graph capture, compilation) longer than a phase stretches that phase; it must
+        # not skip the next, which a platform test is there to watch.
+        if time.perf_counter() - self._phase_started >= self.phase.seconds:
+            return self.phase_number + 1
+        return self.phase_number
 
     def _switch_to(self, number: int, global_step: int) -> None:
         if number <= self.phase_number:
             return
         self._write_record(global_step)
         self.phase_number = number
+        self._phase_started = time.perf_counter()
         index = number % len(self.phases)
         telemetry.log(self.rank.rank, f"load phase {index + 1} of {len(self.phases)} after step {global_step}: "
                                       f"{describe_phase(self.phase)}")

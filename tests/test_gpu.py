@@ -476,13 +476,15 @@ def test_duty_cycle_on_gpus_sleeps_the_agreed_busy_time_of_graphed_steps(save_di
 
 
 def test_load_profile_phases_and_idle_on_gpus(save_dir):
-    result = run_train(*GPU_TINY, "--epochs", "1000", "--load-profile", "4s@100,3s@0,4s@50", "--duration", "14s",
+    # A fresh machine's start-up (kernel compilation, autotuning, capture) can outlast the first phase:
+    # it stretches that phase and must skip none after it.
+    result = run_train(*GPU_TINY, "--epochs", "1000", "--load-profile", "4s@100,3s@0,4s@50", "--duration", "20s",
                        "--save-dir", str(save_dir), env=SAFE)
     assert result.returncode == 0, result.stderr[-3000:]
     switches = re.findall(r"^\[Rank (\d)\] load phase (\d) of 3 after step (\d+): (.+)$", result.stdout, re.M)
-    for phase in ("2", "3"):
-        steps = {(step, what) for rank, p, step, what in switches if p == phase}
-        assert len(steps) == 1 and len([s for s in switches if s[1] == phase]) == 2, switches
+    by_rank = [[(phase, step) for rank, phase, step, _ in switches if rank == str(r)] for r in (0, 1)]
+    assert by_rank[0] == by_rank[1], switches  # every rank switches after the same step
+    assert [phase for phase, _ in by_rank[0]][:2] == ["2", "3"], switches
     assert (save_dir / "model_final.pth").exists()
 
 

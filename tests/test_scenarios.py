@@ -156,14 +156,22 @@ def test_nan_policy_skip_leaves_the_weights_of_that_step_unchanged_on_every_rank
 
 
 def test_load_phases_switch_at_the_same_step_sleeps_are_agreed_and_idle_still_stops(save_dir):
-    # Half load for 4 s, then idle; --duration ends the run during the idle phase.
-    result = run_train(*TINY, "--epochs", "500", "--load-profile", "4s@50,60s@0", "--duration", "6s",
-                       "--log-interval", "1", "--save-dir", str(save_dir), timeout=180)
+    # Two phases shorter than the first step (which must not be skipped), half load for 4 s, then
+    # idle; --duration ends the run during the idle phase.
+    result = run_train(*TINY, "--epochs", "500", "--load-profile", "0.001s@100,0.001s@0,4s@50,60s@0",
+                       "--duration", "6s", "--log-interval", "1", "--save-dir", str(save_dir), timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
-    switches = [(rank, step, what) for rank, index, _, step, what in PHASE_LINE.findall(result.stdout)
-                if index == "2"]
-    assert sorted(rank for rank, _, _ in switches) == ["0", "1"]
-    ((idle_from, what),) = {(step, what) for _, step, what in switches}  # the same step on every rank
+    switches = {}
+    for rank, index, _, step, what in PHASE_LINE.findall(result.stdout):
+        switches.setdefault(index, []).append((rank, step, what))
+    assert sorted(switches) == ["2", "3", "4"]
+    for index, lines in switches.items():
+        assert sorted(rank for rank, _, _ in lines) == ["0", "1"]
+        assert len({(step, what) for _, step, what in lines}) == 1  # the same step on every rank
+    # the agreement reaches ranks a step late: the short phases began after step 2, the idle one ran no step
+    assert switches["2"][0][1] == switches["3"][0][1] == "2"
+    assert switches["3"][0][2] == "duty cycle 50% for 4s"
+    _, idle_from, what = switches["4"][0]
     assert what == "idle for 1m00s"
     stops = STOP_LINE.findall(result.stdout)
     # No step ran while idle: the run stopped after the step the idle phase began with.
@@ -187,8 +195,8 @@ def test_load_phases_switch_at_the_same_step_sleeps_are_agreed_and_idle_still_st
             slowest, abs=0.01)
     idle = [r for r in records(save_dir, "load") if r["duty_cycle"] == 0.0]
     assert {r["rank"] for r in idle} == {0, 1} and all(r["steps"] == 0 and r["idle_s"] > 0 for r in idle)
-    assert [(r["rank"], r["global_step"]) for r in records(save_dir, "load_phase")] in (
-        [(0, int(idle_from)), (1, int(idle_from))], [(1, int(idle_from)), (0, int(idle_from))])
+    assert sorted((r["phase"], r["rank"], r["global_step"]) for r in records(save_dir, "load_phase")) == [
+        (phase, rank, step) for phase, step in ((2, 2), (3, 2), (4, int(idle_from))) for rank in (0, 1)]
 
 
 def test_the_smoke_preset_runs_with_the_options_given_and_ignore_trains_on_through_a_nan(save_dir):
