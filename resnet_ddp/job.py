@@ -120,7 +120,7 @@ def _syncbn_description(config: Config, rank: distributed.RankInfo) -> str:
         return "off"
     parts = ["symmetric memory"] if config.syncbn_symm_mem else []
     if config.fuse_bn_relu:
-        one_kernel = syncbn.fuses_in_one_kernel(rank.device, config.amp, config.compile, rank.world_size)
+        one_kernel = syncbn.fuses_in_one_kernel(rank.device, config.amp, config.compile)
         parts.append("add and ReLU in its jitted kernel" if one_kernel else "add and ReLU handed over")
     return f"on ({', '.join(parts)})" if parts else "on"
 

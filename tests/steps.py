@@ -21,7 +21,7 @@ import torchvision
 
 from conftest import free_port
 
-def _rank_main(rank, port, backend, variant, steps, arch, out):
+def _rank_main(rank, port, backend, variant, steps, arch, world_size, out):
     from resnet_ddp.blocks import hand_relu_to_batchnorm
     from resnet_ddp.distributed import RankInfo
     from resnet_ddp.engine import EagerStep, GraphedStep
@@ -29,7 +29,7 @@ def _rank_main(rank, port, backend, variant, steps, arch, out):
     from resnet_ddp.syncbn import convert_sync_batchnorm
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(backend, rank=rank, world_size=2)
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
     cuda = backend == "nccl"
     if cuda:
         torch.cuda.set_device(rank)
@@ -38,7 +38,7 @@ def _rank_main(rank, port, backend, variant, steps, arch, out):
     else:
         torch.set_num_threads(1)
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    info = RankInfo(rank, 2, rank, 2, device)
+    info = RankInfo(rank, world_size, rank, world_size, device)
     torch.manual_seed(0)
     base = convert_sync_batchnorm(getattr(torchvision.models, arch)(num_classes=10))
     generator = torch.Generator().manual_seed(rank)
@@ -65,7 +65,8 @@ def _rank_main(rank, port, backend, variant, steps, arch, out):
     dist.destroy_process_group()
 
 
-def compare_steps(backend: str, variant: str, steps: int, timeout_s: float = 240, arch: str = "resnet18"):
+def compare_steps(backend: str, variant: str, steps: int, timeout_s: float = 240, arch: str = "resnet18",
+                  world_size: int = 2):
     """Returns ({rank: (losses, params)} for eager, the same for the variant).
 
     Training on random labels is chaotic: rounding differences (another conv
@@ -74,12 +75,12 @@ def compare_steps(backend: str, variant: str, steps: int, timeout_s: float = 240
     is compared past its warm-up (GraphedStep.WARMUP_STEPS) into the replays.
     """
     out = mp.get_context("spawn").Manager().dict()
-    ranks = mp.start_processes(_rank_main, args=(free_port(), backend, variant, steps, arch, out), nprocs=2,
-                               start_method="spawn", join=False)
+    ranks = mp.start_processes(_rank_main, args=(free_port(), backend, variant, steps, arch, world_size, out),
+                               nprocs=world_size, start_method="spawn", join=False)
     deadline = time.monotonic() + timeout_s
     while not ranks.join(timeout=5):
         if time.monotonic() > deadline:
             for process in ranks.processes:
                 process.kill()
             raise TimeoutError(f"compare_steps({backend!r}, {variant!r}) did not finish in {timeout_s:.0f} s")
-    return ({r: out[r]["eager"] for r in range(2)}, {r: out[r][variant] for r in range(2)})
+    return ({r: out[r]["eager"] for r in range(world_size)}, {r: out[r][variant] for r in range(world_size)})
