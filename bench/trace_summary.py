@@ -23,8 +23,9 @@ from typing import Dict, Iterable, List, Tuple
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 KINDS = ("convolution/GEMM", "Triton elementwise", "Triton reduction", "native BatchNorm",
          "jitted BatchNorm", "other kernels", "NCCL", "copies")
-# The kernels SyncBatchNorm compiles with torch's jiterator (resnet_ddp/syncbn.py), named after their functions.
-JITTED_BATCHNORM = ("bn_relu", "bn_add_relu")
+# The kernels SyncBatchNorm compiles with torch's jiterator (resnet_ddp/syncbn.py), named after their functions
+# (the last is its ReLU backward of a forked block output).
+JITTED_BATCHNORM = ("bn_relu", "bn_add_relu", "relu_grad_of_sum")
 
 
 def kind_of(name: str, category: str) -> str:

@@ -14,7 +14,9 @@ exchanges can go through symmetric memory instead of NCCL (syncbn_symm.py).
 
 The layer can also take the residual add and ReLU that follow it in ResNet's
 blocks (blocks.py hands them over); in fp32 on GPUs it then applies all three in
-one jitted kernel.
+one jitted kernel. Where its output feeds the next block twice (main path and
+residual), it returns it twice, and its backward sums the two gradients inside
+ReLU's backward, again in one jitted kernel.
 """
 
 from __future__ import annotations
@@ -263,6 +265,10 @@ _BN_RELU = ("template <typename T> T bn_relu(T x, T mean, T invstd, T w, T b) {"
             " T y = w * (x - mean) * invstd + b; return y < T(0) ? T(0) : y; }")
 _BN_ADD_RELU = ("template <typename T> T bn_add_relu(T x, T residual, T mean, T invstd, T w, T b) {"
                 " T y = w * (x - mean) * invstd + b + residual; return y < T(0) ? T(0) : y; }")
+# ReLU's backward of an output that forked (the next block's main path and its residual, blocks.py): the two
+# gradients summed where the output was positive, as threshold_backward(a + b, out, 0) gives, in one pass
+# instead of autograd's add and then ReLU's backward.
+_RELU_GRAD_OF_SUM = "template <typename T> T relu_grad_of_sum(T a, T b, T out) { return out > T(0) ? a + b : T(0); }"
 
 
 @functools.lru_cache(maxsize=None)
@@ -332,6 +338,25 @@ def _normalise(x, weight, bias, mean, invstd, eps, residual, relu):
     return _add_relu(out, residual, relu)
 
 
+def _relu_backward(grads, out):
+    """The gradient before the layer's ReLU (`out` is its output; None without a ReLU), from the gradients of
+    its one output or, where it forked, of its two."""
+    defined = [g for g in grads if g is not None]
+    if out is None:
+        return defined[0] if len(defined) == 1 else defined[0] + defined[1]
+    if len(defined) == 1:
+        return torch.ops.aten.threshold_backward(defined[0], out, 0)
+    a, b = defined
+    if a.is_cuda and torch.version.hip is None and all(t.dtype == torch.float32 for t in (a, b, out)):
+        return _jitted(_RELU_GRAD_OF_SUM)(a, b, out)
+    return torch.ops.aten.threshold_backward(a + b, out, 0)
+
+
+def _twice(out, fork):
+    """The layer's output, twice where it forks (the next block's main path and residual)."""
+    return (out, out) if fork else out
+
+
 def _add_relu(out, residual, relu):
     """The residual add and ReLU after a BatchNorm, in place as torchvision's blocks do them."""
     if residual is not None:
@@ -348,7 +373,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group, world_size,
-                residual=None, relu=False, slots=None):
+                residual=None, relu=False, slots=None, fork=False):
         x = x.contiguous(memory_format=_memory_format(x))
         channels = x.shape[1]
         mean, invstd = _local_stats(x, eps)
@@ -367,13 +392,17 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         # The output is kept only for the ReLU's backward, which needs to know where it was zero.
         ctx.save_for_backward(x, weight, mean, invstd, count_all.to(torch.int32).view(-1), out if relu else None)
         ctx.group, ctx.relu, ctx.has_residual, ctx.slots = group, relu, residual is not None, slots
+        if fork:
+            # Two outputs, one memory: autograd hands the backward each one's gradient rather than adding them
+            # first. Nothing writes to either in place.
+            ctx.set_materialize_grads(False)
+            return out, out.view_as(out)
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, *grads):
         x, weight, mean, invstd, count_all, out = ctx.saved_tensors
-        if ctx.relu:
-            grad_out = torch.ops.aten.threshold_backward(grad_out, out, 0)  # ReLU's own backward
+        grad_out = _relu_backward(grads, out)
         memory_format = _memory_format(x)
         grad_out = grad_out.contiguous(memory_format=memory_format)
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -415,7 +444,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             grad_bias = None
         # The residual's gradient is the masked one: the add passes it through unchanged.
         grad_residual = grad_out if ctx.has_residual and ctx.needs_input_grad[9] else None
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, grad_residual, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, grad_residual, None, None, None
 
 
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -436,8 +465,13 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
-        """The layer's output; with `residual` and `relu`, relu(output + residual) (ResNet's blocks, blocks.py)."""
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, relu: bool = False,
+                fork: bool = False):
+        """The layer's output; with `residual` and `relu`, relu(output + residual) (ResNet's blocks, blocks.py).
+
+        With `fork`, the output twice, as (main, residual) for the next block: the backward then takes the two
+        gradients in one kernel with the ReLU's rather than after autograd has added them.
+        """
         self._check_input_dim(x)
         # The cumulative average (momentum=None) would need a host read of the
         # batch counter; ResNet uses the default momentum.
@@ -454,26 +488,26 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                 x, self.weight, self.bias,
                 self.running_mean if self.track_running_stats else None,
                 self.running_var if self.track_running_stats else None,
-                self.eps, momentum, None, 1, residual, relu, None,
+                self.eps, momentum, None, 1, residual, relu, None, fork,
             )
         if not self.training or world_size == 1:
-            return _add_relu(F.batch_norm(
+            return _twice(_add_relu(F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias,
                 self.training or not self.track_running_stats, momentum, self.eps,
-            ), residual, relu)
+            ), residual, relu), fork)
         group = self.process_group or dist.group.WORLD
         if _is_compiling() and _FC is not None:  # inductor fuses the add and ReLU itself
-            return _add_relu(_traceable_sync_batch_norm(
+            return _twice(_add_relu(_traceable_sync_batch_norm(
                 x, self.weight, self.bias,
                 self.running_mean if self.track_running_stats else None,
                 self.running_var if self.track_running_stats else None,
                 self.eps, momentum, group, world_size,
-            ), residual, relu)
+            ), residual, relu), fork)
         return _SyncBatchNormFunction.apply(
             x, self.weight, self.bias,
             self.running_mean if self.track_running_stats else None,
             self.running_var if self.track_running_stats else None,
-            self.eps, momentum, group, world_size, residual, relu, self.symmetric_slots,
+            self.eps, momentum, group, world_size, residual, relu, self.symmetric_slots, fork,
         )
 
 
