@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -77,8 +78,20 @@ class Job:
         )
 
     def wait(self, timeout: float = 240) -> subprocess.CompletedProcess:
-        out, err = self.process.communicate(timeout=timeout)
+        try:
+            out, err = self.process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()  # a hung job must not outlive its test, holding ports and cores for the ones after it
+            raise
         return subprocess.CompletedProcess(self.process.args, self.process.returncode, out, err)
+
+    def kill(self) -> None:
+        """SIGKILL every process the job made, its launcher, ranks and workers alike."""
+        for pid in self.leftover_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def leftover_pids(self) -> List[int]:
         return processes_with_marker(self.marker)
