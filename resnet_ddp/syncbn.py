@@ -483,20 +483,13 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         # over): cuDNN's BatchNorm with a separate add and ReLU was 3% slower on an H100 (session 11).
         one_gpu_fused = (world_size == 1 and self.training and relu and not _is_compiling()
                          and _one_kernel(x, residual, self.weight, self.bias))
-        if one_gpu_fused:
-            return _SyncBatchNormFunction.apply(
-                x, self.weight, self.bias,
-                self.running_mean if self.track_running_stats else None,
-                self.running_var if self.track_running_stats else None,
-                self.eps, momentum, None, 1, residual, relu, None, fork,
-            )
-        if not self.training or world_size == 1:
+        if not self.training or (world_size == 1 and not one_gpu_fused):
             return _twice(_add_relu(F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias,
                 self.training or not self.track_running_stats, momentum, self.eps,
             ), residual, relu), fork)
-        group = self.process_group or dist.group.WORLD
-        if _is_compiling() and _FC is not None:  # inductor fuses the add and ReLU itself
+        group = (self.process_group or dist.group.WORLD) if world_size > 1 else None  # one GPU: nothing to exchange
+        if _is_compiling() and _FC is not None:  # inductor fuses the add and ReLU itself (never at one GPU here)
             return _twice(_add_relu(_traceable_sync_batch_norm(
                 x, self.weight, self.bias,
                 self.running_mean if self.track_running_stats else None,
