@@ -284,9 +284,13 @@ def use_a_writable_kernel_cache() -> None:
 
     torch keeps them in $PYTORCH_KERNEL_CACHE_PATH, else $XDG_CACHE_HOME/torch/kernels, else
     $HOME/.cache/torch/kernels. In a container whose home is read-only or unset, each rank would warn
-    at its first step and compile the kernels anew at every start. A path the user set is kept.
+    at its first step and compile the kernels anew at every start. A path the user set is kept, and made
+    if missing: torch would not make it, and would warn in every rank and cache nothing.
     """
-    if "PYTORCH_KERNEL_CACHE_PATH" in os.environ or os.environ.get("USE_PYTORCH_KERNEL_CACHE") == "0":
+    if os.environ.get("USE_PYTORCH_KERNEL_CACHE") == "0":
+        return
+    if "PYTORCH_KERNEL_CACHE_PATH" in os.environ:
+        _writable_dir(os.environ["PYTORCH_KERNEL_CACHE_PATH"])
         return
     xdg, home = os.environ.get("XDG_CACHE_HOME"), os.environ.get("HOME")
     default = os.path.join(xdg, "torch") if xdg else os.path.join(home, ".cache", "torch") if home else None

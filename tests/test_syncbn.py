@@ -188,16 +188,22 @@ def test_jitted_kernels_are_cached_in_the_temp_dir_where_the_home_cannot_hold_th
     assert os.environ["PYTORCH_KERNEL_CACHE_PATH"] == cache
 
 
-def test_a_usable_home_or_a_chosen_kernel_cache_is_left_alone(kernel_cache_env, tmp_path):
+def test_a_usable_home_is_left_alone_and_a_chosen_kernel_cache_kept_and_made(kernel_cache_env, tmp_path):
     kernel_cache_env.setenv("HOME", str(tmp_path / "home"))
     syncbn.use_a_writable_kernel_cache()
     assert "PYTORCH_KERNEL_CACHE_PATH" not in os.environ  # torch uses ~/.cache/torch/kernels, which now exists
     assert (tmp_path / "home" / ".cache" / "torch" / "kernels").is_dir()
     kernel_cache_env.setenv("HOME", str(tmp_path / "home-is-a-file"))
     (tmp_path / "home-is-a-file").write_text("")
-    kernel_cache_env.setenv("PYTORCH_KERNEL_CACHE_PATH", "/where/the/user/wants/it")
+    # The user's choice is kept, and made where missing (torch would warn in every rank and cache nothing).
+    chosen = tmp_path / "volume" / "kernels"
+    kernel_cache_env.setenv("PYTORCH_KERNEL_CACHE_PATH", str(chosen))
     syncbn.use_a_writable_kernel_cache()
-    assert os.environ["PYTORCH_KERNEL_CACHE_PATH"] == "/where/the/user/wants/it"
+    assert os.environ["PYTORCH_KERNEL_CACHE_PATH"] == str(chosen) and chosen.is_dir()
+    unmakeable = tmp_path / "home-is-a-file" / "kernels"
+    kernel_cache_env.setenv("PYTORCH_KERNEL_CACHE_PATH", str(unmakeable))
+    syncbn.use_a_writable_kernel_cache()
+    assert os.environ["PYTORCH_KERNEL_CACHE_PATH"] == str(unmakeable)
 
 
 def _symmetric_setup_rank(rank, port, failing_ranks, results):
