@@ -1,4 +1,4 @@
-"""Benchmark harness: the seed-equivalent baseline, our defaults and fast mode over 1, 2, 4 ... GPUs.
+"""Benchmark harness: the original example (the baseline), our defaults and fast mode over 1, 2, 4 ... GPUs.
 
 Runs on the GPU machine, from the repository root, in one process tree:
 
@@ -10,14 +10,15 @@ Runs on the GPU machine, from the repository root, in one process tree:
         --experiment "fast-metrics:4:--fast --metrics-port 8000" \
         --experiment "fast-metrics-tensorboard:4:--fast --metrics-port 8000 --tensorboard"
     # a code change against the current code, in one call: the experiment runs from a copy of
-    # the tree with the patch applied (bench/variants/ holds the ones tried or still to try)
-    python bench/run.py --gpus 1,4 --configs fast --experiment "own-group:4:--fast" \
-        --variant own-group=bench/variants/syncbn-own-group.patch
+    # the tree with the patch applied (git diff > change.patch, then undo it or stash it)
+    python bench/run.py --gpus 2 --configs default --repeat 2 --experiment "change:2:" \
+        --variant change=change.patch
 
-Each run is a real `python train.py` (or the baseline script) on the first N
-GPUs; the figures come from its summary.json, and GPU utilisation from NVML,
-sampled by this process over the second half of the run. Writes
-bench/results/<date>-<gpu>-x<N>.json and prints a table.
+Each run is a real `python train.py` (or bench/original_example.py for `original`)
+on the first N GPUs; the figures come from its summary.json, and GPU utilisation
+from NVML, sampled by this process over the second half of the run. Writes
+bench/results/<date>-<gpu>-x<N>.json, which names this command and the commit it
+ran, and prints a table.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -47,6 +49,9 @@ CONFIGS = {
     "fast": (["--fast"], 250, 60),  # compiled where the machine can build kernels; its first step compiles
     "fast-eager": (["--fast", "--no-compile"], 250, 60),
 }
+# The baseline: the original example's step (bench/original_example.py). Results before the
+# rename call it "seed-equivalent".
+ORIGINAL = "original"
 BASELINE_STEPS, BASELINE_WARMUP = 80, 20
 
 
@@ -118,9 +123,9 @@ def _run_one(name: str, gpus: int, extra_args: List[str], log_dir: str, timeout_
              tree: str = REPO) -> Dict:
     env = child_env(gpus)
     workdir = tempfile.mkdtemp(prefix=f"bench-{name}-{gpus}-")
-    if name == "seed-equivalent":
+    if name == ORIGINAL:
         out = os.path.join(workdir, "summary.json")
-        command = [sys.executable, "bench/seed_equivalent.py", "--gpus", str(gpus),
+        command = [sys.executable, "bench/original_example.py", "--gpus", str(gpus),
                    "--steps", str(BASELINE_STEPS), "--warmup", str(BASELINE_WARMUP), "--out", out]
     else:
         args, steps, warmup = run_window(name, extra_args)
@@ -157,13 +162,13 @@ def main() -> int:
     available = torch.cuda.device_count()
     counts = [n for n in (1, 2, 4, 8) if n <= available]
     parser.add_argument("--gpus", default=",".join(map(str, counts)), help="GPU counts to run")
-    parser.add_argument("--configs", default="seed-equivalent,default,fast")
+    parser.add_argument("--configs", default=f"{ORIGINAL},default,fast")
     parser.add_argument("--experiment", action="append", default=[],
                         help="NAME:GPUS:ARGS, an extra train.py run recorded under experiments (e.g. "
                              "'default-no-graphs:2:--no-cuda-graphs')")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=PATCH",
                         help="run the experiment NAME from a copy of this tree with PATCH applied (e.g. "
-                             "'own-group=bench/variants/syncbn-own-group.patch')")
+                             "'change=change.patch')")
     parser.add_argument("--log-dir", default=os.environ.get("OUT", tempfile.gettempdir()))
     parser.add_argument("--results-dir", default=os.path.join(REPO, "bench", "results"))
     parser.add_argument("--run-timeout", type=float, default=300, help="seconds one run may take")
@@ -176,14 +181,7 @@ def main() -> int:
         return 2
 
     card = torch.cuda.get_device_name(0)
-    payload = {
-        "card": card,
-        "torch": torch.__version__,
-        "date": datetime.date.today().isoformat(),
-        "gpus_on_machine": available,
-        "runs": [],
-        "experiments": [],
-    }
+    payload = results_header(sys.argv[1:], card, available)
     os.makedirs(args.results_dir, exist_ok=True)
     slug = card.replace("NVIDIA ", "").replace(" ", "-").lower()
     path = _unused_path(os.path.join(args.results_dir, f"{payload['date']}-{slug}-x{available}"))
@@ -206,6 +204,30 @@ def main() -> int:
             f.write("\n")
     print(f"wrote {path}")
     return 0
+
+
+def results_header(argv: List[str], card: str, gpus_on_machine: int) -> Dict:
+    """What a results file starts with: the command that makes it again, and what it measured."""
+    return {
+        "command": shlex.join(["python", "bench/run.py", *argv]),
+        "commit": _commit(),
+        "card": card,
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "gpus_on_machine": gpus_on_machine,
+        "runs": [],
+        "experiments": [],
+    }
+
+
+def _commit() -> Optional[str]:
+    """The commit the runs measure, "-dirty" if the tree has changes; None outside a git checkout."""
+    try:
+        described = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=REPO,
+                                   capture_output=True, text=True, timeout=30)
+    except OSError:
+        return None
+    return described.stdout.strip() or None
 
 
 def _unused_path(stem: str) -> str:
