@@ -176,6 +176,11 @@ def main() -> int:
                         help="run the whole plan (configs and experiments) this many times, interleaved; "
                              "each result records its repeat")
     args = parser.parse_args()
+    unknown = [name for name in args.configs.split(",") if name != ORIGINAL and name not in CONFIGS]
+    if unknown:  # an unknown name would otherwise run as a plain train.py experiment, under that name
+        print(f"bench: unknown --configs {','.join(unknown)}: choose from {', '.join([ORIGINAL, *CONFIGS])} "
+              f"(seed-equivalent is now {ORIGINAL}; other train.py runs go in --experiment)", file=sys.stderr)
+        return 2
     if available == 0:
         print("bench: no GPU visible", file=sys.stderr)
         return 2

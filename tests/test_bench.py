@@ -100,3 +100,12 @@ def test_a_results_file_names_the_command_that_makes_it_again_and_the_commit_it_
     if head.returncode == 0:
         assert head.stdout.startswith(header["commit"].removesuffix("-dirty"))
     assert header["card"] == "NVIDIA H100 80GB HBM3" and header["gpus_on_machine"] == 4
+
+
+def test_an_unknown_configuration_is_refused_before_anything_runs():
+    """--configs seed-equivalent (the baseline's old name) must not run as a train.py experiment under that name."""
+    result = subprocess.run([sys.executable, "bench/run.py", "--configs", "seed-equivalent,default"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("bench: unknown --configs seed-equivalent:") and "original" in line
