@@ -1,4 +1,4 @@
-from resnet_ddp.cli import run
+from resnet_ddp.entry.cli import run
 
 if __name__ == "__main__":
     run()

@@ -22,11 +22,11 @@ import torchvision
 from conftest import free_port
 
 def _rank_main(rank, port, backend, variant, steps, arch, world_size, out):
-    from resnet_ddp.blocks import hand_relu_to_batchnorm
-    from resnet_ddp.distributed import RankInfo
-    from resnet_ddp.engine import EagerStep, GraphedStep
-    from resnet_ddp.model import wrap_ddp
-    from resnet_ddp.syncbn import convert_sync_batchnorm
+    from resnet_ddp.layers.blocks import hand_relu_to_batchnorm
+    from resnet_ddp.core.distributed import RankInfo
+    from resnet_ddp.core.step import EagerStep, GraphedStep
+    from resnet_ddp.core.model import wrap_ddp
+    from resnet_ddp.layers.syncbn import convert_sync_batchnorm
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group(backend, rank=rank, world_size=world_size)

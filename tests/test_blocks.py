@@ -6,8 +6,8 @@ import pytest
 import torch
 import torchvision
 
-from resnet_ddp.blocks import FusedBasicBlock, FusedBottleneck, FusedResNet
-from resnet_ddp.model import build_model
+from resnet_ddp.layers.blocks import FusedBasicBlock, FusedBottleneck, FusedResNet
+from resnet_ddp.core.model import build_model
 from steps import compare_steps
 
 

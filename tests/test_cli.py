@@ -8,25 +8,27 @@ import re
 import pytest
 
 from conftest import TINY, run_train
-from resnet_ddp.cli import build_parser, parse_config
+from resnet_ddp.entry.cli import build_parser, parse_config
 from resnet_ddp.errors import UsageError
 
 
-def test_defaults_are_the_seeds():
+def test_defaults_are_the_original_examples():
     config = parse_config([], environ={})
-    assert (config.epochs, config.batch_size, config.dataset_size, config.lr) == (100, 64, 100_000, 0.001)
-    assert (config.num_workers, config.save_dir, config.num_classes) == (4, "./checkpoints", 100)
-    assert config.arch == "resnet50" and config.image_size == 224 and config.sync_bn
-    assert config.momentum == 0.0 and config.weight_decay == 0.0 and config.min_gpus == 2
+    training = config.training
+    assert (training.epochs, training.batch_size, training.dataset_size, training.lr) == (100, 64, 100_000, 0.001)
+    assert (training.num_workers, config.save_dir, training.num_classes) == (4, "./checkpoints", 100)
+    assert config.model.arch == "resnet50" and config.model.image_size == 224 and config.model.sync_bn
+    assert training.momentum == 0.0 and training.weight_decay == 0.0 and config.process.min_gpus == 2
 
 
 def test_environment_sets_options_and_command_line_wins():
     env = {"RESNET_DDP_BATCH_SIZE": "128", "RESNET_DDP_LR": "0.5", "RESNET_DDP_CPU": "1",
            "RESNET_DDP_NO_SYNC_BN": "yes", "RESNET_DDP_ARCH": "resnet18"}
     config = parse_config([], environ=env)
-    assert (config.batch_size, config.lr, config.cpu, config.sync_bn, config.arch) == (128, 0.5, True, False, "resnet18")
-    assert parse_config(["--batch-size", "32"], environ=env).batch_size == 32
-    assert parse_config([], environ={"RESNET_DDP_CPU": "0"}).cpu is False
+    assert (config.training.batch_size, config.training.lr, config.process.cpu, config.model.sync_bn,
+            config.model.arch) == (128, 0.5, True, False, "resnet18")
+    assert parse_config(["--batch-size", "32"], environ=env).training.batch_size == 32
+    assert parse_config([], environ={"RESNET_DDP_CPU": "0"}).process.cpu is False
 
 
 def test_output_dir_is_the_save_dir_unless_one_is_named():
@@ -93,91 +95,119 @@ def test_unwritable_save_dir_is_refused_before_training(tmp_path):
 
 
 def test_durations_read_as_people_write_them():
-    assert [parse_config(["--duration", d], environ={}).duration_s for d in ("90s", "10m", "2h", "45")] == [
-        90, 600, 7200, 45]
-    assert parse_config([], environ={"RESNET_DDP_DURATION": "1.5m"}).duration_s == 90
-    for bad in ("0", "-5m", "ten minutes", "5x"):
+    assert [parse_config(["--duration", d], environ={}).length.duration_s
+            for d in ("90s", "10m", "2h", "45", "1h30m", "1m30s")] == [90, 600, 7200, 45, 5400, 90]
+    assert parse_config([], environ={"RESNET_DDP_DURATION": "1.5m"}).length.duration_s == 90
+    for bad in ("0", "-5m", "ten minutes", "5x", "1h30", "m"):
         with pytest.raises(UsageError, match="--duration"):
             parse_config(["--duration", bad], environ={})
     with pytest.raises(UsageError, match="RESNET_DDP_DURATION"):
         parse_config([], environ={"RESNET_DDP_DURATION": "soon"})
 
 
-def test_fast_compiles_on_gpus_that_can_build_and_says_so_where_they_cannot(monkeypatch, capsys):
-    from resnet_ddp import cli, model, syncbn
+def _plan(world_size, nproc, device_type="cuda"):
+    from resnet_ddp.entry.launch import LaunchPlan
 
-    fast = parse_config(["--fast"], environ={})
+    return LaunchPlan("standalone", device_type, nproc, 0, world_size, "127.0.0.1", 29500)
+
+
+def test_fast_compiles_on_gpus_that_can_build_and_says_so_where_they_cannot(monkeypatch, capsys):
+    from resnet_ddp.core import model
+    from resnet_ddp.entry import resolve
+    from resnet_ddp.layers import syncbn
+
+    def compiled(args, environ=None, device_type="cuda"):
+        config = parse_config(args + ["--no-syncbn-symm-mem"], environ=environ or {})
+        return resolve.settle(config, _plan(1, 1, device_type), announce=True).speed.compile
+
     monkeypatch.setattr(model, "compiler_missing", lambda device_type: None)
     monkeypatch.setattr(syncbn, "COMPILES_WHOLE", True)  # torch 2.5 or newer, whatever runs the suite
-    assert cli.resolve_compile(fast, "cuda", announce=True).compile is True
-    assert cli.resolve_compile(fast, "cpu", announce=True).compile is False  # minutes of start-up for little
+    assert compiled(["--fast"]) is True
+    assert compiled(["--fast"], device_type="cpu") is False  # minutes of start-up for little
     # A slim image: --fast still runs, uncompiled, and the launcher says why in one line.
     monkeypatch.setattr(model, "compiler_missing", lambda device_type: "needs Triton, and it is not installed here")
-    assert cli.resolve_compile(fast, "cuda", announce=True).compile is False
+    assert compiled(["--fast"]) is False
     assert capsys.readouterr().out == ("resnet-ddp: --fast runs without --compile here: "
                                        "torch.compile needs Triton, and it is not installed here\n")
-    # What the user says wins over --fast; an explicit --compile is then checked (and refused) as before.
-    assert cli.resolve_compile(parse_config(["--fast", "--compile"], environ={}), "cuda", announce=True).compile
-    assert not cli.resolve_compile(parse_config(["--fast", "--no-compile"], environ={}), "cuda", announce=True).compile
-    assert not cli.resolve_compile(parse_config(["--fast"], environ={"RESNET_DDP_COMPILE": "0"}), "cuda",
-                                   announce=True).compile
-    assert parse_config([], environ={}).compile is False
+    # What the user says wins over --fast; an explicit --compile is then refused where it cannot build.
+    with pytest.raises(UsageError, match="--compile needs Triton"):
+        compiled(["--fast", "--compile"])
+    assert compiled(["--fast", "--no-compile"]) is False
+    assert compiled(["--fast"], environ={"RESNET_DDP_COMPILE": "0"}) is False
+    assert parse_config([], environ={}).speed.compile is False
     # An old torch (the AstraGo images' 2.2) would compile SyncBatchNorm only in pieces: --fast leaves it out.
     monkeypatch.setattr(model, "compiler_missing", lambda device_type: None)
     monkeypatch.setattr(syncbn, "COMPILES_WHOLE", False)
-    assert cli.resolve_compile(fast, "cuda", announce=True).compile is False
+    assert compiled(["--fast"]) is False
     assert "splits the compiled graph at every SyncBatchNorm layer" in capsys.readouterr().out
-    assert cli.resolve_compile(parse_config(["--fast", "--no-sync-bn"], environ={}), "cuda", announce=False).compile
+    assert compiled(["--fast", "--no-sync-bn"]) is True
+    assert compiled(["--fast", "--compile"]) is True
+
+
+def test_what_depends_on_the_machine_is_settled_to_plain_values_before_any_process_starts():
+    from resnet_ddp.entry import resolve
+
+    gpu = resolve.settle(parse_config(["--no-syncbn-symm-mem"], environ={}), _plan(1, 1), announce=False).speed
+    assert (gpu.channels_last, gpu.cuda_graphs, gpu.compile, gpu.syncbn_symm_mem) == (True, True, False, False)
+    cpu = resolve.settle(parse_config(TINY, environ={}), _plan(2, 2, "cpu"), announce=False).speed
+    assert (cpu.channels_last, cpu.cuda_graphs, cpu.compile, cpu.syncbn_symm_mem) == (False, False, False, False)
+    fp16 = resolve.settle(parse_config(["--amp", "fp16", "--cuda-graphs", "--no-syncbn-symm-mem"], environ={}),
+                          _plan(1, 1), announce=False).speed
+    assert fp16.cuda_graphs is False  # the scaler reads the host: no capture, even when asked
 
 
 def test_symmetric_memory_syncbn_is_refused_where_it_cannot_run_and_taken_where_it_can(monkeypatch, capsys):
     import torch
 
-    from resnet_ddp import cli, syncbn, syncbn_symm
-    from resnet_ddp.launch import LaunchPlan
-
-    def plan(world_size, nproc, device_type="cuda"):
-        return LaunchPlan("standalone", device_type, nproc, 0, world_size, "127.0.0.1", 29500)
+    from resnet_ddp.entry import resolve
+    from resnet_ddp.layers import syncbn, syncbn_symm
 
     peers = {(0, 1), (1, 0), (0, 2), (2, 0)}  # GPUs 1 and 2 cannot reach each other
     monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: (a, b) in peers)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     monkeypatch.setattr(syncbn, "symmetric_memory_missing", lambda: None)
     monkeypatch.setattr(syncbn_symm, "missing", lambda: None)
+
+    def symm(config, plan):
+        return resolve._settle_symm_mem(config, plan, announce=True)
+
     default = parse_config([], environ={})
-    fast = dataclasses.replace(parse_config(["--fast"], environ={}), compile=True)  # as resolve_compile leaves it
-    assert fast.syncbn_symm_mem is None and default.syncbn_symm_mem is None
-    assert parse_config(["--no-syncbn-symm-mem"], environ={}).syncbn_symm_mem is False
+    fast = dataclasses.replace(default, speed=dataclasses.replace(default.speed, compile=True, amp="bf16"))
+    assert fast.speed.syncbn_symm_mem is None and default.speed.syncbn_symm_mem is None
+    assert parse_config(["--no-syncbn-symm-mem"], environ={}).speed.syncbn_symm_mem is False
     # Compiled or not, it is taken where it can run, without a word.
-    assert cli.resolve_syncbn_symm_mem(fast, plan(2, 2), announce=True).syncbn_symm_mem is True
-    assert cli.resolve_syncbn_symm_mem(default, plan(2, 2), announce=True).syncbn_symm_mem is True
+    assert symm(fast, _plan(2, 2)) is True and symm(default, _plan(2, 2)) is True
     assert capsys.readouterr().out == ""
     # Otherwise it stays on NCCL and says why once; an explicit request is refused with the same reason.
-    assert cli.resolve_syncbn_symm_mem(default, plan(3, 3), announce=True).syncbn_symm_mem is False
+    assert symm(default, _plan(3, 3)) is False
     assert capsys.readouterr().out == ("resnet-ddp: SyncBatchNorm's collectives stay on NCCL: "
                                        "GPU 1 has no peer access to GPU 2\n")
-    explicit = dataclasses.replace(fast, syncbn_symm_mem=True)
+
+    def asked(config, **model):
+        return dataclasses.replace(config, speed=dataclasses.replace(config.speed, syncbn_symm_mem=True),
+                                   model=dataclasses.replace(config.model, **model))
+
+    explicit = asked(fast)
     reasons = {
-        "has no peer access": (explicit, plan(3, 3)),
-        "this launcher starts 2 of the job's 4 processes": (explicit, plan(4, 2)),
-        "sees 3 of the node's 4 GPUs": (explicit, plan(4, 4)),
-        "has no peers": (explicit, plan(1, 1)),
-        "SyncBatchNorm is off": (dataclasses.replace(explicit, sync_bn=False), plan(2, 2)),
-        "for GPUs": (explicit, plan(2, 2, "cpu")),
+        "has no peer access": (explicit, _plan(3, 3)),
+        "this launcher starts 2 of the job's 4 processes": (explicit, _plan(4, 2)),
+        "sees 3 of the node's 4 GPUs": (explicit, _plan(4, 4)),
+        "has no peers": (explicit, _plan(1, 1)),
+        "SyncBatchNorm is off": (asked(fast, sync_bn=False), _plan(2, 2)),
+        "for GPUs": (explicit, _plan(2, 2, "cpu")),
     }
     for reason, (config, launch_plan) in reasons.items():
         with pytest.raises(UsageError, match=f"--syncbn-symm-mem: .*{re.escape(reason)}"):
-            cli.resolve_syncbn_symm_mem(config, launch_plan, announce=True)
+            symm(config, launch_plan)
     # What torch lacks is asked of the path that runs: inductor's lowering when compiled, the eager kernels if not.
     monkeypatch.setattr(syncbn, "symmetric_memory_missing", lambda: "torch 2.4 lacks torch._inductor.config._collective")
     with pytest.raises(UsageError, match="lacks torch._inductor"):
-        cli.resolve_syncbn_symm_mem(explicit, plan(2, 2), announce=True)
-    uncompiled = dataclasses.replace(explicit, compile=False)
-    assert cli.resolve_syncbn_symm_mem(uncompiled, plan(2, 2), announce=True).syncbn_symm_mem is True
+        symm(explicit, _plan(2, 2))
+    uncompiled = dataclasses.replace(explicit, speed=dataclasses.replace(explicit.speed, compile=False))
+    assert symm(uncompiled, _plan(2, 2)) is True
     monkeypatch.setattr(syncbn_symm, "missing", lambda: "torch 2.2.2 lacks torch.ops.symm_mem.one_shot_all_reduce")
     with pytest.raises(UsageError, match="lacks torch.ops.symm_mem"):
-        cli.resolve_syncbn_symm_mem(uncompiled, plan(2, 2), announce=True)
+        symm(uncompiled, _plan(2, 2))
     # Quiet where there is nothing to choose: a job of one process, or on CPUs.
-    assert cli.resolve_syncbn_symm_mem(fast, plan(1, 1), announce=True).syncbn_symm_mem is False
-    assert cli.resolve_syncbn_symm_mem(default, plan(2, 2, "cpu"), announce=True).syncbn_symm_mem is False
+    assert symm(fast, _plan(1, 1)) is False and symm(default, _plan(2, 2, "cpu")) is False
     assert capsys.readouterr().out == ""

@@ -7,7 +7,7 @@ import pickle
 import torch
 from torch.utils.data import DataLoader
 
-from resnet_ddp.data import DeviceBatches, LazyFakeDataset, ShardedPermutationSampler, normalise
+from resnet_ddp.core.data import DeviceBatches, LazyFakeDataset, ShardedPermutationSampler, normalise
 
 
 def test_sample_is_a_pure_function_of_seed_and_index():
@@ -68,17 +68,18 @@ def test_device_batches_match_the_epoch_length_and_are_reproducible():
     ds = LazyFakeDataset(10, 32, 4, seed=1)
     sampler = ShardedPermutationSampler(10, rank=0, world_size=2, seed=1, batch_size=2)
     batches = DeviceBatches(ds, sampler, batch_size=2, device=torch.device("cpu"))
-    first = [(i.clone(), l.clone()) for i, l in batches]
-    assert len(first) == len(batches) == 3 and [len(l) for _, l in first] == [2, 2, 2]
-    again = [(i.clone(), l.clone()) for i, l in batches]
+    first = [(i.clone(), l.clone()) for i, l in batches.epoch(0)]
+    assert len(first) == batches.steps_per_epoch == 3 and [len(l) for _, l in first] == [2, 2, 2]
+    again = [(i.clone(), l.clone()) for i, l in batches.epoch(0)]
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
     for images, labels in first:
         assert images.dtype == torch.uint8 and labels.max() < 4
         # the class colour is in every pixel: each image's minimum is at least its colour
         colours = torch.from_numpy(ds._class_colours)[labels]
         assert torch.all(images.amin(dim=(2, 3)) >= colours)
-    batches.set_epoch(1)
-    assert not torch.equal(next(iter(batches))[0], first[0][0])
+    assert not torch.equal(next(iter(batches.epoch(1)))[0], first[0][0])
+    # a resumed epoch continues with the batches it would have had
+    assert [torch.equal(i, a[0]) for (i, _), a in zip(batches.epoch(0, start_step=1), first[1:])] == [True, True]
 
 
 def test_sampler_pads_epochs_to_whole_batches_on_every_rank():

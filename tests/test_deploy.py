@@ -13,7 +13,7 @@ from kubeflow.training import ApiClient
 from kubeflow.training.utils.utils import FakeResponse
 from kubeflow_trainer_api import models as trainer_models
 
-from resnet_ddp.cli import parse_config
+from resnet_ddp.entry.cli import parse_config
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 MANIFESTS = sorted((DEPLOY / "k8s").glob("*.yaml"))
@@ -74,7 +74,7 @@ def test_every_job_resumes_and_its_arguments_parse(path):
         if doc["kind"] in ("Job", "PyTorchJob", "TrainJob"):
             args = _arguments(doc)
             config = parse_config(args, environ={})
-            assert config.resume == "auto" and "--resume" in args
+            assert config.checkpoint.resume == "auto" and "--resume" in args
             assert config.save_dir == "/data/checkpoints"
 
 

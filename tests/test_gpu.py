@@ -179,8 +179,8 @@ def test_metrics_endpoint_has_nvml_gauges_for_both_gpus(save_dir):
 def _syncbn_rank(rank, port, x_full, dy_full, channels_last, out):
     import torch.distributed as dist
 
-    from resnet_ddp.syncbn import SyncBatchNorm
-    from resnet_ddp.syncbn_symm import share_statistics
+    from resnet_ddp.layers.syncbn import SyncBatchNorm
+    from resnet_ddp.layers.syncbn_symm import share_statistics
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("nccl", rank=rank, world_size=2)
@@ -226,7 +226,7 @@ def _handed_relu_rank(rank, port, channels_last, out):
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
-    from resnet_ddp.syncbn import SyncBatchNorm
+    from resnet_ddp.layers.syncbn import SyncBatchNorm
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("nccl", rank=rank, world_size=2)
@@ -284,7 +284,7 @@ def test_resnet_with_batchnorm_handed_its_relu_trains_as_torchvisions(gpus, arch
     runs of it part after a step; ResNet-18's are 4e-6 off with either."""
     os.environ.update(SAFE, NVIDIA_TF32_OVERRIDE="0")
     if gpus == 1:
-        from resnet_ddp.syncbn import SyncBatchNorm
+        from resnet_ddp.layers.syncbn import SyncBatchNorm
 
         x = torch.randn(4, 8, 6, 6, device="cuda", requires_grad=True)
         assert type(SyncBatchNorm(8).cuda()(x, relu=True).grad_fn).__name__ == "_SyncBatchNormFunctionBackward"
@@ -298,7 +298,7 @@ def test_resnet_with_batchnorm_handed_its_relu_trains_as_torchvisions(gpus, arch
 def _compiled_syncbn_rank(rank, port, out):
     import torch.distributed as dist
 
-    from resnet_ddp.syncbn import SyncBatchNorm
+    from resnet_ddp.layers.syncbn import SyncBatchNorm
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("nccl", rank=rank, world_size=2)
@@ -341,8 +341,8 @@ def _compiled_gradients_rank(rank, port, amp, symm_mem, out):
     import torch.distributed as dist
     from torch._inductor.utils import run_and_get_code
 
-    from resnet_ddp import syncbn
-    from resnet_ddp.syncbn import SyncBatchNorm
+    from resnet_ddp.layers import syncbn
+    from resnet_ddp.layers.syncbn import SyncBatchNorm
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("nccl", rank=rank, world_size=2)
@@ -395,10 +395,10 @@ def test_compiled_syncbn_gives_the_gradients_of_the_eager_layer(amp, symm_mem):
 def test_a_checkpoint_of_gpu_tensors_holds_their_values_when_submitted_while_the_stream_runs_on(tmp_path):
     """The copy to host is queued, not waited for: it must still read the weights of its step, and the
     writer must wait for it before writing."""
-    from resnet_ddp.checkpoint import CheckpointWriter
+    from test_reliability import _writer
 
     written = []
-    writer = CheckpointWriter(str(tmp_path), keep=2, on_written=written.append)
+    writer = _writer(tmp_path, written)
     weights = torch.zeros(50_000_000, device="cuda")
     conv = torch.zeros(64, 32, 3, 3, device="cuda").to(memory_format=torch.channels_last)  # as the job's weights
     counter = torch.zeros((), dtype=torch.int64, device="cuda")  # a BatchNorm's num_batches_tracked

@@ -12,10 +12,10 @@ import math
 import pytest
 
 from conftest import TINY, run_train
-from resnet_ddp import preflight
-from resnet_ddp.cli import build_parser, parse_config
+from resnet_ddp.health import preflight
+from resnet_ddp.entry.cli import build_parser, parse_config
 from resnet_ddp.errors import UsageError
-from resnet_ddp.straggler import StragglerTracker
+from resnet_ddp.health.straggler import StragglerTracker
 
 SLOW_RANK_1 = {"RESNET_DDP_TEST_SLOW_RANK": "1:0.1"}
 
@@ -45,7 +45,8 @@ def test_preflight_only_measures_reports_names_the_slow_rank_and_exits_0(save_di
     assert "CPU run: no GPU links to judge" in report["notes"]
     assert "preflight: rank  host" in result.stdout and "busbw GB/s" in result.stdout
     # nothing trained, and the write test's file is gone
-    assert sorted(p.name for p in save_dir.iterdir()) == ["preflight.json"]
+    assert sorted(p.name for p in save_dir.iterdir()) == ["logs", "preflight.json"]
+    assert sorted(p.name for p in (save_dir / "logs").iterdir()) == ["rank0.log", "rank1.log"]  # each rank's lines
     assert "Epoch" not in result.stdout
 
 
@@ -57,7 +58,8 @@ def test_strict_preflight_with_a_finding_exits_1_before_training(save_dir):
     assert "Traceback" not in result.stderr
     assert len(warnings(result.stdout, "preflight")) == 1  # the report is printed even with --quiet
     assert "Epoch" not in result.stdout
-    assert sorted(p.name for p in save_dir.iterdir()) == ["preflight.json"]
+    assert sorted(p.name for p in save_dir.iterdir()) == ["logs", "preflight.json"]
+    assert sorted(p.name for p in (save_dir / "logs").iterdir()) == ["rank0.log", "rank1.log"]  # each rank's lines
 
 
 def test_a_slow_rank_is_named_by_the_preflight_then_as_a_straggler_once(save_dir):
@@ -91,18 +93,18 @@ def test_bad_preflight_input_is_one_line_and_exit_2(args, env, expected, save_di
 
 
 def test_preflight_options_and_their_environment():
-    assert parse_config([], environ={}).preflight == "off"
-    assert parse_config(["--preflight"], environ={}).preflight == "warn"
-    assert parse_config(["--preflight", "strict"], environ={}).preflight == "strict"
-    assert parse_config([], environ={"RESNET_DDP_PREFLIGHT": "1"}).preflight == "warn"
-    assert parse_config([], environ={"RESNET_DDP_PREFLIGHT": "strict"}).preflight == "strict"
-    assert parse_config(["--preflight", "off"], environ={"RESNET_DDP_PREFLIGHT": "strict"}).preflight == "off"
+    assert parse_config([], environ={}).health.preflight == "off"
+    assert parse_config(["--preflight"], environ={}).health.preflight == "warn"
+    assert parse_config(["--preflight", "strict"], environ={}).health.preflight == "strict"
+    assert parse_config([], environ={"RESNET_DDP_PREFLIGHT": "1"}).health.preflight == "warn"
+    assert parse_config([], environ={"RESNET_DDP_PREFLIGHT": "strict"}).health.preflight == "strict"
+    assert parse_config(["--preflight", "off"], environ={"RESNET_DDP_PREFLIGHT": "strict"}).health.preflight == "off"
     only = parse_config(["--preflight-only"], environ={})
-    assert only.preflight_only and only.preflight == "warn"
-    assert parse_config(["--preflight-only", "--preflight", "strict"], environ={}).preflight == "strict"
-    assert parse_config([], environ={}).straggler_window_s == 60
-    assert parse_config([], environ={"RESNET_DDP_STRAGGLER_WINDOW": "0"}).straggler_window_s == 0
-    assert parse_config([], environ={"RESNET_DDP_TEST_SLOW_RANK": "1:0.05"}).test_slow_rank == (1, 0.05)
+    assert only.health.preflight_only and only.health.preflight == "warn"
+    assert parse_config(["--preflight-only", "--preflight", "strict"], environ={}).health.preflight == "strict"
+    assert parse_config([], environ={}).health.straggler_window_s == 60
+    assert parse_config([], environ={"RESNET_DDP_STRAGGLER_WINDOW": "0"}).health.straggler_window_s == 0
+    assert parse_config([], environ={"RESNET_DDP_TEST_SLOW_RANK": "1:0.05"}).health.test_slow_rank == (1, 0.05)
     for env in ({"RESNET_DDP_PREFLIGHT": "maybe"}, {"RESNET_DDP_TEST_SLOW_RANK": "1"},
                 {"RESNET_DDP_TEST_SLOW_RANK": "1:-2"}, {"RESNET_DDP_STRAGGLER_WINDOW": "soon"}):
         with pytest.raises(UsageError, match=next(iter(env))):

@@ -12,9 +12,9 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from conftest import free_port
-from resnet_ddp import syncbn
-from resnet_ddp.model import compiler_missing
-from resnet_ddp.syncbn import SyncBatchNorm, convert_sync_batchnorm
+from resnet_ddp.layers import syncbn
+from resnet_ddp.core.model import compiler_missing
+from resnet_ddp.layers.syncbn import SyncBatchNorm, convert_sync_batchnorm
 
 WORLD = 2
 CHANNELS = 5
@@ -207,7 +207,7 @@ def test_a_usable_home_is_left_alone_and_a_chosen_kernel_cache_kept_and_made(ker
 
 
 def _symmetric_setup_rank(rank, port, failing_ranks, results):
-    from resnet_ddp import syncbn_symm
+    from resnet_ddp.layers import syncbn_symm
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)

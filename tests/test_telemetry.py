@@ -23,39 +23,62 @@ import urllib.request
 import pytest
 
 from conftest import REPO, TINY, Job, clean_env, free_port, run_train, train_command
-from test_training import DONE_LINE, EPOCH_LINE
+from test_training import DONE_LINE, EPOCH_LINE, GLOBAL_LINE
 
 STEP_LINE = re.compile(r"^\[Rank (\d)\] epoch (\d+) step (\d+)/4 \((\d+)/8\) \| loss (\d+\.\d{4}) \| (\d+) img/s", re.M)
 
 
-def test_step_lines_metrics_file_and_profile(save_dir):
-    result = run_train(*TINY, "--log-interval", "2", "--profile-steps", "4:5", "--save-dir", str(save_dir))
-    assert result.returncode == 0, result.stderr[-2000:]
+def _records(save_dir, kind, rank=None):
+    lines = (save_dir / "logs" / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind and rank in (None, r["rank"])]
+
+
+def test_step_lines_records_across_epoch_ends_the_last_steps_and_the_profile(tmp_path):
+    """Lines every step, and every 3 steps of 4-step epochs, with the same seed (the same losses, epoch by epoch):
+    the line at step 6 covers steps 4, 5 and 6 (its loss their mean, its time theirs), and steps 7 and 8, after
+    the last due line, get a record at the end (counters reach 8 steps)."""
+    every_step, every_third = tmp_path / "one", tmp_path / "three"
+    runs = {}
+    for save_dir, interval in ((every_step, "1"), (every_third, "3")):
+        profile = ["--profile-steps", "4:5"] if interval == "1" else []
+        runs[interval] = run_train(*TINY, "--seed", "4", "--log-interval", interval, *profile,
+                                   "--save-dir", str(save_dir))
+        assert runs[interval].returncode == 0, runs[interval].stderr[-2000:]
+    assert GLOBAL_LINE.findall(runs["1"].stdout) == GLOBAL_LINE.findall(runs["3"].stdout)  # same seed, same losses
+    result = runs["1"]
     lines = STEP_LINE.findall(result.stdout)
-    assert sorted((rank, int(g)) for rank, _, _, g, _, _ in lines) == [(r, g) for r in "01" for g in (2, 4, 6, 8)]
+    assert sorted((rank, int(g)) for rank, _, _, g, _, _ in lines) == [(r, g) for r in "01" for g in range(1, 9)]
     assert "(job " in result.stdout and "ETA " in result.stdout
     # no TTY (a pod's log): plain lines only, no progress bar and no carriage returns
     assert "\r" not in result.stdout and "\r" not in result.stderr and "step/s" not in result.stderr
-    records = [json.loads(line) for line in (save_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if r["kind"] == "step"]
-    epochs = [r for r in records if r["kind"] == "epoch"]
-    assert len(steps) == 8 and len(epochs) == 4  # 2 ranks x (4 step records, 2 epochs)
-    for record in steps:
+    for record in _records(every_step, "step"):
         assert {"time", "rank", "epoch", "step", "global_step", "loss", "img_s", "job_img_s", "step_ms",
-                "data_wait_frac", "eta_s"} <= record.keys()
+                "data_wait_frac", "eta_s", "progress", "steps", "interval_s"} <= record.keys()
         assert math.isfinite(record["loss"]) and record["img_s"] > 0 and 0 <= record["data_wait_frac"] <= 1
-    # each epoch record carries the value of the seed's line for that rank
+    # each epoch record carries the value of the original example's line for that rank
+    epochs = _records(every_step, "epoch")
     printed = {(rank, int(epoch)): float(loss) for rank, epoch, loss in EPOCH_LINE.findall(result.stdout)}
-    assert {(str(r["rank"]), r["epoch"]): round(r["avg_loss"], 4) for r in epochs} == printed
+    assert len(epochs) == 4 and {(str(r["rank"]), r["epoch"]): round(r["avg_loss"], 4) for r in epochs} == printed
+    for rank in (0, 1):
+        loss = {r["global_step"]: r["loss"] for r in _records(every_step, "step", rank)}
+        third = _records(every_third, "step", rank)
+        assert [(r["global_step"], r["epoch"], r["step"], r["steps"]) for r in third] == [
+            (3, 1, 3, 3), (6, 2, 2, 3), (8, 2, 4, 2)]
+        for record, covered in zip(third, ((1, 2, 3), (4, 5, 6), (7, 8))):
+            assert record["loss"] == pytest.approx(sum(loss[s] for s in covered) / len(covered), rel=1e-5)
+            assert record["img_s"] == pytest.approx(record["steps"] * 8 / record["interval_s"])
+            assert record["step_ms"] == pytest.approx(1000 * record["interval_s"] / record["steps"])
+    summary = json.loads((every_third / "summary.json").read_text())
+    assert summary["steps"] == 8 and _records(every_third, "step")[-1]["global_step"] == 8
     # --profile-steps: each rank's record of steps 4 and 5 (one across the epoch end), complete files only
-    assert f"[Rank 0] profile of steps 4-5 written to {save_dir / 'profile'}" in result.stdout
-    assert sorted(p.name for p in (save_dir / "profile").iterdir()) == [
+    assert f"[Rank 0] profile of steps 4-5 written to {every_step / 'profile'}" in result.stdout
+    assert sorted(p.name for p in (every_step / "profile").iterdir()) == [
         "rank0-ops.txt", "rank0.trace.json", "rank1-ops.txt", "rank1.trace.json"]
     for rank in (0, 1):
-        trace = json.loads((save_dir / "profile" / f"rank{rank}.trace.json").read_text())
+        trace = json.loads((every_step / "profile" / f"rank{rank}.trace.json").read_text())
         names = {event.get("name") for event in trace["traceEvents"]}
         assert "aten::convolution_backward" in names and "_SyncBatchNormFunction" in names
-        ops = (save_dir / "profile" / f"rank{rank}-ops.txt").read_text()
+        ops = (every_step / "profile" / f"rank{rank}-ops.txt").read_text()
         assert "Self CPU" in ops and "c10d::allgather_" in ops  # SyncBatchNorm's statistics, over gloo
 
 
@@ -68,8 +91,8 @@ def test_quiet_prints_only_the_seeds_lines(save_dir):
 
 
 def test_mfu_counts_the_flops_of_a_training_image():
-    from resnet_ddp.model import train_flops_per_image
-    from resnet_ddp.telemetry import assumed_peak_tflops
+    from resnet_ddp.core.model import train_flops_per_image
+    from resnet_ddp.observe.metrics import assumed_peak_tflops
 
     # ResNet-50 at 224 px: 4.1 GMAC forward, so about 24.5 GFLOP forward and backward
     assert abs(train_flops_per_image("resnet50", 100, 224) / 24.5e9 - 1) < 0.02
@@ -79,15 +102,14 @@ def test_mfu_counts_the_flops_of_a_training_image():
 
 
 def test_a_nan_loss_is_written_as_null(tmp_path):
-    from resnet_ddp.telemetry import StepLogger
-    import torch
+    from resnet_ddp.observe.metrics import MetricsLog
 
     path = tmp_path / "logs" / "metrics.jsonl"
-    logger = StepLogger(0, 1, torch.device("cpu"), 8, 10, str(path), 1, 10.0, True, None, None)
-    logger.after_step(1, 1, 1, 10, torch.tensor(float("nan")), 0.0)
-    logger.close()
+    metrics = MetricsLog(str(path), rank=0)
+    metrics.record({"kind": "step", "global_step": 1, "loss": float("nan")})
+    metrics.close()
     (record,) = [json.loads(line) for line in path.read_text().splitlines()]
-    assert record["loss"] is None and record["global_step"] == 1
+    assert record["loss"] is None and record["global_step"] == 1 and record["rank"] == 0
 
 
 def scrape_samples(port: int) -> list:
@@ -156,7 +178,7 @@ def test_endpoint_tensorboard_summary_and_report_of_a_run_stopped_by_sigterm(sav
     assert seen["resnet_ddp_straggler", 0] == 0  # rank 1 named, rank 0 not
     # CPU ranks: no GPU figures at all, rather than zeros
     assert not any(name.startswith(("resnet_ddp_gpu_", "resnet_ddp_memory_", "resnet_ddp_mfu")) for name, _ in seen)
-    from resnet_ddp.prometheus import metrics_dir
+    from resnet_ddp.observe.prometheus import metrics_dir
 
     assert not os.path.exists(metrics_dir(port))  # the ranks' files are cleaned up with the job
 
@@ -213,7 +235,7 @@ def test_a_busy_metrics_port_is_refused_before_any_training_process_starts(save_
 
 
 def test_missing_optional_packages_and_a_dir_without_metrics_are_one_line_errors(tmp_path, monkeypatch, capsys):
-    from resnet_ddp import cli
+    from resnet_ddp.entry import cli
 
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
     assert cli.main([*TINY, "--tensorboard", "--save-dir", str(tmp_path)]) == 2
@@ -257,15 +279,18 @@ def _run_on_a_terminal(args, timeout=180):
             process.kill()
 
 
-def test_an_interactive_terminal_shows_rank_0s_progress_bar(save_dir):
-    code, screen = _run_on_a_terminal([*TINY, "--log-interval", "2", "--save-dir", str(save_dir)])
+def test_an_interactive_terminal_shows_rank_0s_progress_bar_ending_full_when_duration_ends_the_run(save_dir):
+    code, screen = _run_on_a_terminal([*TINY, "--epochs", "500", "--duration", "5s", "--log-interval", "2",
+                                       "--save-dir", str(save_dir)])
     assert code == 0, screen[-2000:]
-    assert re.search(r"\[Rank 0\] training: +100%\|.*\| 8/8 \[", screen)  # tqdm's bar, finished
+    done = json.loads((save_dir / "summary.json").read_text())["steps"]
+    # tqdm's bar, finished at the steps run, not at 500 epochs' 2000
+    assert re.search(rf"\[Rank 0\] training: +100%\|.*\| {done}/{done} \[", screen), screen[-1500:]
     assert "step/s" in screen
-    # the seed's lines are still there, whole, each on its own line once the bar's redraws are taken out
+    # the original example's lines are still there, whole, each on its own line once the bar's redraws are out
     lines = [part.split("\r")[-1].replace("\x1b[K", "") for part in screen.split("\r\n")]
-    assert sorted((m.group(1), m.group(2)) for m in map(EPOCH_LINE.match, lines) if m) == [
-        ("0", "1"), ("0", "2"), ("1", "1"), ("1", "2")]
+    epochs = sorted((m.group(1), m.group(2)) for m in map(EPOCH_LINE.match, lines) if m)
+    assert epochs and epochs == sorted((rank, str(e)) for rank in "01" for e in range(1, len(epochs) // 2 + 1))
     assert sum(1 for line in lines if DONE_LINE.match(line)) == 2
 
 

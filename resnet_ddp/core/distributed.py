@@ -1,0 +1,120 @@
+"""Process group set-up and teardown, the facts about this rank, collective helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_process_group(device_type: str, timeout_s: float) -> RankInfo:
+    """Join the job's process group from the env:// variables (ours or torchrun's)."""
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    dist.init_process_group(
+        backend=backend,
+        init_method="env://",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return RankInfo(rank, world_size, local_rank, local_world_size, device)
+
+
+def share_host_cores(rank: RankInfo) -> None:
+    """CPU ranks: share this host's cores between its ranks instead of oversubscribing them."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // rank.local_world_size))
+
+
+def destroy_process_group() -> None:
+    if dist.is_initialized():
+        # In older torch (fixed upstream in June 2025, pytorch#154976) a gloo group's destructor holds the GIL
+        # while it joins the group's worker threads, and a worker still freeing a finished collective's tensors
+        # needs the GIL too: a CPU job hung there in 5 of 15 runs on torch 2.2.2, and none of 20 with this
+        # pause. GPU jobs have gloo groups too (the stop agreement, the straggler check). Sleeping releases the
+        # GIL, so the workers finish first.
+        time.sleep(0.05)
+        dist.destroy_process_group()
+
+
+def gather_rows(row: torch.Tensor) -> List[List[float]]:
+    """Every rank's copy of a small 1-D tensor, in rank order, on the host: one collective, one wait for the device."""
+    parts = [torch.empty_like(row) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, row)
+    return torch.stack(parts).tolist()
+
+
+def physical_gpu(device: torch.device) -> Optional[str]:
+    """The GPU as the machine numbers it: its CUDA_VISIBLE_DEVICES entry (an index or UUID), else its index."""
+    if device.type != "cuda":
+        return None
+    entries = [e.strip() for e in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if e.strip()]
+    return entries[device.index] if device.index < len(entries) else str(device.index)
+
+
+def placement(rank: RankInfo) -> Dict[str, object]:
+    """Where this rank runs, to name it in a report: rank, host, local rank and GPU."""
+    return {"rank": rank.rank, "host": socket.gethostname(), "local_rank": rank.local_rank,
+            "gpu": physical_gpu(rank.device)}
+
+
+def describe(place: Dict[str, object]) -> str:
+    """'rank 1 (host node-a, GPU 1)' from placement()."""
+    where = f"host {place['host']}" + (f", GPU {place['gpu']}" if place.get("gpu") is not None else "")
+    return f"rank {place['rank']} ({where})"
+
+
+_FAILURES = "resnet_ddp/failures/attempt{attempt}"  # torchrun restarts a job's workers with a new attempt number
+FAILURE_STORE_TIMEOUT_S = 5.0
+
+
+def record_failure(place: Dict[str, object], error: str) -> Optional[Dict[str, object]]:
+    """Tell the job that this rank failed; returns the job's first failure (this one, or a peer's that came first).
+
+    Through the process group's key-value store, which every rank reaches: the
+    first rank to count itself there is the root cause, and the others, failing
+    because of it, learn who it was. None where the store cannot be reached (it
+    lives in a process that is gone), within a few seconds.
+    """
+    prefix = _FAILURES.format(attempt=os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    mine = {**place, "error": error, "time": time.time()}
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=FAILURE_STORE_TIMEOUT_S))
+        number = store.add(f"{prefix}/count", 1)
+        store.set(f"{prefix}/{number}", json.dumps(mine))
+        if number == 1:
+            return mine
+        store.wait([f"{prefix}/1"], timedelta(seconds=FAILURE_STORE_TIMEOUT_S))
+        return json.loads(store.get(f"{prefix}/1"))
+    except Exception:  # no group, no store, a store whose host has gone: say what this rank knows
+        return None

@@ -1,0 +1,67 @@
+"""Files a user keeps, written so that a kill at any instant leaves the old file or the new one, never half of one.
+
+Every file goes to a temporary name beside its own, is flushed, fsynced and
+renamed over the name, and then the directory is fsynced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import BinaryIO, Callable
+
+TEMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """`write` into a temporary file beside `path`, fsync it, rename it over `path`, fsync the dir."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=TEMP_SUFFIX)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(directory)
+
+
+def save_atomically(obj, path: str) -> None:
+    import torch
+
+    write_atomically(path, lambda f: torch.save(obj, f))
+
+
+def write_json(path: str, payload: dict) -> None:
+    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+    write_atomically(path, lambda f: f.write(text.encode()))
+
+
+def root_cause(exc: BaseException) -> str:
+    """The operating system's words for a failed write, if an OSError lies under the exception."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    return str(exc)

@@ -1,0 +1,52 @@
+"""Checkpoint files by name, and the lineage that orders them: what a save dir holds, without loading torch.
+
+A checkpoint is <save-dir>/checkpoint-<global step>.pt; <save-dir>/checkpoints.json names
+the run's lineage, newest first (core/checkpoint.py says why step numbers alone cannot
+order them). The launcher reads these before any training process starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Optional
+
+CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_SUFFIX = ".pt"
+LINEAGE_NAME = "checkpoints.json"
+
+
+def checkpoint_path(save_dir: str, global_step: int) -> str:
+    return os.path.join(save_dir, f"{CHECKPOINT_PREFIX}{global_step:09d}{CHECKPOINT_SUFFIX}")
+
+
+def _step_of(name: str) -> Optional[int]:
+    middle = name[len(CHECKPOINT_PREFIX):-len(CHECKPOINT_SUFFIX)]
+    if name.startswith(CHECKPOINT_PREFIX) and name.endswith(CHECKPOINT_SUFFIX) and middle.isdigit():
+        return int(middle)
+    return None
+
+
+def list_checkpoints(save_dir: str) -> List[str]:
+    """The checkpoints in the save dir, highest step first."""
+    if not os.path.isdir(save_dir):
+        return []
+    names = [n for n in os.listdir(save_dir) if _step_of(n) is not None]
+    return [os.path.join(save_dir, n) for n in sorted(names, key=_step_of, reverse=True)]
+
+
+def read_lineage(save_dir: str) -> List[str]:
+    """The lineage's checkpoint names, newest first, as checkpoints.json records them ([] if it does not)."""
+    try:
+        with open(os.path.join(save_dir, LINEAGE_NAME)) as f:
+            names = json.load(f)["newest_first"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [n for n in names if isinstance(n, str) and _step_of(n) is not None]
+
+
+def resume_candidates(save_dir: str) -> List[str]:
+    """Where `--resume auto` looks, in order: the lineage newest first, then any other checkpoint by step."""
+    lineage = [os.path.join(save_dir, n) for n in read_lineage(save_dir)]
+    present = [p for p in lineage if os.path.exists(p)]
+    return present + [p for p in list_checkpoints(save_dir) if p not in present]

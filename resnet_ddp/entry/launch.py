@@ -1,0 +1,317 @@
+"""Which launch mode, how many processes, spawning them and watching over them.
+
+The mode is settled here, once; every process then runs the same code (entry/worker.py).
+
+- torchrun: TORCHELASTIC_RUN_ID or LOCAL_WORLD_SIZE is set. This process is one
+  worker; torchrun already set RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous.
+- node-env: WORLD_SIZE and MASTER_ADDR are set without torchrun (AstraGo's simple
+  runtime, pytorch/examples style). RANK and WORLD_SIZE count nodes; we spawn one
+  process per local device with global rank RANK * nproc + local_rank.
+- standalone: nothing is set. We spawn one process per local device and
+  rendezvous on 127.0.0.1 at a free port unless one is given.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import sys
+import threading
+import traceback
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, NoReturn
+
+from resnet_ddp.config import Config
+from resnet_ddp.errors import CheckpointWriteError, ReportedElsewhere, UsageError
+
+DEFAULT_CPU_PROCESSES = 2
+# How long ranks get to exit on SIGTERM before SIGKILL, once one rank has failed.
+TERMINATE_GRACE_S = 10.0
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    mode: str  # "standalone", "node-env" or "torchrun"
+    device_type: str  # "cuda" or "cpu"
+    nproc: int  # processes on this node
+    node_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def holds_rank_zero(self) -> bool:
+        """Whether global rank 0 runs in this process (torchrun) or among its children."""
+        if self.mode == "torchrun":
+            return os.environ.get("RANK", "0") == "0"
+        return self.node_rank == 0
+
+    @property
+    def hosts_rendezvous(self) -> bool:
+        """Whether global rank 0, which listens on the master port, is one of this launcher's children."""
+        return self.mode != "torchrun" and self.node_rank == 0
+
+    @property
+    def holds_local_rank_zero(self) -> bool:
+        """Whether this node's local rank 0 runs in this process (torchrun) or among its children."""
+        if self.mode == "torchrun":
+            return os.environ.get("LOCAL_RANK", "0") == "0"
+        return True
+
+    def worker_env(self, local_rank: int) -> Dict[str, str]:
+        """The torch.distributed env:// variables for one spawned process."""
+        return {
+            "RANK": str(self.node_rank * self.nproc + local_rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_RANK": str(local_rank),
+            "LOCAL_WORLD_SIZE": str(self.nproc),
+            "GROUP_RANK": str(self.node_rank),
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
+        }
+
+
+def _env_int(environ: Mapping[str, str], name: str, minimum: int) -> int:
+    raw = environ.get(name, "")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise UsageError(f"{name}={raw!r} must be an integer") from None
+    if value < minimum:
+        raise UsageError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _local_process_count(config: Config) -> int:
+    process = config.process
+    if process.cpu:
+        return process.nproc_per_node or DEFAULT_CPU_PROCESSES
+    import torch
+
+    visible = torch.cuda.device_count()
+    wanted = process.nproc_per_node or visible
+    if wanted > visible:
+        raise UsageError(f"--nproc-per-node {wanted} asks for more GPUs than the {visible} visible here")
+    if process.nproc_per_node is not None and wanted < process.min_gpus:
+        raise UsageError(f"--nproc-per-node {wanted} is below --min-gpus {process.min_gpus}: lower --min-gpus too")
+    if wanted < process.min_gpus:
+        raise UsageError(
+            f"found {visible} GPU(s), fewer than --min-gpus {process.min_gpus}: "
+            "pass --min-gpus 1 to train on fewer, or --cpu to run on CPU processes"
+        )
+    if wanted < 1:
+        raise UsageError("no GPU is visible: pass --cpu to run on CPU processes")
+    _check_gpu_features(config, torch)
+    return wanted
+
+
+def _check_gpu_features(config: Config, torch) -> None:
+    # Compute capability, not torch.cuda.is_bf16_supported(): newer torch counts emulated bf16 (V100) as support.
+    if config.speed.amp == "bf16" and torch.cuda.get_device_capability(0) < (8, 0):
+        name = torch.cuda.get_device_name(0)
+        raise UsageError(f"--amp bf16 needs an Ampere or newer GPU; {name} lacks bfloat16: use --amp fp16")
+
+
+def plan_launch(config: Config, environ: Mapping[str, str]) -> LaunchPlan:
+    """Settle the launch mode and the process layout, refusing what cannot run."""
+    device_type = config.process.device_type
+    if "TORCHELASTIC_RUN_ID" in environ or "LOCAL_WORLD_SIZE" in environ:
+        world_size = _env_int(environ, "WORLD_SIZE", 1)
+        local_rank = _env_int(environ, "LOCAL_RANK", 0)
+        if not config.process.cpu:
+            import torch
+
+            visible = torch.cuda.device_count()
+            if local_rank >= visible:
+                raise UsageError(
+                    f"LOCAL_RANK {local_rank} has no GPU: {visible} visible here "
+                    "(start torchrun with --nproc-per-node at most the GPU count, or pass --cpu)"
+                )
+            _check_gpu_features(config, torch)
+        plan = LaunchPlan(
+            mode="torchrun",
+            device_type=device_type,
+            nproc=_env_int(environ, "LOCAL_WORLD_SIZE", 1),
+            node_rank=int(environ.get("GROUP_RANK", "0") or 0),
+            world_size=world_size,
+            master_addr=environ.get("MASTER_ADDR", ""),
+            master_port=int(environ.get("MASTER_PORT", "0") or 0),
+        )
+    elif "WORLD_SIZE" in environ and "MASTER_ADDR" in environ:
+        nnodes = _env_int(environ, "WORLD_SIZE", 1)
+        node_rank = _env_int(environ, "RANK", 0) if "RANK" in environ else 0
+        if node_rank >= nnodes:
+            raise UsageError(f"RANK={node_rank} must be below WORLD_SIZE={nnodes} (they count nodes here)")
+        if config.process.master_port is None and "MASTER_PORT" not in environ:
+            raise UsageError("MASTER_ADDR is set but MASTER_PORT is not: set MASTER_PORT or pass --master-port")
+        port = config.process.master_port or _env_int(environ, "MASTER_PORT", 1)
+        nproc = _local_process_count(config)
+        plan = LaunchPlan("node-env", device_type, nproc, node_rank, nnodes * nproc, environ["MASTER_ADDR"], port)
+    else:
+        if config.process.master_port is not None:
+            port = config.process.master_port
+        elif "MASTER_PORT" in environ:
+            port = _env_int(environ, "MASTER_PORT", 1)
+        else:
+            port = _free_port()
+        nproc = _local_process_count(config)
+        plan = LaunchPlan("standalone", device_type, nproc, 0, nproc, "127.0.0.1", port)
+    if config.training.dataset_size < plan.world_size:
+        raise UsageError(
+            f"--dataset-size {config.training.dataset_size} is smaller than the {plan.world_size} processes of this job"
+        )
+    if config.scenario.fail_rank >= plan.world_size:
+        raise UsageError(f"--fail-rank {config.scenario.fail_rank} is not a rank of this {plan.world_size}-process job")
+    slow = config.health.test_slow_rank
+    if slow is not None and slow[0] >= plan.world_size:
+        raise UsageError(f"RESNET_DDP_TEST_SLOW_RANK: rank {slow[0]} is not a rank of this "
+                         f"{plan.world_size}-process job")
+    return plan
+
+
+def run(config: Config, plan: LaunchPlan) -> int:
+    if plan.mode == "torchrun":
+        from resnet_ddp.entry import worker
+
+        try:
+            return worker.run_process(config)
+        except (UsageError, ReportedElsewhere) as exc:  # refused by the job itself (e.g. a ballast that cannot fit)
+            if isinstance(exc, UsageError):
+                print(f"resnet-ddp: error: {exc}", file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)  # the process group is up: skip a teardown that could wait on it
+    return _spawn_and_supervise(config, plan)
+
+
+def _worker_main(local_rank: int, config: Config, plan: LaunchPlan) -> None:
+    """Entry of a spawned process: become a torch.distributed worker, then run the job."""
+    os.environ.update(plan.worker_env(local_rank))
+    rank = os.environ["RANK"]
+    try:
+        from resnet_ddp.entry import worker
+
+        code = worker.run_process(config)
+    except UsageError as exc:
+        print(f"resnet-ddp: error: {exc}", file=sys.stderr, flush=True)
+        code = 2
+    except ReportedElsewhere as exc:
+        code = exc.code
+    except CheckpointWriteError as exc:  # a full or read-only disk: a clear line, not a traceback
+        print(f"[Rank {rank}] error: {exc}", file=sys.stderr, flush=True)
+        code = 1
+    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal's group
+        code = 128 + signal.SIGINT
+    except Exception:
+        print(f"[Rank {rank}] failed:\n{traceback.format_exc()}", file=sys.stderr, end="", flush=True)
+        code = 1
+    sys.stdout.flush()
+    if code != 0:
+        # Skip interpreter teardown: it can block on a process group whose peers are gone.
+        os._exit(code)
+    exit_process(0)
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process once its work is done, without the interpreter's teardown.
+
+    What a normal exit does for us still happens: other threads are waited for,
+    atexit handlers run (multiprocessing's ends DataLoader workers) and output is
+    flushed. Skipped is the clean-up of every module and object, which took 0.9 s
+    per process once torch and torchvision are loaded (2 CPU cores): at the end of
+    each rank, and again of the launcher.
+    """
+    # What the interpreter runs first at exit (not public): threading's exit hooks, which stop the idle
+    # workers of every concurrent.futures pool (torch.compile keeps one), then a join of the other threads.
+    # Joining them without those hooks waited forever on the pool's workers.
+    threading._shutdown()
+    atexit._run_exitfuncs()  # not public either, but the one way to run them before os._exit
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # closed, or a broken pipe: nothing more can be said
+            stream.flush()
+    os._exit(code)
+
+
+def _spawn_and_supervise(config: Config, plan: LaunchPlan) -> int:
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=_worker_main, args=(local_rank, config, plan), name=f"resnet-ddp-rank{local_rank}")
+        for local_rank in range(plan.nproc)
+    ]
+    received: List[int] = []
+
+    def forward_signal(signum, _frame):
+        # In a container this launcher is PID 1, the only process Kubernetes signals.
+        received.append(signum)
+        for process in processes:
+            if process.pid is not None and process.exitcode is None:
+                os.kill(process.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for process in processes:
+            process.start()
+        return _supervise(processes, plan, received)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+STOP_CODES = (128 + signal.SIGTERM, 128 + signal.SIGINT)
+
+
+def _supervise(processes, plan: LaunchPlan, received: List[int]) -> int:
+    """Wait for every rank; the first failure stops the rest and sets the exit code.
+
+    Ranks that exit 143 or 130 stopped on an agreed signal (sent to us and
+    forwarded, or sent to one of them): that is a stop, not a failure.
+    """
+    while True:
+        # One reading of the exit codes per round: read twice, a rank that ended between the reads
+        # was neither failed nor running, and the launcher exited 1 without naming it.
+        codes = [p.exitcode for p in processes]
+        # A rank killed by the signal we forwarded (before it could handle it) was stopped too.
+        stopped = (*STOP_CODES, *(-sig for sig in received))
+        failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0, *stopped)]
+        if failed:
+            _report_failures(failed, plan)
+            _terminate(processes)
+            # Peers of a failed rank fail too, with 1, once their collectives break, and they may
+            # end before we look: a more specific code (3 from --fail-mode exit, 2) says more.
+            specific = [code for _, code in failed if code > 1]
+            return specific[0] if specific else 1
+        running = [p for p, code in zip(processes, codes) if code is None]
+        if not running:
+            break
+        multiprocessing.connection.wait([p.sentinel for p in running], timeout=1.0)
+    stops = [code if code > 0 else 128 - code for code in codes if code != 0]
+    return stops[0] if stops else 0
+
+
+def _report_failures(failed, plan: LaunchPlan) -> None:
+    for local_rank, code in failed:
+        rank = plan.node_rank * plan.nproc + local_rank
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        print(f"resnet-ddp: rank {rank} {how}; stopping the other ranks", file=sys.stderr, flush=True)
+
+
+def _terminate(processes) -> None:
+    for process in processes:
+        if process.exitcode is None:
+            process.terminate()
+    for process in processes:
+        process.join(TERMINATE_GRACE_S)
+        if process.exitcode is None:
+            process.kill()
+            process.join()

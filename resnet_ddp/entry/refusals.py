@@ -1,0 +1,72 @@
+"""Everything that can be refused before a training process starts, checked before anything is created.
+
+A refusal is a UsageError: one line on stderr, exit 2. The save dir is made only
+once every check has passed, so a refused job leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from resnet_ddp.config import Config
+from resnet_ddp.errors import UsageError
+
+
+def refuse_what_cannot_run(config: Config, plan) -> None:
+    """Every start-up check of this process's share of the job, then the save dir."""
+    from resnet_ddp.core.lineage import resume_candidates
+
+    check_save_dir_can_be_made(config.save_dir)
+    resume = config.checkpoint.resume
+    if plan.holds_rank_zero and (resume not in ("auto", "never") or (resume == "auto"
+                                                                     and resume_candidates(config.save_dir))):
+        # A checkpoint that cannot be resumed is refused here, not found out by a training process (the only
+        # check that loads torch here: a fresh job's launcher starts its processes without it).
+        from resnet_ddp.core import checkpoint
+
+        checkpoint.find_resume_point(config.save_dir, resume, config.fingerprint(), report=False)
+        if config.reporting.tensorboard:
+            from resnet_ddp.observe.tensorboard import require_tensorboard
+
+            require_tensorboard()
+    if config.reporting.metrics_port is not None and plan.holds_local_rank_zero:
+        from resnet_ddp.observe.prometheus import check_can_serve
+
+        check_can_serve(config.reporting.metrics_port)
+    if plan.hosts_rendezvous:
+        check_port_is_free(plan.master_port, "--master-port" if config.process.master_port else "MASTER_PORT")
+    make_save_dir(config.save_dir)
+
+
+def check_save_dir_can_be_made(path: str) -> None:
+    """The save dir exists and is writable, or can be made: without making it."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if not os.path.isdir(existing):
+        raise UsageError(f"save dir {path!r} cannot be made: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == os.path.abspath(path) else f"cannot be made in {existing}"
+        raise UsageError(f"save dir {path!r} {what}: permission denied")
+
+
+def make_save_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"save dir {path!r} is not writable: {exc.strerror or exc}") from None
+
+
+def check_port_is_free(port: int, option: str) -> None:
+    """The rendezvous port this launcher's rank 0 will listen on: taken now, the job would fail in every rank."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's store binds it
+        try:
+            sock.bind(("", port))
+        except OSError as exc:
+            raise UsageError(f"{option} {port} cannot be used for the rendezvous on this node "
+                             f"({exc.strerror or exc}): choose a free port, or leave it out for one") from None

@@ -1,0 +1,99 @@
+"""One training process from start to end: join the group, check, build, train, report, tear down.
+
+Every launch mode ends up here, once per process, after the process group's
+environment is set (by our launcher or by torchrun). Whatever ends the run, the
+parts built for it are closed in one place (an ExitStack), and a failure is
+reported once: the rank that failed first says why on the console, with its
+traceback; ranks that failed because of it say so in one line (their tracebacks go
+to their log files), and rank 0 names the first failure in summary.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import traceback
+from typing import Optional
+
+from resnet_ddp.config import Config
+from resnet_ddp.core import distributed
+from resnet_ddp.core.outcome import RunOutcome
+from resnet_ddp.errors import CheckpointWriteError, ReportedElsewhere, UsageError
+from resnet_ddp.observe import console as console_setup
+from resnet_ddp.observe.summary import RunFacts, write_failure_summary
+
+log = logging.getLogger(__name__)
+
+LOG_FILE = os.path.join("logs", "rank{rank}.log")
+
+
+def run_process(config: Config) -> int:
+    """The exit code of this process's part of the job."""
+    rank = distributed.init_process_group(config.process.device_type, config.process.dist_timeout)
+    log_file = os.path.join(config.save_dir, LOG_FILE.format(rank=rank.rank))
+    console = console_setup.setup(rank.rank, config.reporting.quiet, log_file)
+    try:
+        code = _preflight(config, rank) if config.health.preflight != "off" else None
+        if code is None:
+            code = _train(config, rank, console, log_file)
+    finally:
+        console.close()
+    distributed.destroy_process_group()
+    return code
+
+
+def _preflight(config: Config, rank: distributed.RankInfo) -> Optional[int]:
+    """The checks, on every rank; the exit code if the job ends here (strict findings, --preflight-only)."""
+    from resnet_ddp.health import preflight
+
+    findings = preflight.run(config, rank)
+    if findings and config.health.preflight == "strict":
+        return 1
+    return 0 if config.health.preflight_only else None
+
+
+def _train(config: Config, rank: distributed.RankInfo, console, log_file: str) -> int:
+    from resnet_ddp.entry.build import build_trainer, device_name
+
+    facts = RunFacts(config, rank.world_size, device_name(rank.device))
+    trainer = None
+    with contextlib.ExitStack() as stack:
+        try:
+            trainer = build_trainer(config, rank, console, facts, stack)
+            return trainer.train().exit_code
+        except (UsageError, ReportedElsewhere):
+            raise  # a refusal: the launcher says it in one line and exits 2
+        except Exception as exc:
+            console.stop_bar()
+            return _failed(exc, config, rank, facts, trainer, log_file)
+
+
+def _failed(exc: Exception, config: Config, rank: distributed.RankInfo, facts: RunFacts, trainer,
+            log_file: str) -> int:
+    """Say why this rank failed, once, where it belongs; rank 0 writes summary.json naming the first failure."""
+    error = one_line(exc)
+    place = distributed.placement(rank)
+    first = distributed.record_failure(place, error)
+    if first is None or first["rank"] == rank.rank:
+        if isinstance(exc, CheckpointWriteError):  # a full or read-only disk: a clear line, not a traceback
+            log.error(f"error: {exc}")
+        else:
+            log.error(f"failed:\n{traceback.format_exc().rstrip()}")
+    else:
+        log.error(f"failed because rank {first['rank']} (host {first['host']}) failed first: {error} "
+                  f"(traceback in {log_file})")
+        log.debug(traceback.format_exc().rstrip())  # the log file's only
+    if rank.is_main:
+        cause = first or {"rank": rank.rank, "host": place["host"], "error": error}
+        outcome = RunOutcome.failed(cause["error"], cause["rank"], cause["host"])
+        steps = trainer.state.global_step if trainer is not None else 0
+        epochs = trainer.state.epoch - 1 if trainer is not None else 0
+        write_failure_summary(config.save_dir, facts, outcome, steps, epochs)
+    return 1
+
+
+def one_line(exc: BaseException) -> str:
+    """'Type: first line of the message', at most 500 characters."""
+    message = (str(exc).strip().splitlines() or [""])[0][:500]
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__

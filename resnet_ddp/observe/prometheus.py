@@ -1,0 +1,186 @@
+"""The Prometheus endpoint (--metrics-port): every local rank's figures, served by the node's local rank 0.
+
+Each rank writes its own gauges and counters through prometheus_client's
+multiprocess mode: one memory-mapped file per process in a directory that the
+node's ranks share. Local rank 0 serves the whole directory through a
+MultiProcessCollector, so one scrape of a node returns every rank on it, told
+apart by the `rank` and `local_rank` labels. The ranks never talk to each
+other for this: a rank writes at its log points (figures already on the host)
+and from its NVML sampling thread, never inside the training step.
+
+Gauges use the `mostrecent` mode: no pid label is added, and after a torchrun
+restart a rank's newest value wins over what its previous process left.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import socket
+import tempfile
+from typing import Callable, Dict
+
+from resnet_ddp.errors import UsageError
+
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+RANK_LABELS = ("rank", "local_rank")
+GPU_LABELS = ("rank", "local_rank", "gpu", "uuid")
+
+# name -> (help, the step record's key, factor to the metric's unit)
+STEP_GAUGES = {
+    "resnet_ddp_loss": ("Mean training loss over the last log interval", "loss", 1.0),
+    "resnet_ddp_step_seconds": ("Mean time of one training step over the last log interval", "step_ms", 1e-3),
+    "resnet_ddp_images_per_second": ("This rank's training throughput over the last log interval", "img_s", 1.0),
+    "resnet_ddp_epoch": ("Epoch in progress, from 1", "epoch", 1.0),
+    "resnet_ddp_data_wait_ratio": ("Share of the last log interval spent waiting for the DataLoader",
+                                   "data_wait_frac", 1.0),
+    "resnet_ddp_eta_seconds": ("Estimated time to the last step at the current speed", "eta_s", 1.0),
+    "resnet_ddp_memory_allocated_bytes": ("GPU memory held by PyTorch's tensors on this rank's GPU",
+                                          "mem_gib", 2.0**30),
+    "resnet_ddp_memory_peak_bytes": ("Peak GPU memory held by PyTorch's tensors on this rank's GPU",
+                                     "peak_mem_gib", 2.0**30),
+    "resnet_ddp_host_memory_rss_bytes": ("Resident host memory of this rank's process", "rss_gib", 2.0**30),
+    "resnet_ddp_mfu_ratio": ("Model FLOPs per second over the GPU's assumed dense peak", "mfu", 1.0),
+}
+# name -> (help, the NVML sample's key, factor to the metric's unit)
+GPU_GAUGES = {
+    "resnet_ddp_gpu_utilization_ratio": ("Share of time the GPU ran a kernel (NVML)", "gpu_util_pct", 1e-2),
+    "resnet_ddp_gpu_memory_used_bytes": ("GPU memory in use by all processes (NVML)", "gpu_mem_used_gib", 2.0**30),
+    "resnet_ddp_gpu_memory_total_bytes": ("GPU memory in all (NVML)", "gpu_mem_total_gib", 2.0**30),
+    "resnet_ddp_gpu_power_watts": ("GPU power draw (NVML)", "gpu_power_w", 1.0),
+    "resnet_ddp_gpu_temperature_celsius": ("GPU core temperature (NVML)", "gpu_temp_c", 1.0),
+}
+
+
+def metrics_dir(port: int) -> str:
+    """The node's shared directory for this endpoint: the port is what tells jobs on one node apart."""
+    return os.path.join(tempfile.gettempdir(), f"resnet-ddp-prometheus-{os.getuid()}-{port}")
+
+
+def check_can_serve(port: int) -> None:
+    """Refuse at start-up what would stop the endpoint later: a taken port, a directory we cannot write."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Bind as the endpoint will (all IPv4 interfaces, SO_REUSEADDR), and let go again.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError as exc:
+            raise UsageError(f"--metrics-port {port} cannot be served on this node ({exc.strerror or exc}): "
+                             "choose a free port") from None
+    directory = metrics_dir(port)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--metrics-port needs a writable {directory} ({exc.strerror or exc}): "
+                         "set TMPDIR to a writable directory") from None
+
+
+def _import_in_multiprocess_mode(directory: str):
+    """prometheus_client picks its value store when first imported: the directory must be set before."""
+    os.environ[MULTIPROC_DIR_ENV] = directory
+    import prometheus_client
+    from prometheus_client import multiprocess, values  # noqa: F401 (multiprocess: used as an attribute)
+
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        raise RuntimeError("prometheus_client was imported before its multiprocess directory was set")
+    return prometheus_client
+
+
+class PrometheusExporter:
+    """This rank's series; on local rank 0 also the node's HTTP endpoint.
+
+    Every rank of the job builds one at the same point of start-up: local rank 0
+    empties the directory, then all wait at `barrier` before writing into it.
+    """
+
+    def __init__(self, port: int, rank: int, local_rank: int, batch_size: int,
+                 barrier: Callable[[], None]):
+        directory = metrics_dir(port)
+        self.serving = local_rank == 0
+        self.directory = directory
+        if self.serving:
+            os.makedirs(directory, exist_ok=True)
+            for path in glob.glob(os.path.join(directory, "*.db")):
+                os.unlink(path)  # a previous job's or a restarted worker's files
+        barrier()
+        os.makedirs(directory, exist_ok=True)
+        client = _import_in_multiprocess_mode(directory)
+        self.batch_size = batch_size
+        self.rank = rank
+        self._labels = {"rank": str(rank), "local_rank": str(local_rank)}
+        self._last_step = 0
+
+        def counter(name: str, text: str):
+            return client.Counter(name, text, RANK_LABELS, registry=None).labels(**self._labels)
+
+        def gauge(name: str, text: str, labels=RANK_LABELS):
+            return client.Gauge(name, text, labels, registry=None, multiprocess_mode="mostrecent")
+
+        self.images = counter("resnet_ddp_images", "Training images this rank has processed")
+        self.steps = counter("resnet_ddp_steps", "Training steps this rank has run")
+        self.progress = gauge("resnet_ddp_progress_ratio", "Steps done over the steps the run will take").labels(
+            **self._labels)
+        self.step_gauges = {key: (gauge(name, text).labels(**self._labels), factor)
+                            for name, (text, key, factor) in STEP_GAUGES.items()}
+        self._gpu_families = {name: (gauge(name, text, GPU_LABELS), key, factor)
+                              for name, (text, key, factor) in GPU_GAUGES.items()}
+        self._gpu_gauges: Dict[str, tuple] = {}
+        self._straggler_family = gauge("resnet_ddp_straggler",
+                                       "1 while the straggler detector names this rank, else 0 (PREFLIGHT.md)")
+        self._straggler = None  # made by the first step record that carries the detector's verdict
+        if self.serving:
+            registry = client.CollectorRegistry()
+            client.multiprocess.MultiProcessCollector(registry, path=directory)
+            try:
+                # A daemon thread of this process: it serves until the process ends.
+                client.start_http_server(port, registry=registry)
+            except OSError as exc:  # taken between the launcher's check and now
+                raise UsageError(f"--metrics-port {port} cannot be served on this node ({exc.strerror or exc}): "
+                                 "choose a free port") from None
+
+    def starting_at(self, global_step: int, progress: float) -> None:
+        """Where counting starts (after a resume, the steps already done are not this process's)."""
+        self._last_step = global_step
+        self.progress.set(progress)
+
+    def write(self, record: dict) -> None:
+        """A StepLogger sink: takes the figures of each step record."""
+        if record.get("kind") != "step":
+            return
+        step = record["global_step"]
+        done = step - self._last_step
+        self._last_step = step
+        if done > 0:  # images first: a scrape between the two never sees more steps than images
+            self.images.inc(done * self.batch_size)
+            self.steps.inc(done)
+        self.progress.set(record["progress"])
+        for key, (child, factor) in self.step_gauges.items():
+            if key in record:  # absent keys (no GPU, no known peak) stay unexported
+                value = record[key]
+                child.set(value * factor if value is not None else math.nan)  # None: a diverged loss
+        if "straggler_ranks" in record:  # absent while the detector is off: so is the series
+            if self._straggler is None:
+                self._straggler = self._straggler_family.labels(**self._labels)
+            self._straggler.set(1.0 if self.rank in record["straggler_ranks"] else 0.0)
+
+    def gpu_sample(self, identity: Dict[str, str], sample: Dict[str, float]) -> None:
+        """Called from the NVML sampling thread with this rank's GPU figures."""
+        for name, (family, key, factor) in self._gpu_families.items():
+            if key in sample:
+                child = self._gpu_gauges.get(name)
+                if child is None:
+                    child = self._gpu_gauges[name] = family.labels(**self._labels, **identity)
+                child.set(sample[key] * factor)
+
+    def close(self) -> None:
+        """Called by every rank after the job's last step; the files stay readable while mapped."""
+        if self.serving:
+            for path in glob.glob(os.path.join(self.directory, "*.db")):
+                os.unlink(path)
+            try:
+                os.rmdir(self.directory)
+            except OSError:  # another local rank's file has come since, or it has gone: either is fine
+                pass
