@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import kubernetes_validate
@@ -250,7 +253,8 @@ def test_the_job_fails_at_once_on_a_refusal_and_does_not_count_disruptions():
 def test_the_dockerfile_runs_the_trainer_as_pid_1_as_a_non_root_user_without_downloads():
     lines = [l.strip() for l in (DEPLOY / "Dockerfile").read_text().splitlines() if l.strip() and not l.startswith("#")]
     base = next(l for l in lines if l.startswith("ARG BASE_IMAGE="))
-    assert re.fullmatch(r"ARG BASE_IMAGE=pytorch/pytorch:2\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime", base)
+    assert re.fullmatch(r"ARG BASE_IMAGE=pytorch/pytorch:2\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime(@sha256:[0-9a-f]{64})?",
+                        base)
     assert "pip install --no-deps ." in " ".join(lines)  # torch comes from the base image
     user = [l for l in lines if l.startswith("USER ")][-1]
     assert user.split()[1] not in ("root", "0")
@@ -356,10 +360,116 @@ def test_every_document_and_every_pod_template_is_schema_checked():
     assert all(_kubernetes_objects(doc) for _, doc in _workloads())  # the pod specs above, against core/v1
 
 
-def test_the_dockerfile_installs_every_dependency_the_base_image_lacks():
-    pyproject = (DEPLOY.parent / "pyproject.toml").read_text()
-    block = re.search(r"^dependencies = \[(.*?)\]", pyproject, re.S | re.M).group(1)
-    needed = {re.split(r"[<>=!~ ]", spec, 1)[0] for spec in re.findall(r'"([^"]+)"', block)}
-    dockerfile = (DEPLOY / "Dockerfile").read_text()
-    installed = set(re.findall(r'"([A-Za-z0-9_.-]+)[<>=!~]', dockerfile))
-    assert needed - {"torch", "torchvision", "numpy"} <= installed  # the rest come from the base image
+def _dockerfile_instructions():
+    """The Dockerfile's instructions as (keyword, arguments), continued lines joined, comments left out."""
+    instructions, current = [], ""
+    for line in (DEPLOY / "Dockerfile").read_text().splitlines():
+        if line.strip().startswith("#") or not line.strip():
+            continue
+        current += " " + line.strip()
+        if current.endswith("\\"):
+            current = current[:-1]
+            continue
+        keyword, _, arguments = current.strip().partition(" ")
+        instructions.append((keyword.upper(), arguments.strip()))
+        current = ""
+    return instructions
+
+
+def _copy_sources(arguments):
+    words = [w for w in arguments.split() if not w.startswith("--")]
+    return words[:-1]
+
+
+def _dependency_install():
+    """(index, arguments) of the RUN that installs the dependencies: the pip install without --no-deps."""
+    found = [(i, args) for i, (keyword, args) in enumerate(_dockerfile_instructions())
+             if keyword == "RUN" and "pip install" in args and "--no-deps" not in args]
+    assert len(found) == 1, "one RUN of its own installs the dependencies, apart from `pip install --no-deps .`"
+    return found[0]
+
+
+def _pyproject():
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python before 3.11: the copy that pip carries
+        from pip._vendor import tomli as tomllib
+    return tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())
+
+
+def _name(requirement):
+    return re.split(r"[<>=!~;\[ ]", requirement, 1)[0].lower().replace("_", "-")
+
+
+def test_the_dockerfile_installs_the_dependencies_before_it_copies_the_code():
+    # a code change must not run the dependency install again: that layer may depend on pyproject.toml (and
+    # files of deploy/) alone
+    instructions = _dockerfile_instructions()
+    deps, _ = _dependency_install()
+    copies = [(i, _copy_sources(args)) for i, (keyword, args) in enumerate(instructions) if keyword in ("COPY", "ADD")]
+    for i, sources in copies:
+        if i < deps:
+            assert all(source == "pyproject.toml" or source.startswith("deploy/") for source in sources), sources
+    (code,) = [i for i, sources in copies if "resnet_ddp" in sources]
+    (package,) = [i for i, (keyword, args) in enumerate(instructions) if keyword == "RUN" and "pip install --no-deps ." in args]
+    assert deps < code < package
+
+
+def test_the_image_installs_every_dependency_and_tensorboard_and_matplotlib():
+    # the requirements the dependency step installs: deploy/image_requirements.py, run as the Dockerfile runs it
+    _, run = _dependency_install()
+    arguments = re.search(r"image_requirements\.py((?:\s+[\w.-]+)+)", run).group(1).split()
+    printed = subprocess.run([sys.executable, str(DEPLOY / "image_requirements.py"), *arguments], cwd=DEPLOY.parent,
+                             check=True, capture_output=True, text=True).stdout.split("\n")
+    installed = {_name(r) for r in printed if r.strip()}
+    needed = {_name(r) for r in _pyproject()["project"]["dependencies"]}
+    assert needed | {"tensorboard", "matplotlib"} <= installed  # --tensorboard and `resnet-ddp report` work in a pod
+    # torch, torchvision and numpy stay the base image's (its CUDA build of torch): pinned by a constraints file
+    constraints = re.search(r"grep -iE '\^\(([\w|]+)\)==' > (\S+)", run)
+    assert constraints, "the base image's versions of torch, torchvision and numpy are written to a constraints file"
+    assert set(constraints.group(1).split("|")) == {"numpy", "torch", "torchvision"}
+    assert f"-c {constraints.group(2)}" in run
+
+
+def _oci_labels():
+    defaults = dict(args.partition("=")[::2] for keyword, args in _dockerfile_instructions() if keyword == "ARG")
+    labels = {}
+    for keyword, args in _dockerfile_instructions():
+        if keyword == "LABEL":
+            for pair in shlex.split(args):
+                key, _, value = pair.partition("=")
+                labels[key] = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: defaults[m.group(1) or m.group(2)], value)
+    return labels
+
+
+def test_the_image_carries_the_oci_labels():
+    labels = _oci_labels()
+    project = _pyproject()["project"]
+    oci = "org.opencontainers.image."
+    assert labels[oci + "title"] == project["name"]
+    assert labels[oci + "description"] == project["description"]
+    assert labels[oci + "version"] == project["version"]
+    license = project["license"]
+    assert labels[oci + "licenses"] == "Apache-2.0" == (license if isinstance(license, str) else license["text"])
+    assert re.fullmatch(r"https://\S+", labels[oci + "source"])
+
+
+def test_the_image_exposes_the_metrics_port_the_manifests_declare():
+    exposed = {int(port.split("/")[0]) for keyword, args in _dockerfile_instructions() if keyword == "EXPOSE"
+               for port in args.split()}
+    declared = {port["containerPort"] for _, doc in _workloads() for pod in _pod_specs(doc)
+                for container in pod["containers"] for port in container.get("ports", [])
+                if port.get("name") == METRICS_PORT_NAME}
+    assert declared and exposed == declared
+
+
+def test_the_build_context_holds_what_the_dockerfile_copies():
+    # deploy/Dockerfile.dockerignore (BuildKit reads it beside the Dockerfile): the context is what the image
+    # copies, not the whole checkout (a virtualenv, checkpoints, bench results)
+    ignore = [l.strip() for l in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+              if l.strip() and not l.startswith("#")]
+    assert ignore[0] == "*"
+    kept = {l[1:] for l in ignore if l.startswith("!")}
+    copied = {source for keyword, args in _dockerfile_instructions() if keyword == "COPY" for source in _copy_sources(args)}
+    assert copied <= kept
+    assert all((DEPLOY.parent / source).exists() for source in copied)
