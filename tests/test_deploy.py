@@ -168,7 +168,7 @@ def test_every_pod_carries_the_recommended_labels_and_a_named_metrics_port(name,
         (container,) = template["spec"]["containers"]
         (port,) = [p for p in container.get("ports", []) if p.get("name") == METRICS_PORT_NAME]
         # the port the program serves is the one the pod declares
-        assert parse_config(container["args"], environ={}).metrics_port == port["containerPort"]
+        assert parse_config(container["args"], environ={}).reporting.metrics_port == port["containerPort"]
 
 
 @pytest.mark.parametrize("name,trainjob,runtime", _trainjobs(), ids=lambda v: v if isinstance(v, str) else v["kind"])
@@ -176,7 +176,7 @@ def test_every_trainjob_serves_metrics_on_the_port_its_runtime_declares(name, tr
     # the TrainJob's trainer.args replace the runtime container's args, so they must name the port again
     for pod in _pod_specs(runtime):
         (port,) = [p for p in pod["containers"][0]["ports"] if p.get("name") == METRICS_PORT_NAME]
-        assert parse_config(trainjob["spec"]["trainer"]["args"], environ={}).metrics_port == port["containerPort"]
+        assert parse_config(trainjob["spec"]["trainer"]["args"], environ={}).reporting.metrics_port == port["containerPort"]
 
 
 def _pod_monitors():
