@@ -69,13 +69,29 @@ def free_port() -> int:
 class Job:
     """A job started in the background, tagged so that every process it made can be found."""
 
-    def __init__(self, command: Sequence[str], env: Optional[Dict[str, str]] = None):
+    def __init__(self, command: Sequence[str], env: Optional[Dict[str, str]] = None, new_session: bool = False):
+        """`new_session`: the job gets a process group of its own, as a terminal or a process manager gives it."""
         self.marker = uuid.uuid4().hex
         full_env = clean_env(env)
         full_env["RESNET_DDP_TEST_MARKER"] = self.marker
         self.process = subprocess.Popen(
             list(command), cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=new_session,
         )
+        self.stderr_seen: List[str] = []
+
+    def wait_for_stderr(self, text: str, count: int = 1, within_s: float = 180) -> None:
+        """Read stderr until `count` lines holding `text` have come (the lines read are kept in stderr_seen)."""
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            line = self.process.stderr.readline()
+            if not line and self.process.poll() is not None:
+                break
+            self.stderr_seen.append(line)
+            if sum(text in seen for seen in self.stderr_seen) >= count:
+                return
+        raise AssertionError(f"not {count} line(s) with {text!r} on stderr within {within_s} s: "
+                             f"{''.join(self.stderr_seen)[-2000:]}")
 
     def wait(self, timeout: float = 240) -> subprocess.CompletedProcess:
         try:
@@ -83,7 +99,8 @@ class Job:
         except subprocess.TimeoutExpired:
             self.kill()  # a hung job must not outlive its test, holding ports and cores for the ones after it
             raise
-        return subprocess.CompletedProcess(self.process.args, self.process.returncode, out, err)
+        return subprocess.CompletedProcess(self.process.args, self.process.returncode, out,
+                                           "".join(self.stderr_seen) + err)
 
     def kill(self) -> None:
         """SIGKILL every process the job made, its launcher, ranks and workers alike."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import socket
 
 import pytest
 
@@ -75,6 +77,11 @@ def test_help_documents_the_environment():
     (TINY + ["--compile"], {"CXX": "/no/such/compiler"}, "--compile needs a C++ compiler"),
     (TINY + ["--profile-steps", "9:4"], {}, "--profile-steps"),
     (TINY + ["--syncbn-symm-mem"], {}, "--syncbn-symm-mem: symmetric memory is for GPUs"),
+    (TINY + ["--num-classes", "1"], {}, "--num-classes must be at least 2"),
+    (TINY + ["--fail-rank", "5"], {}, "--fail-rank 5 is not a rank of this 2-process job"),  # no --fail-at-step
+    (TINY + ["--image-size", "100000"], {}, "needs at least"),
+    (TINY + ["--num-classes", "1000000000"], {}, "needs at least"),
+    (TINY + ["--batch-size", "100000", "--image-size", "224"], {}, "needs at least"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, env, expected, save_dir):
     result = run_train(*args, "--save-dir", str(save_dir), env=env, timeout=60)
@@ -83,6 +90,49 @@ def test_bad_input_is_one_line_and_exit_2(args, env, expected, save_dir):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("resnet-ddp: error:") and expected in lines[0]
     assert "Traceback" not in result.stderr and "[Rank" not in result.stdout
+
+
+def test_nothing_is_created_before_every_refusal_is_done(tmp_path):
+    """A refusal leaves no save dir behind: not for a checkpoint that cannot be resumed, nor for a busy port."""
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(os.urandom(4096))
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for args, says in (([f"--resume={junk}"], "not a readable checkpoint"),
+                           (["--master-port", port], f"--master-port {port} cannot be used for the rendezvous"),
+                           (["--save-dir", ""], "--save-dir is empty")):
+            result = run_train(*TINY, "--save-dir", str(tmp_path / "out"), *args, timeout=60)
+            assert result.returncode == 2, result.stderr
+            (line,) = result.stderr.strip().splitlines()
+            assert says in line and not (tmp_path / "out").exists()
+
+
+def test_a_variable_that_names_no_option_is_named_in_a_warning(monkeypatch, capsys):
+    from resnet_ddp.entry import cli
+
+    monkeypatch.setenv("RESNET_DDP_BATCH_SIZ", "128")
+    assert cli.main(["--epochs", "0"]) == 2  # refused after the warning, before any process starts
+    warning, error = capsys.readouterr().err.strip().splitlines()
+    assert warning == ("resnet-ddp: warning: RESNET_DDP_BATCH_SIZ is not an option's variable and is ignored "
+                       "(did you mean RESNET_DDP_BATCH_SIZE?)")
+    assert "--epochs must be at least 1" in error
+
+
+def test_help_names_each_variable_and_the_default_the_environment_gives(capsys):
+    from resnet_ddp import __version__
+    from resnet_ddp.entry import cli
+
+    text = build_parser({"RESNET_DDP_BATCH_SIZE": "128", "RESNET_DDP_EPOCHS": "7"}).format_help()
+    flat = " ".join(text.split())
+    assert "batch size per process (default: 128 (from RESNET_DDP_BATCH_SIZE); env RESNET_DDP_BATCH_SIZE)" in flat
+    assert "epochs to train (default: 7 (from RESNET_DDP_EPOCHS); env RESNET_DDP_EPOCHS)" in flat
+    assert "(default: None)" not in flat and "(default: False)" not in flat
+    assert "resnet-ddp report SAVE_DIR" in text.splitlines()[1]  # the usage names the subcommand
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert capsys.readouterr().out.strip() == f"resnet-ddp {__version__}"
 
 
 def test_unwritable_save_dir_is_refused_before_training(tmp_path):

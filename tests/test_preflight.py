@@ -45,7 +45,7 @@ def test_preflight_only_measures_reports_names_the_slow_rank_and_exits_0(save_di
     assert "CPU run: no GPU links to judge" in report["notes"]
     assert "preflight: rank  host" in result.stdout and "busbw GB/s" in result.stdout
     # nothing trained, and the write test's file is gone
-    assert sorted(p.name for p in save_dir.iterdir()) == ["logs", "preflight.json"]
+    assert sorted(p.name for p in save_dir.iterdir()) == [".lock", "logs", "preflight.json"]
     assert sorted(p.name for p in (save_dir / "logs").iterdir()) == ["rank0.log", "rank1.log"]  # each rank's lines
     assert "Epoch" not in result.stdout
 
@@ -58,7 +58,7 @@ def test_strict_preflight_with_a_finding_exits_1_before_training(save_dir):
     assert "Traceback" not in result.stderr
     assert len(warnings(result.stdout, "preflight")) == 1  # the report is printed even with --quiet
     assert "Epoch" not in result.stdout
-    assert sorted(p.name for p in save_dir.iterdir()) == ["logs", "preflight.json"]
+    assert sorted(p.name for p in save_dir.iterdir()) == [".lock", "logs", "preflight.json"]
     assert sorted(p.name for p in (save_dir / "logs").iterdir()) == ["rank0.log", "rank1.log"]  # each rank's lines
 
 

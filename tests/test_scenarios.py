@@ -116,8 +116,12 @@ def test_oom_fault_raises_the_allocators_own_error_and_ends_the_job(save_dir):
     result = job.wait(timeout=150)
     assert result.returncode == 1, result.stderr[-2000:]
     assert "[Rank 1] injecting fault 'oom' at step 2" in result.stdout
-    # What a failed CPU allocation raises in torch 2.2 to 2.14 (a RuntimeError from the allocator).
-    assert re.search(r"^RuntimeError: .*DefaultCPUAllocator: can't allocate memory", result.stderr, re.M)
+    # What a failed CPU allocation raises in torch 2.2 to 2.14 (a RuntimeError from the allocator), in one line;
+    # the traceback goes to the rank's log file.
+    (line,) = [l for l in result.stderr.splitlines() if l.startswith("[Rank 1]")]
+    assert line.startswith("[Rank 1] error: out of memory: RuntimeError: ")
+    assert "DefaultCPUAllocator: can't allocate memory" in line and "Traceback" not in result.stderr
+    assert "Traceback" in (save_dir / "logs" / "rank1.log").read_text()
     assert "rank 1 exited with code 1" in result.stderr
     assert wait_for_no_leftovers(job) == []
     assert not (save_dir / "model_final.pth").exists()
@@ -163,27 +167,22 @@ def test_nan_policy_skip_leaves_the_weights_of_that_step_unchanged_on_every_rank
     assert json.loads((save_dir / "summary.json").read_text())["skipped_updates"] == 1
 
 
-def test_load_phases_switch_at_the_same_step_sleeps_are_agreed_and_idle_still_stops(save_dir):
-    # Two phases shorter than the first step (which must not be skipped), half load for 4 s, then
-    # idle; --duration ends the run during the idle phase.
-    result = run_train(*TINY, "--epochs", "500", "--load-profile", "0.001s@100,0.001s@0,4s@50,60s@0",
-                       "--duration", "6s", "--log-interval", "1", "--save-dir", str(save_dir), timeout=180)
+def test_load_phases_switch_at_the_same_step_and_sleeps_are_agreed(save_dir):
+    # Two phases shorter than the first step (which must not be skipped), then half load to the end: what is
+    # checked depends on steps, not on how fast this machine runs them. (The idle phase: test_trainer.py.)
+    result = run_train(*TINY, "--load-profile", "0.001s@100,0.001s@0,1h@50", "--max-steps", "8",
+                       "--log-interval", "1", "--save-dir", str(save_dir), timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     switches = {}
     for rank, index, _, step, what in PHASE_LINE.findall(result.stdout):
         switches.setdefault(index, []).append((rank, step, what))
-    assert sorted(switches) == ["2", "3", "4"]
+    assert sorted(switches) == ["2", "3"]
     for index, lines in switches.items():
         assert sorted(rank for rank, _, _ in lines) == ["0", "1"]
         assert len({(step, what) for _, step, what in lines}) == 1  # the same step on every rank
-    # the agreement reaches ranks a step late: the short phases began after step 2, the idle one ran no step
+    # the agreement reaches ranks a step late: both short phases began after step 2
     assert switches["2"][0][1] == switches["3"][0][1] == "2"
-    assert switches["3"][0][2] == "duty cycle 50% for 4s"
-    _, idle_from, what = switches["4"][0]
-    assert what == "idle for 1m00s"
-    stops = STOP_LINE.findall(result.stdout)
-    # No step ran while idle: the run stopped after the step the idle phase began with.
-    assert {(step, why) for _, step, why in stops} == {(idle_from, "--duration reached")} and len(stops) == 2
+    assert switches["3"][0][2] == "duty cycle 50% for 1h00m00s"
     assert (save_dir / "model_final.pth").exists()
 
     paced = [r for r in records(save_dir, "load") if r["duty_cycle"] == 0.5]
@@ -193,18 +192,16 @@ def test_load_phases_switch_at_the_same_step_sleeps_are_agreed_and_idle_still_st
         assert r["sleep_target_ms"] == pytest.approx(r["sleep_basis_ms"], abs=0.002)  # busy * (1 - F) / F at F = 0.5
         assert r["slept_ms"] >= r["sleep_target_ms"] - 1
         by_step.setdefault(r["global_step"], {})[r["rank"]] = r
-    # the start-up steps run unpaced (their busy time is autotuning and capture), so compare paced neighbours
-    assert min(by_step) >= 3  # the first steady step is 2 without CUDA graphs: its busy time sizes the sleep after 3
-    agreed = [step for step, ranks in by_step.items() if ranks[0]["agreed_steps"] and step - 1 in by_step]
-    assert len(agreed) >= 2
-    for step in agreed:  # every rank slept on the slowest rank's busy time of the step before
+    # Start-up steps run unpaced (their busy time is autotuning and capture): without CUDA graphs the first
+    # steady step is 2, whose busy time sizes the sleep after step 3; the run's last step sleeps no more.
+    assert sorted(by_step) == [3, 4, 5, 6, 7]
+    for step in (4, 5, 6, 7):  # every rank slept on the slowest rank's busy time of the step before
+        assert by_step[step][0]["agreed_steps"] == by_step[step][1]["agreed_steps"] == 1
         slowest = max(by_step[step - 1][rank]["busy_ms"] for rank in (0, 1))
         assert by_step[step][0]["sleep_basis_ms"] == by_step[step][1]["sleep_basis_ms"] == pytest.approx(
             slowest, abs=0.01)
-    idle = [r for r in records(save_dir, "load") if r["duty_cycle"] == 0.0]
-    assert {r["rank"] for r in idle} == {0, 1} and all(r["steps"] == 0 and r["idle_s"] > 0 for r in idle)
     assert sorted((r["phase"], r["rank"], r["global_step"]) for r in records(save_dir, "load_phase")) == [
-        (phase, rank, step) for phase, step in ((2, 2), (3, 2), (4, int(idle_from))) for rank in (0, 1)]
+        (phase, rank, 2) for phase in (2, 3) for rank in (0, 1)]
 
 
 def test_the_smoke_preset_runs_with_the_options_given_and_ignore_trains_on_through_a_nan(save_dir):

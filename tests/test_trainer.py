@@ -343,3 +343,28 @@ def test_a_checkpoint_that_cannot_be_written_says_whether_an_earlier_one_is_inta
     manager.maybe_save(state, INTERVAL)
     with pytest.raises(CheckpointWriteError, match="the previous checkpoints are intact"):
         manager.wait_for_writes()
+
+
+def test_an_idle_phase_runs_no_step_and_still_answers_the_end_of_the_duration(group, stop_handlers):
+    from resnet_ddp.config import LoadPhase, ScenarioConfig
+    from resnet_ddp.scenarios.load import LoadPacer
+
+    records = []
+    length = RunLength.of(epochs=10, max_steps=None, duration_s=0.5, global_step=0, epoch=1, step_in_epoch=0,
+                          steps_per_epoch=10)
+    stop = StopAgreement(0, length, group)
+    pacer = LoadPacer(ScenarioConfig(load_profile=(LoadPhase(0.001, 1.0), LoadPhase(float("inf"), 0.0))), RANK,
+                      stop, records.append, None, 10.0, first_steady_step=2, data_wait_s=lambda: 0.0)
+    state = TrainState(Progress(), 10, CPU)
+    length.start_clock()
+    pacer.on_start(state)
+    reason = None
+    while reason is None:  # full load until the agreement says the first phase (a millisecond) is over
+        state.step_done(torch.tensor(1.0))
+        pacer.after_step(state)
+        reason = stop.poll(state.global_step) or pacer.between_steps(state)
+    # the idle phase held the loop until --duration ran out, and said so as an agreed stop after the last step
+    assert reason == StopReason(StopReason.TIME_UP) and length.time_is_up()
+    assert pacer.phase.duty_cycle == 0.0 and state.global_step <= 3
+    switched = [r for r in records if r["kind"] == "load_phase"]
+    assert [(r["phase"], r["global_step"]) for r in switched] == [(2, state.global_step)]

@@ -36,7 +36,7 @@ def test_standalone_spawn_trains_learns_checkpoints_and_exports(save_dir):
     losses = assert_trained(result, save_dir, ranks=2, epochs=4)
     assert losses[-1] < losses[0] * 0.8, losses  # the model learns the fake classes
     names = sorted(p.name for p in save_dir.iterdir())
-    assert names == ["checkpoint-000000024.pt", "checkpoint-000000032.pt", "checkpoints.json", "logs",
+    assert names == [".lock", "checkpoint-000000024.pt", "checkpoint-000000032.pt", "checkpoints.json", "logs",
                      "model_final.pth", "summary.json"]  # a checkpoint every epoch end, the newest two kept
     assert json.loads((save_dir / "checkpoints.json").read_text()) == {
         "newest_first": ["checkpoint-000000032.pt", "checkpoint-000000024.pt"]}
@@ -124,7 +124,10 @@ def test_a_failing_rank_ends_a_torchrun_job(save_dir):
                "--save-dir", str(save_dir)])
     result = job.wait(timeout=120)
     assert result.returncode != 0
-    assert "InjectedFault" in result.stderr
+    # torchrun's failure report (a TrainJob's too) carries the root cause from the rank's error file
+    root_cause = result.stderr.split("Root Cause (first observed failure):")[1]
+    assert "rank      : 0" in root_cause and "InjectedFault: fault injected" in root_cause
+    assert "error_file: <N/A>" not in result.stderr
     assert wait_for_no_leftovers(job) == []
     # the failing rank 0 still says how the run ended
     summary = json.loads((save_dir / "summary.json").read_text())

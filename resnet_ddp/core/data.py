@@ -155,6 +155,7 @@ class HostBatches:
             persistent_workers=num_workers > 0,
             prefetch_factor=prefetch if num_workers > 0 else None,
             drop_last=False,
+            worker_init_fn=_die_with_the_rank,
         )
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator:
@@ -216,6 +217,21 @@ class DeviceBatches:
             torch.index_select(self.colours, 0, labels, out=colours)
             images += colours.view(-1, 3, 1, 1)
             yield images, labels
+
+
+def _die_with_the_rank(_worker_id: int) -> None:
+    """In each DataLoader worker: the kernel ends it with its rank, however the rank ends; and a stop signal sent
+    to the whole process group (a terminal's Ctrl-C, `timeout`, a process manager) is left to the rank, which
+    needs its workers until it has stopped at the agreed step."""
+    import ctypes
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        pass
 
 
 def normalise(images: torch.Tensor, channels_last: bool) -> torch.Tensor:

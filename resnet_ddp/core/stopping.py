@@ -18,7 +18,9 @@ step (the duty cycle's sleeps are the same length on every rank).
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
@@ -132,9 +134,16 @@ class StopAgreement:
         self.agreed = [0, 0, 0, 0]  # the slots as of the last poll
         self._pending: Optional[dist.Work] = None
         self._nonfinite = False
+        self._stepped = False  # a step has run to its end (the first compiles, autotunes, captures)
         install_stop_handlers(self._on_signal)
 
     def _on_signal(self, signum, _frame) -> None:
+        if not self._stepped:
+            # Still starting (the first step may compile for a minute): nothing to save yet, and a stop
+            # agreed after that step would come too late for a pod's grace period. End now.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + signum)
         if not self.requested:
             self.requested = signum
 
@@ -163,6 +172,7 @@ class StopAgreement:
     def poll(self, global_step: int) -> Optional[StopReason]:
         """Called after every step on every rank: the agreed reason to stop as of the previous call, or the end
         of the run's steps, or None to go on. A reason that interrupts the run is announced in a line."""
+        self._stepped = True
         self.heartbeat()
         code = 0
         if self._pending is not None:

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from resnet_ddp.config import Config
-from resnet_ddp.core import checkpoint, distributed
+from resnet_ddp.core import checkpoint, distributed, phases
 from resnet_ddp.core.callbacks import Callback, Callbacks
 from resnet_ddp.core.checkpoint import CheckpointManager
 from resnet_ddp.core.data import (SHM_MARGIN, DeviceBatches, HostBatches, LazyFakeDataset, ShardedPermutationSampler,
@@ -85,6 +85,7 @@ def build_trainer(config: Config, rank: distributed.RankInfo, console: Console, 
     if ballast_size is not None:
         GpuMemoryBallast.check_before_training(ballast_size, rank, control)
     batches = _build_batches(config, rank)
+    phases.reached("model build")
     model, optimizer, side_stream = _build_model_and_optimizer(config, rank)
     config = _settle_symmetric_memory(config, rank, model)  # the last value settled: never rewritten after this
     module = model.module
@@ -156,6 +157,7 @@ def build_trainer(config: Config, rank: distributed.RankInfo, console: Console, 
         NonFiniteReport(watch, config.scenario.nan_policy, stop),
         faults,
         logger,
+        phases.TrainingPhases(lambda: bool(stop.requested)) if phases.pausing() else None,  # tests only
         watchdog,
         checkpoints,
         _AgreementEnd(stop),

@@ -18,6 +18,8 @@ from resnet_ddp import __version__
 from resnet_ddp.config import (ALL_RANKS, AMP_MODES, ARCHITECTURES, DATA_SOURCES, FAIL_MODES, NAN_POLICIES,
                                PREFLIGHT_MODES, CheckpointConfig, Config, HealthConfig, ModelConfig, ProcessConfig,
                                ReportingConfig, RunLengthConfig, ScenarioConfig, SpeedConfig, TrainingConfig)
+from resnet_ddp.core import phases
+from resnet_ddp.entry.process import exit_on_stop_signals, exit_process
 from resnet_ddp.errors import UsageError
 from resnet_ddp.entry.values import (parse_bool, parse_duration, parse_duty_cycle, parse_fail_rank,
                                      parse_load_profile, parse_memory_size, parse_preflight_mode,
@@ -25,8 +27,8 @@ from resnet_ddp.entry.values import (parse_bool, parse_duration, parse_duty_cycl
 from resnet_ddp.scenarios import presets
 
 ENV_PREFIX = "RESNET_DDP_"
-# Variables of ours that are not options: the test suite's process marker.
-_NOT_OPTIONS = {"RESNET_DDP_TEST_MARKER"}
+# Variables of ours that are not options: the test suite's process marker and phase pause (core/phases.py).
+_NOT_OPTIONS = {"RESNET_DDP_TEST_MARKER", "RESNET_DDP_TEST_PAUSE_AT"}
 MIN_IMAGE_SIZE = 32  # every supported ResNet downsamples by 32
 FAST_BATCH_SIZE = 256
 USAGE = "resnet-ddp [options]\n       resnet-ddp report SAVE_DIR"
@@ -409,6 +411,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # Imported here so that --help and input errors answer without loading torch.
         from resnet_ddp.entry import launch, refusals, resolve
 
+        phases.reached("checks")
         plan = launch.plan_launch(config, os.environ)
         config = resolve.settle(config, plan, announce=plan.holds_rank_zero)
         refusals.refuse_what_cannot_run(config, plan)
@@ -420,12 +423,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run() -> NoReturn:
     """The command (train.py, python -m resnet_ddp, resnet-ddp): main(), then a quick end of the process."""
+    exit_on_stop_signals()  # first: a container's PID 1 ignores the signals it has no handler for
+    phases.reached("imports")
     try:
         code = main()
     except BrokenPipeError:  # `resnet-ddp --help | head`: the reader has gone, and nothing more can be said
         code = _quiet_broken_pipe()
-    from resnet_ddp.entry.launch import exit_process
-
     exit_process(code)
 
 

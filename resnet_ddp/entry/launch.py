@@ -13,21 +13,21 @@ The mode is settled here, once; every process then runs the same code (entry/wor
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
 import socket
 import sys
-import threading
+import time
 import traceback
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, NoReturn
+from typing import Dict, List, Mapping, Optional
 
 from resnet_ddp.config import Config
-from resnet_ddp.errors import CheckpointWriteError, ReportedElsewhere, UsageError
+from resnet_ddp.core import phases
+from resnet_ddp.entry.process import default_stop_signals, die_with_parent, exit_process
+from resnet_ddp.errors import ReportedElsewhere, UsageError
 
 DEFAULT_CPU_PROCESSES = 2
 # How long ranks get to exit on SIGTERM before SIGKILL, once one rank has failed.
@@ -182,21 +182,33 @@ def plan_launch(config: Config, environ: Mapping[str, str]) -> LaunchPlan:
 
 def run(config: Config, plan: LaunchPlan) -> int:
     if plan.mode == "torchrun":
-        from resnet_ddp.entry import worker
-
-        try:
-            return worker.run_process(config)
-        except (UsageError, ReportedElsewhere) as exc:  # refused by the job itself (e.g. a ballast that cannot fit)
-            if isinstance(exc, UsageError):
-                print(f"resnet-ddp: error: {exc}", file=sys.stderr)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(2)  # the process group is up: skip a teardown that could wait on it
+        return _run_torchrun_worker(config)
     return _spawn_and_supervise(config, plan)
 
 
-def _worker_main(local_rank: int, config: Config, plan: LaunchPlan) -> None:
+def _run_torchrun_worker(config: Config) -> int:
+    """This process is one of torchrun's workers: it dies with torchrun, and an error that escapes reaches
+    torchrun's failure report (its error file) through torch.distributed.elastic's `record`."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from resnet_ddp.entry import worker
+
+    die_with_parent()
+    default_stop_signals()
+    try:
+        return record(worker.run_process)(config)
+    except (UsageError, ReportedElsewhere) as exc:  # refused by the job itself (e.g. a ballast that cannot fit)
+        if isinstance(exc, UsageError):
+            print(f"resnet-ddp: error: {exc}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)  # the process group is up: skip a teardown that could wait on it
+
+
+def _worker_main(local_rank: int, config: Config, plan: LaunchPlan, launcher_pid: int) -> None:
     """Entry of a spawned process: become a torch.distributed worker, then run the job."""
+    die_with_parent(launcher_pid)
+    default_stop_signals()
     os.environ.update(plan.worker_env(local_rank))
     rank = os.environ["RANK"]
     try:
@@ -208,12 +220,7 @@ def _worker_main(local_rank: int, config: Config, plan: LaunchPlan) -> None:
         code = 2
     except ReportedElsewhere as exc:
         code = exc.code
-    except CheckpointWriteError as exc:  # a full or read-only disk: a clear line, not a traceback
-        print(f"[Rank {rank}] error: {exc}", file=sys.stderr, flush=True)
-        code = 1
-    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal's group
-        code = 128 + signal.SIGINT
-    except Exception:
+    except Exception:  # outside the training (worker.py reports failures in it once, itself)
         print(f"[Rank {rank}] failed:\n{traceback.format_exc()}", file=sys.stderr, end="", flush=True)
         code = 1
     sys.stdout.flush()
@@ -223,30 +230,11 @@ def _worker_main(local_rank: int, config: Config, plan: LaunchPlan) -> None:
     exit_process(0)
 
 
-def exit_process(code: int) -> NoReturn:
-    """End this process once its work is done, without the interpreter's teardown.
-
-    What a normal exit does for us still happens: other threads are waited for,
-    atexit handlers run (multiprocessing's ends DataLoader workers) and output is
-    flushed. Skipped is the clean-up of every module and object, which took 0.9 s
-    per process once torch and torchvision are loaded (2 CPU cores): at the end of
-    each rank, and again of the launcher.
-    """
-    # What the interpreter runs first at exit (not public): threading's exit hooks, which stop the idle
-    # workers of every concurrent.futures pool (torch.compile keeps one), then a join of the other threads.
-    # Joining them without those hooks waited forever on the pool's workers.
-    threading._shutdown()
-    atexit._run_exitfuncs()  # not public either, but the one way to run them before os._exit
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):  # closed, or a broken pipe: nothing more can be said
-            stream.flush()
-    os._exit(code)
-
-
 def _spawn_and_supervise(config: Config, plan: LaunchPlan) -> int:
     context = multiprocessing.get_context("spawn")
     processes = [
-        context.Process(target=_worker_main, args=(local_rank, config, plan), name=f"resnet-ddp-rank{local_rank}")
+        context.Process(target=_worker_main, args=(local_rank, config, plan, os.getpid()),
+                        name=f"resnet-ddp-rank{local_rank}")
         for local_rank in range(plan.nproc)
     ]
     received: List[int] = []
@@ -260,7 +248,11 @@ def _spawn_and_supervise(config: Config, plan: LaunchPlan) -> int:
 
     previous = {sig: signal.signal(sig, forward_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        for process in processes:
+        for local_rank, process in enumerate(processes):
+            if received:  # stopped while starting its ranks: start no more
+                break
+            if local_rank:
+                phases.reached("spawning", until=lambda: bool(received))
             process.start()
         return _supervise(processes, plan, received)
     finally:
@@ -268,22 +260,23 @@ def _spawn_and_supervise(config: Config, plan: LaunchPlan) -> int:
             signal.signal(sig, handler)
 
 
-STOP_CODES = (128 + signal.SIGTERM, 128 + signal.SIGINT)
+STOP_CODES = (128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGINT)
 
 
 def _supervise(processes, plan: LaunchPlan, received: List[int]) -> int:
     """Wait for every rank; the first failure stops the rest and sets the exit code.
 
-    Ranks that exit 143 or 130 stopped on an agreed signal (sent to us and
-    forwarded, or sent to one of them): that is a stop, not a failure.
+    A rank that exits 143 or 130 stopped on an agreed signal, and one killed by SIGTERM or SIGINT before it
+    could handle them was stopped too: that is a stop, not a failure. Once one rank has stopped, the others
+    get TERMINATE_GRACE_S to follow (they stop after the same step, or have nothing to save yet), then are
+    killed: a rank still waiting for a peer that is gone would otherwise wait for --dist-timeout.
     """
+    stopped_since: Optional[float] = None
     while True:
         # One reading of the exit codes per round: read twice, a rank that ended between the reads
         # was neither failed nor running, and the launcher exited 1 without naming it.
         codes = [p.exitcode for p in processes]
-        # A rank killed by the signal we forwarded (before it could handle it) was stopped too.
-        stopped = (*STOP_CODES, *(-sig for sig in received))
-        failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0, *stopped)]
+        failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0, *STOP_CODES)]
         if failed:
             _report_failures(failed, plan)
             _terminate(processes)
@@ -291,11 +284,21 @@ def _supervise(processes, plan: LaunchPlan, received: List[int]) -> int:
             # end before we look: a more specific code (3 from --fail-mode exit, 2) says more.
             specific = [code for _, code in failed if code > 1]
             return specific[0] if specific else 1
-        running = [p for p, code in zip(processes, codes) if code is None]
+        never_started = [p for p in processes if p.pid is None]
+        running = [p for p, code in zip(processes, codes) if code is None and p.pid is not None]
         if not running:
             break
+        if stopped_since is None and (received or any(code in STOP_CODES for code in codes)):
+            stopped_since = time.monotonic()
+        if stopped_since is not None and time.monotonic() - stopped_since > TERMINATE_GRACE_S and (
+                never_started or any(code is not None for code in codes)):
+            _terminate(running)
+            break
         multiprocessing.connection.wait([p.sentinel for p in running], timeout=1.0)
-    stops = [code if code > 0 else 128 - code for code in codes if code != 0]
+    codes = [p.exitcode for p in processes if p.pid is not None]
+    stops = [code if code > 0 else 128 - code for code in codes if code]
+    if received:
+        return 128 + received[0]
     return stops[0] if stops else 0
 
 
@@ -307,6 +310,7 @@ def _report_failures(failed, plan: LaunchPlan) -> None:
 
 
 def _terminate(processes) -> None:
+    """SIGTERM, then SIGKILL after TERMINATE_GRACE_S."""
     for process in processes:
         if process.exitcode is None:
             process.terminate()

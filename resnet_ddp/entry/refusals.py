@@ -10,6 +10,7 @@ import os
 import socket
 
 from resnet_ddp.config import Config
+from resnet_ddp.entry import savedir
 from resnet_ddp.errors import UsageError
 
 
@@ -36,7 +37,11 @@ def refuse_what_cannot_run(config: Config, plan) -> None:
         check_can_serve(config.reporting.metrics_port)
     if plan.hosts_rendezvous:
         check_port_is_free(plan.master_port, "--master-port" if config.process.master_port else "MASTER_PORT")
+    check_memory_fits(config, plan)
     make_save_dir(config.save_dir)
+    if plan.holds_rank_zero:  # the process that lives as long as the job's writer
+        savedir.lock(config.save_dir)
+        savedir.remove_stale_files(config.save_dir)
 
 
 def check_save_dir_can_be_made(path: str) -> None:
@@ -70,3 +75,52 @@ def check_port_is_free(port: int, option: str) -> None:
         except OSError as exc:
             raise UsageError(f"{option} {port} cannot be used for the rendezvous on this node "
                              f"({exc.strerror or exc}): choose a free port, or leave it out for one") from None
+
+
+# Parameters of each architecture without its classifier, and the width of the features the classifier takes.
+_BACKBONE_PARAMS = {"resnet18": 11_176_512, "resnet34": 21_284_672, "resnet50": 23_508_032,
+                    "resnet101": 42_500_160, "resnet152": 58_143_808, "wide_resnet50_2": 66_834_240,
+                    "resnext50_32x4d": 22_979_904}
+_FEATURES = {"resnet18": 512, "resnet34": 512}  # 2048 for the others
+
+
+def memory_floor_bytes(config: Config) -> int:
+    """Bytes a training process needs at the very least: weights and gradients (and momentum), one batch of
+    uint8 images and their float copy, and the first convolution's output. The true need is several times
+    more; only a job that cannot run even so is refused."""
+    arch, classes = config.model.arch, config.training.num_classes
+    params = _BACKBONE_PARAMS[arch] + _FEATURES.get(arch, 2048) * classes + classes
+    copies = 3 if config.training.momentum else 2
+    batch, side = config.training.batch_size, config.model.image_size
+    images = batch * 3 * side * side * (1 + 4)
+    first_conv = batch * 64 * (side // 2) ** 2 * 4
+    return params * 4 * copies + images + first_conv
+
+
+def check_memory_fits(config: Config, plan) -> None:
+    """Refuse sizes that cannot fit in this node's memory (CPU processes) or a GPU's (GPU processes)."""
+    need = memory_floor_bytes(config)
+    if plan.device_type == "cuda":
+        import torch
+
+        have = torch.cuda.get_device_properties(0).total_memory
+        where = f"the {_gib(have)} of {torch.cuda.get_device_name(0)}"
+    else:
+        have = _host_memory_bytes() // max(1, plan.nproc)
+        where = f"this node's {_gib(have * plan.nproc)} shared by {plan.nproc} processes"
+    if have and need > have:
+        raise UsageError(
+            f"--arch {config.model.arch} with --batch-size {config.training.batch_size}, --image-size "
+            f"{config.model.image_size} and --num-classes {config.training.num_classes} needs at least "
+            f"{_gib(need)} per process, more than {where}: make them smaller")
+
+
+def _host_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"

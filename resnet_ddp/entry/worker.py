@@ -17,7 +17,7 @@ import traceback
 from typing import Optional
 
 from resnet_ddp.config import Config
-from resnet_ddp.core import distributed
+from resnet_ddp.core import distributed, phases
 from resnet_ddp.core.outcome import RunOutcome
 from resnet_ddp.errors import CheckpointWriteError, ReportedElsewhere, UsageError
 from resnet_ddp.observe import console as console_setup
@@ -30,6 +30,7 @@ LOG_FILE = os.path.join("logs", "rank{rank}.log")
 
 def run_process(config: Config) -> int:
     """The exit code of this process's part of the job."""
+    phases.reached("rendezvous")
     rank = distributed.init_process_group(config.process.device_type, config.process.dist_timeout)
     log_file = os.path.join(config.save_dir, LOG_FILE.format(rank=rank.rank))
     console = console_setup.setup(rank.rank, config.reporting.quiet, log_file)
@@ -61,7 +62,9 @@ def _train(config: Config, rank: distributed.RankInfo, console, log_file: str) -
     with contextlib.ExitStack() as stack:
         try:
             trainer = build_trainer(config, rank, console, facts, stack)
-            return trainer.train().exit_code
+            outcome = trainer.train()
+            late = trainer.stop.requested  # a signal during the end's work: the job was stopped all the same
+            return outcome.exit_code or (128 + late if late else 0)
         except (UsageError, ReportedElsewhere):
             raise  # a refusal: the launcher says it in one line and exits 2
         except Exception as exc:
@@ -75,14 +78,15 @@ def _failed(exc: Exception, config: Config, rank: distributed.RankInfo, facts: R
     error = one_line(exc)
     place = distributed.placement(rank)
     first = distributed.record_failure(place, error)
+    _tell_torchrun(exc)
+    if first is None and not rank.is_main:
+        # The job's store lives in rank 0's process (or torchrun's agent): unreachable, that ended first.
+        first = {"rank": 0, "host": None}
     if first is None or first["rank"] == rank.rank:
-        if isinstance(exc, CheckpointWriteError):  # a full or read-only disk: a clear line, not a traceback
-            log.error(f"error: {exc}")
-        else:
-            log.error(f"failed:\n{traceback.format_exc().rstrip()}")
+        _say_why(exc, error, log_file)
     else:
-        log.error(f"failed because rank {first['rank']} (host {first['host']}) failed first: {error} "
-                  f"(traceback in {log_file})")
+        who = f"rank {first['rank']}" + (f" (host {first['host']})" if first["host"] else "")
+        log.error(f"failed because {who} failed first: {error} (traceback in {log_file})")
         log.debug(traceback.format_exc().rstrip())  # the log file's only
     if rank.is_main:
         cause = first or {"rank": rank.rank, "host": place["host"], "error": error}
@@ -91,6 +95,35 @@ def _failed(exc: Exception, config: Config, rank: distributed.RankInfo, facts: R
         epochs = trainer.state.epoch - 1 if trainer is not None else 0
         write_failure_summary(config.save_dir, facts, outcome, steps, epochs)
     return 1
+
+
+def _say_why(exc: Exception, error: str, log_file: str) -> None:
+    """The root cause, on the console: one line for what the user can act on, a traceback for a bug."""
+    if isinstance(exc, CheckpointWriteError):  # a full or read-only disk
+        log.error(f"error: {exc}")
+    elif out_of_memory(exc):
+        log.error(f"error: out of memory: {error} (a smaller --batch-size or --image-size needs less; the "
+                  f"traceback is in {log_file})")
+        log.debug(traceback.format_exc().rstrip())
+    else:
+        log.error(f"failed:\n{traceback.format_exc().rstrip()}")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """The allocator's own error (a GPU's or the host's), not a bug."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "out of memory" in str(exc))
+
+
+def _tell_torchrun(exc: BaseException) -> None:
+    """Under torchrun, its failure report (and a TrainJob's) names this error, not `error_file: <N/A>`."""
+    if "TORCHELASTIC_ERROR_FILE" not in os.environ:
+        return
+    with contextlib.suppress(Exception):
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(exc)
 
 
 def one_line(exc: BaseException) -> str:

@@ -1,0 +1,75 @@
+"""Process-level behaviour every launch mode shares: how a stop signal ends a process before training, dying
+with the launcher, and a quick exit.
+
+Before any rank is running, SIGTERM and SIGINT end the process at once with
+128 + the signal (nothing needs saving yet). A handler is installed, not left to
+the default action, because a process that is PID 1 of a container (the launcher,
+in a pod) ignores a signal it has no handler for. A training rank, which is never
+PID 1, leaves them at the default action until its stop agreement takes over, so
+that a signal also ends it inside a blocking call (a rendezvous that waits in C++).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+import threading
+from typing import NoReturn, Optional
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_PR_SET_PDEATHSIG = 1
+
+
+def _exit_at_once(signum, _frame) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(128 + signum)
+
+
+def exit_on_stop_signals() -> None:
+    """From here until a launcher or a stop agreement takes over: a stop signal ends this process at once."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _exit_at_once)
+
+
+def default_stop_signals() -> None:
+    """A rank before its stop agreement: the kernel ends it on a stop signal, wherever it is."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def die_with_parent(expected_parent: Optional[int] = None) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux), so that no rank, and no DataLoader
+    worker, outlives a launcher that was killed. The parent may have died before this call: then exit now."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: nothing to set
+        return
+    if expected_parent is not None and os.getppid() != expected_parent:
+        os._exit(128 + signal.SIGKILL)
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process once its work is done, without the interpreter's teardown.
+
+    What a normal exit does for us still happens: other threads are waited for,
+    atexit handlers run (multiprocessing's ends DataLoader workers) and output is
+    flushed. Skipped is the clean-up of every module and object, which takes about
+    a second per process once torch and torchvision are loaded: at the end of each
+    rank, and again of the launcher.
+    """
+    # What the interpreter runs first at exit (not public): threading's exit hooks, which stop the idle
+    # workers of every concurrent.futures pool (torch.compile keeps one), then a join of the other threads.
+    # Joining them without those hooks waited forever on the pool's workers.
+    threading._shutdown()
+    atexit._run_exitfuncs()  # not public either, but the one way to run them before os._exit
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # closed, or a broken pipe: nothing more can be said
+            stream.flush()
+    os._exit(code)
