@@ -20,7 +20,6 @@ NOT_RESULTS = (".log", ".txt", ".out", ".patch", ".diff", ".gz", ".trace", ".sh"
 SESSION = re.compile(r"\bsession \d+", re.IGNORECASE)
 # Edited in another branch today; each still says "session 12". Once one no longer does,
 # test_a_file_not_yet_cleaned_is_clean fails as a reminder to drop it from here.
-NOT_YET_CLEANED = ("docs/kubernetes.md",)
 
 
 def tracked(*pathspecs: str) -> list:
@@ -63,15 +62,8 @@ def test_benchmark_results_name_the_command_that_made_them():
         assert isinstance(result.get("command"), str) and "bench/" in result["command"], f"{path} has no command"
 
 
-def test_docs_and_bench_do_not_speak_of_numbered_sessions():
-    # resnet_ddp/ is being edited in another branch; add it here once that has landed.
-    files = [path for path in tracked("*.md", "bench") if path not in NOT_YET_CLEANED]
+def test_docs_code_and_bench_do_not_speak_of_numbered_sessions():
+    files = tracked("*.md", "bench", "resnet_ddp")
     mentions = [f"{path}:{number}: {line.strip()}" for path in files
                 for number, line in enumerate(lines_of(path), 1) if SESSION.search(line)]
     assert not mentions, "\n".join(mentions[:20])
-
-
-@pytest.mark.xfail(strict=True, reason="still mentions a session; if this passes, drop the file from NOT_YET_CLEANED")
-@pytest.mark.parametrize("path", NOT_YET_CLEANED)
-def test_a_file_not_yet_cleaned_is_clean(path):
-    assert not any(SESSION.search(line) for line in lines_of(path))

@@ -27,10 +27,10 @@ def refuse_what_cannot_run(config: Config, plan) -> None:
         from resnet_ddp.core import checkpoint
 
         checkpoint.find_resume_point(config.save_dir, resume, config.fingerprint(), report=False)
-        if config.reporting.tensorboard:
-            from resnet_ddp.observe.tensorboard import require_tensorboard
+    if plan.holds_rank_zero and config.reporting.tensorboard:
+        from resnet_ddp.observe.tensorboard import require_tensorboard
 
-            require_tensorboard()
+        require_tensorboard()
     if config.reporting.metrics_port is not None and plan.holds_local_rank_zero:
         from resnet_ddp.observe.prometheus import check_can_serve
 

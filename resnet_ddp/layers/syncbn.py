@@ -170,8 +170,7 @@ class _TraceableSyncBatchNorm(torch.autograd.Function):
     so the backward shares no full-size intermediate with the forward. Written as
     (x - mean) * a, the compiler merged the two passes' subtractions into one
     node and kept it for the backward: a float32 copy of every BatchNorm input,
-    written and read again, which made the compiled step on 2 H100s 9.6 ms slower
-    than on one, against 3.3 ms uncompiled.
+    written and read again, which made the compiled step slower and larger.
     """
 
     @staticmethod
@@ -484,7 +483,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             self.num_batches_tracked.add_(1)
         world_size = dist.get_world_size(self.process_group) if dist.is_available() and dist.is_initialized() else 1
         # One GPU trains through the layer's own fused kernel too where it applies (fp32, a ReLU handed
-        # over): cuDNN's BatchNorm with a separate add and ReLU was 3% slower on an H100 (session 11).
+        # over): it beats cuDNN's BatchNorm followed by a separate add and ReLU (PERFORMANCE.md).
         one_gpu_fused = (world_size == 1 and self.training and relu and not _is_compiling()
                          and _one_kernel(x, residual, self.weight, self.bias))
         if not self.training or (world_size == 1 and not one_gpu_fused):

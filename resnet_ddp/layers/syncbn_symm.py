@@ -5,8 +5,8 @@ NCCL's own stream, and in a CUDA graph every one of them waits across streams.
 Here every layer gets two slices of one buffer that all GPUs of the node map:
 its forward's statistics (one row per rank) and its backward's sums. torch's
 one-shot all-reduce then reads the peers' slices over NVLink, in one kernel on
-the training stream. (2 x H100, the 106 collectives in one CUDA graph: 0.99 ms
-against NCCL's 1.39 ms; bench/results/2026-11-27-session10.)
+the training stream, where NCCL's would each wait across streams (PERFORMANCE.md
+has the measured difference).
 
 Every collective has a slice of its own: a rank that has gone on to the next
 layer never overwrites a slice a peer may still be reading.

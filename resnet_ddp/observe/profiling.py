@@ -4,7 +4,7 @@ Each rank writes two files into <save-dir>/profile/: rank<R>.trace.json, the
 timeline (Perfetto or chrome://tracing open it), and rank<R>-ops.txt, the
 operators and kernels ranked by their own time on the device (on CPU, on the
 host). On GPUs the profiler also records CUDA kernels through CUPTI, each
-kernel of a CUDA-graph replay included (seen on H100, torch 2.11). Outside the
+kernel of a CUDA-graph replay included. Outside the
 chosen steps it costs one comparison per step.
 """
 
