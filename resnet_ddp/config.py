@@ -27,6 +27,7 @@ NAN_POLICIES = ("stop", "skip", "ignore")
 AMP_MODES = ("off", "bf16", "fp16")
 DATA_SOURCES = ("cpu", "gpu")
 PREFLIGHT_MODES = ("off", "warn", "strict")
+LOG_FORMATS = ("text", "json")
 STRAGGLER_WINDOW_S = 60.0  # a rank slower than its peers for this long is named (PREFLIGHT.md)
 ALL_RANKS = -1  # --fail-rank all
 
@@ -101,8 +102,11 @@ class ReportingConfig:
     log_interval: Optional[int] = None  # steps; None: about every LOG_EVERY_S seconds of work
     quiet: bool = False
     metrics_port: Optional[int] = None  # Prometheus endpoint on each node's local rank 0
+    metrics_linger_s: float = 30.0  # local rank 0 serves the last values this long after the end
     tensorboard: bool = False
     profile_steps: Optional[Tuple[int, int]] = None  # (first, last) global steps to record with torch.profiler
+    log_format: str = "text"  # text, or json: one object per line for log agents
+    log_timestamps: bool = False  # text lines start with the UTC time
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import socket
@@ -107,6 +108,21 @@ def test_nothing_is_created_before_every_refusal_is_done(tmp_path):
             assert result.returncode == 2, result.stderr
             (line,) = result.stderr.strip().splitlines()
             assert says in line and not (tmp_path / "out").exists()
+
+
+def test_the_launchers_lines_follow_the_log_format(monkeypatch, capsys):
+    from resnet_ddp.entry import cli
+
+    assert cli.main(["--epochs", "0", "--log-format", "json"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    record = json.loads(line)
+    assert (record["level"], record["rank"], record["message"]) == ("ERROR", None,
+                                                                    "error: --epochs must be at least 1, got 0")
+    monkeypatch.setenv("RESNET_DDP_LOG_TIMESTAMPS", "1")
+    assert cli.main(["--epochs", "0"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z resnet-ddp: error: --epochs must be at least 1, got 0",
+                        line)
 
 
 def test_a_variable_that_names_no_option_is_named_in_a_warning(monkeypatch, capsys):

@@ -70,7 +70,7 @@ def test_a_truncated_newest_checkpoint_is_reported_and_the_previous_used_with_th
     newest.write_bytes(newest.read_bytes()[:1000])
     result = run_train(*TINY, "--epochs", "3", "--lr", "0.05", "--save-dir", str(save_dir))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "checkpoint-000000008.pt is unreadable" in result.stderr
+    assert "checkpoint-000000008.pt is unreadable" in result.stdout
     assert "resuming from" in result.stdout and "checkpoint-000000004.pt" in result.stdout
     # --lr given on a resume applies, and says so; the new checkpoints record it
     assert ("[Rank 0] resuming with --lr 0.05 (the checkpoint trained with 0.01): this run's options apply"

@@ -151,20 +151,38 @@ def _pixels_of(image, rgb, tolerance=0.06):
     return int((numpy.abs(image[:, :, :3] - numpy.array(rgb) / 255.0).max(axis=2) < tolerance).sum())
 
 
+def _until_the_end_is_served(job: Job, port: int, within_s: float = 120) -> list:
+    """Samples of the endpoint once both ranks' series say the run has ended (served for --metrics-linger)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        samples = scrape_samples(port)
+        ended = [s for s in samples if s.name == "resnet_ddp_exit_code"]
+        if len(ended) == 2:
+            return samples
+        assert job.process.poll() is None, "the job ended without serving its end"
+        time.sleep(0.2)
+    raise AssertionError("the endpoint never showed the run's end")
+
+
 def test_endpoint_tensorboard_summary_and_report_of_a_run_stopped_by_sigterm(save_dir):
-    """One real run serves both ranks' series on one endpoint, writes TensorBoard scalars, a summary
-    with its exit reason and the table, and `report` draws its metrics."""
+    """One real run serves both ranks' series on one endpoint (and, after the end, how the run ended), writes
+    TensorBoard scalars, a summary with its exit reason and the table, and `report` draws its metrics."""
+    from resnet_ddp import __version__
+
     port = free_port()
     # rank 1 slowed, so that the straggler detector names it (and the series says so) within the run
     job = Job(train_command(*TINY, "--epochs", "500", "--log-interval", "1", "--warmup-steps", "1",
-                            "--metrics-port", str(port), "--tensorboard", "--save-dir", str(save_dir)),
+                            "--metrics-port", str(port), "--metrics-linger", "1m", "--tensorboard",
+                            "--save-dir", str(save_dir)),
               {"RESNET_DDP_TEST_SLOW_RANK": "1:0.15", "RESNET_DDP_STRAGGLER_WINDOW": "1.5s"})
-    # both ranks past their first epoch (so an epoch record exists) and two log points into the second
+    # both ranks past their first epoch (so an epoch record and a checkpoint exist) and two log points on
     seen = scrape_until(job, port, lambda m: all(m.get(("resnet_ddp_steps_total", r), 0) >= 6 for r in (0, 1))
                         and m.get(("resnet_ddp_straggler", 1)) == 1)
     job.process.send_signal(signal.SIGTERM)
+    final = _until_the_end_is_served(job, port)  # a stopped run serves its end for at most 5 s of the linger
     result = job.wait(timeout=120)
     assert result.returncode == 143, result.stderr[-2000:]
+    summary = json.loads((save_dir / "summary.json").read_text())
 
     for rank in (0, 1):
         steps = seen["resnet_ddp_steps_total", rank]
@@ -172,17 +190,45 @@ def test_endpoint_tensorboard_summary_and_report_of_a_run_stopped_by_sigterm(sav
         assert images % 8 == 0 and images >= 6 * 8  # batch 8 per step
         assert 0 < seen["resnet_ddp_progress_ratio", rank] <= min(1.0, (steps + 1) / 2000)  # 500 epochs x 4
         assert seen["resnet_ddp_epoch", rank] >= 2
-        assert 0 < seen["resnet_ddp_loss", rank] < 10 and 0 < seen["resnet_ddp_step_seconds", rank] < 60
+        assert 0 < seen["resnet_ddp_loss", rank] < 10 and 0 < seen["resnet_ddp_step_mean_seconds", rank] < 60
         assert seen["resnet_ddp_images_per_second", rank] > 0 and 0 <= seen["resnet_ddp_data_wait_ratio", rank] <= 1
         assert seen["resnet_ddp_host_memory_rss_bytes", rank] > 2**20
     assert seen["resnet_ddp_straggler", 0] == 0  # rank 1 named, rank 0 not
+    assert seen["resnet_ddp_straggler_score", 1] > 1.1 > seen["resnet_ddp_straggler_score", 0]
     # CPU ranks: no GPU figures at all, rather than zeros
     assert not any(name.startswith(("resnet_ddp_gpu_", "resnet_ddp_memory_", "resnet_ddp_mfu")) for name, _ in seen)
+
+    def values(name, **labels):
+        return [s.value for s in final if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+
+    for rank in ("0", "1"):
+        # how the run ended, and every step it ran, the ones after the last log point included
+        assert values("resnet_ddp_run_state", rank=rank, state="stopped") == [1.0]
+        assert values("resnet_ddp_run_state", rank=rank, state="running") == [0.0]
+        assert values("resnet_ddp_exit_code", rank=rank) == [143.0]
+        assert values("resnet_ddp_steps_total", rank=rank) == [summary["steps"]]
+        assert values("resnet_ddp_images_total", rank=rank) == [8 * summary["steps"]]
+        (info,) = [s for s in final if s.name == "resnet_ddp_info" and s.labels["rank"] == rank]
+        assert info.value == 1 and (info.labels["version"], info.labels["arch"], info.labels["world_size"],
+                                    info.labels["amp"], info.labels["device"]) == (__version__, "resnet18", "2",
+                                                                                    "off", "cpu")
+        # step time as a histogram: cumulative buckets, +Inf equal to the count of steps timed
+        buckets = sorted((float(s.labels["le"]), s.value) for s in final
+                         if s.name == "resnet_ddp_step_seconds_bucket" and s.labels["rank"] == rank)
+        counts = [count for _, count in buckets]
+        assert buckets[0][0] == 0.001 and buckets[-1][0] == math.inf and counts == sorted(counts)
+        assert counts[-1] == values("resnet_ddp_step_seconds_count", rank=rank)[0] == summary["steps"]
+        assert 0 < values("resnet_ddp_step_seconds_sum", rank=rank)[0] < 60 * summary["steps"]
+    # rank 0's checkpoint series: the newest on disk, its size and its time (preemption alerts use its age)
+    newest = max(save_dir.glob("checkpoint-*.pt"))
+    assert values("resnet_ddp_checkpoint_size_bytes", rank="0") == [newest.stat().st_size]
+    assert abs(values("resnet_ddp_checkpoint_timestamp_seconds", rank="0")[0] - newest.stat().st_mtime) < 60
+    assert values("resnet_ddp_checkpoints_total", rank="0")[0] >= 2 and values("resnet_ddp_checkpoint_write_seconds",
+                                                                                rank="0")[0] > 0
     from resnet_ddp.observe.prometheus import metrics_dir
 
     assert not os.path.exists(metrics_dir(port))  # the ranks' files are cleaned up with the job
 
-    summary = json.loads((save_dir / "summary.json").read_text())
     assert summary["exit_reason"] == "stopped by signal" and summary["steps"] >= 6 and summary["epochs_done"] >= 1
     for key in ("wall_s", "img_s", "img_s_per_gpu", "step_ms_p50", "step_ms_p90", "step_ms_p99", "data_wait_frac"):
         assert summary[key] >= 0, key

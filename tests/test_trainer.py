@@ -309,7 +309,8 @@ def test_a_resume_from_an_older_checkpoint_keeps_the_newer_ones_of_the_abandoned
         "checkpoint-000000003.pt", "checkpoint-000000002.pt"]
 
 
-def test_a_resume_applies_this_runs_optimizer_options_and_says_which_changed(group, tmp_path, caplog):
+def test_a_resume_applies_this_runs_optimizer_options_and_says_which_changed(group, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("resnet_ddp"), "propagate", True)  # a launcher set up in-process stops it
     first, _, _, _ = _manager(tmp_path, every=1, lr=0.1)
     _run_steps(first, TrainState(Progress(), 4, CPU), 2)
     with caplog.at_level(logging.INFO, logger="resnet_ddp"):

@@ -143,10 +143,24 @@ def test_too_few_gpus_is_refused_with_exit_2(save_dir):
     assert "[Rank" not in result.stdout
 
 
-def test_speed_options_train_on_cpu_and_summary_is_written(save_dir):
+def test_speed_options_train_on_cpu_and_summary_is_written_with_json_logs(save_dir):
     result = run_train(*TINY, "--amp", "bf16", "--channels-last", "--data", "gpu", "--max-steps", "6",
-                       "--warmup-steps", "2", "--epochs", "5", "--save-dir", str(save_dir))
+                       "--warmup-steps", "2", "--epochs", "5", "--log-format", "json", "--log-interval", "2",
+                       "--save-dir", str(save_dir))
     assert result.returncode == 0, result.stderr[-2000:]
+    # --log-format json: every line on stdout and stderr is one JSON object, as a log agent reads it
+    lines = [json.loads(line) for line in (result.stdout + result.stderr).splitlines() if line]
+    for line in lines:
+        assert {"time", "level", "rank", "host", "message"} <= line.keys()
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"])
+    steps = [line for line in lines if line.get("kind") == "step"]
+    assert sorted((line["rank"], line["global_step"]) for line in steps) == [(r, s) for r in (0, 1) for s in (2, 4, 6)]
+    assert all(line["level"] == "INFO" and line["loss"] > 0 and "img/s" in line["message"] for line in steps)
+    (summary_line,) = [line for line in lines if "summary" in line]
+    assert summary_line["rank"] == 0 and summary_line["summary"]["exit_reason"] == "finished"
+    epoch_lines = [line for line in lines if line["message"].startswith("Epoch") and "avg_loss" in line]
+    assert sorted((line["rank"], line["epoch"]) for line in epoch_lines) == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    result.stdout = "\n".join(line["message"] for line in lines)
     assert "amp bf16" in result.stdout and "channels_last on" in result.stdout and "data gpu" in result.stdout
     summary = json.loads((save_dir / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["exit_reason"] == "finished" and summary["world_size"] == 2

@@ -74,8 +74,7 @@ def find_resume_point(save_dir: str, resume: str, fingerprint: dict,
                 raise UsageError(f"--resume {path}: not a readable checkpoint of this program "
                                  f"({type(exc).__name__})") from None
             if report:
-                print(f"resnet-ddp: checkpoint {path} is unreadable ({type(exc).__name__}); "
-                      "trying the one before it", file=sys.stderr, flush=True)
+                log.warning(f"checkpoint {path} is unreadable ({type(exc).__name__}); trying the one before it")
             continue
         if state.get("fingerprint") != fingerprint:
             raise UsageError(

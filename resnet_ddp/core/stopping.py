@@ -31,6 +31,12 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_received: list = []  # the stop signals this process has received
+
+
+def signal_received() -> bool:
+    """Whether a stop signal has reached this process (for work after the loop that should cut itself short)."""
+    return bool(_received)
 
 
 @dataclass(frozen=True)
@@ -138,6 +144,7 @@ class StopAgreement:
         install_stop_handlers(self._on_signal)
 
     def _on_signal(self, signum, _frame) -> None:
+        _received.append(signum)
         if not self._stepped:
             # Still starting (the first step may compile for a minute): nothing to save yet, and a stop
             # agreed after that step would come too late for a pod's grace period. End now.

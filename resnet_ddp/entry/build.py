@@ -31,6 +31,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from resnet_ddp import __version__
 from resnet_ddp.config import Config
 from resnet_ddp.core import checkpoint, distributed, phases
 from resnet_ddp.core.callbacks import Callback, Callbacks
@@ -41,7 +42,7 @@ from resnet_ddp.core.model import build_model, compile_model, export_state_dict,
 from resnet_ddp.core.nonfinite import NonFiniteReport, NonFiniteWatch
 from resnet_ddp.core.progress import TrainState
 from resnet_ddp.core.step import EagerStep, GraphedStep, make_scaler
-from resnet_ddp.core.stopping import RunLength, StopAgreement
+from resnet_ddp.core.stopping import RunLength, StopAgreement, signal_received
 from resnet_ddp.core.trainer import Trainer
 from resnet_ddp.health.slowdown import TestSlowdown
 from resnet_ddp.health.straggler import StragglerDetector
@@ -103,8 +104,9 @@ def build_trainer(config: Config, rank: distributed.RankInfo, console: Console, 
     # warm-up and the capture.
     first_steady_step = progress.global_step + (GraphedStep.WARMUP_STEPS + 2 if speed.cuda_graphs else 2)
 
+    timer = StepTimer(rank.device, config.length.warmup_steps, lambda: batches.data_wait_s)
     metrics = MetricsLog(f"{config.save_dir}/{METRICS_PATH}", rank.rank,
-                         _sinks(config, rank, control, progress.global_step, length))
+                         _sinks(config, rank, control, progress.global_step, length, facts, timer))
     stack.callback(metrics.close)
     exporter = next((s for s in metrics.sinks if hasattr(s, "gpu_sample")), None)
 
@@ -126,7 +128,6 @@ def build_trainer(config: Config, rank: distributed.RankInfo, console: Console, 
     watchdog = ProgressWatchdog(rank.rank, config.process.dist_timeout)
     stack.callback(watchdog.stop)
     stop = StopAgreement(rank.rank, length, control, heartbeat=watchdog.beat)
-    timer = StepTimer(rank.device, config.length.warmup_steps, lambda: batches.data_wait_s)
     gpu = GpuMonitor.start(rank.device, counting=lambda: timer.steady,
                            on_sample=exporter.gpu_sample if exporter is not None else None)
     if gpu is not None:
@@ -221,14 +222,21 @@ def _settle_symmetric_memory(config: Config, rank: distributed.RankInfo, model) 
     return replace(config, speed=replace(config.speed, syncbn_symm_mem=False))
 
 
-def _sinks(config: Config, rank: distributed.RankInfo, control, steps_done: int, length: RunLength) -> list:
+def _sinks(config: Config, rank: distributed.RankInfo, control, steps_done: int, length: RunLength,
+           facts: RunFacts, timer: StepTimer) -> list:
     """Where records go besides metrics.jsonl: the Prometheus endpoint (every rank), TensorBoard (rank 0)."""
     sinks = []
     if config.reporting.metrics_port is not None:
         from resnet_ddp.observe.prometheus import PrometheusExporter
 
+        info = {"version": __version__, "arch": config.model.arch, "world_size": str(rank.world_size),
+                "amp": config.speed.amp, "data": config.training.data, "compile": str(config.speed.compile).lower(),
+                "batch_size": str(config.training.batch_size), "scenario": config.scenario.name or "",
+                "device": facts.device_name}
         exporter = PrometheusExporter(config.reporting.metrics_port, rank.rank, rank.local_rank,
-                                      config.training.batch_size, barrier=lambda: dist.barrier(group=control))
+                                      config.training.batch_size, barrier=lambda: dist.barrier(group=control),
+                                      info=info, step_times_ms=lambda: timer.step_ms,
+                                      linger_s=config.reporting.metrics_linger_s, signalled=signal_received)
         exporter.starting_at(steps_done, length.fraction_done(steps_done))
         sinks.append(exporter)
     if config.reporting.tensorboard and rank.is_main:

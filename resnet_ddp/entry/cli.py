@@ -9,22 +9,27 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import math
 import os
 import sys
 from typing import List, Mapping, NoReturn, Optional, Sequence, Tuple
 
 from resnet_ddp import __version__
-from resnet_ddp.config import (ALL_RANKS, AMP_MODES, ARCHITECTURES, DATA_SOURCES, FAIL_MODES, NAN_POLICIES,
+from resnet_ddp.config import (ALL_RANKS, AMP_MODES, ARCHITECTURES, DATA_SOURCES, FAIL_MODES, LOG_FORMATS, NAN_POLICIES,
                                PREFLIGHT_MODES, CheckpointConfig, Config, HealthConfig, ModelConfig, ProcessConfig,
                                ReportingConfig, RunLengthConfig, ScenarioConfig, SpeedConfig, TrainingConfig)
 from resnet_ddp.core import phases
 from resnet_ddp.entry.process import exit_on_stop_signals, exit_process
+from resnet_ddp.observe import console
 from resnet_ddp.errors import UsageError
-from resnet_ddp.entry.values import (parse_bool, parse_duration, parse_duty_cycle, parse_fail_rank,
+from resnet_ddp.entry.values import (parse_bool, parse_duration, parse_duration_or_zero, parse_duty_cycle,
+                                     parse_fail_rank,
                                      parse_load_profile, parse_memory_size, parse_preflight_mode,
                                      parse_profile_steps, parse_slow_rank, parse_straggler_window)
 from resnet_ddp.scenarios import presets
+
+log = logging.getLogger(__name__)
 
 ENV_PREFIX = "RESNET_DDP_"
 # Variables of ours that are not options: the test suite's process marker and phase pause (core/phases.py).
@@ -154,6 +159,14 @@ def build_parser(environ: Mapping[str, str] = os.environ, scenario: Optional[str
     _option(g, "--metrics-port", type=int, default=None,
             help="serve Prometheus metrics on this port from each node's local rank 0, with every local rank's "
                  "figures labelled rank and local_rank (http://<node>:PORT/metrics)")
+    _option(g, "--metrics-linger", type=parse_duration_or_zero, default=reporting.metrics_linger_s,
+            dest="metrics_linger_s", shown_default=f"{reporting.metrics_linger_s:g}s",
+            help="after the run, keep serving the last values (its state and exit code included) this long, so that "
+                 "Prometheus scrapes how it ended; at most 5 s after a stop signal; 0 to end at once")
+    _option(g, "--log-format", default=reporting.log_format, choices=LOG_FORMATS,
+            help="text: the lines as shown here; json: one JSON object per line (UTC time, level, rank, host, "
+                 "message and the step's figures), for Fluent Bit, Loki or Elastic reading the container's output")
+    _option(g, "--log-timestamps", action="store_true", help="start each text line with its UTC time")
     _option(g, "--tensorboard", action="store_true",
             help="also write scalars to <save-dir>/tensorboard (pip install 'resnet-ddp[tensorboard]')")
     _option(g, "--profile-steps", type=parse_profile_steps, default=None, metavar="FIRST:LAST",
@@ -305,7 +318,9 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.e
             cuda_graphs=args.cuda_graphs, syncbn_symm_mem=args.syncbn_symm_mem),
         length=RunLengthConfig(duration_s=args.duration_s, max_steps=args.max_steps, warmup_steps=args.warmup_steps),
         reporting=ReportingConfig(log_interval=args.log_interval, quiet=args.quiet, metrics_port=args.metrics_port,
-                                  tensorboard=args.tensorboard, profile_steps=args.profile_steps),
+                                  metrics_linger_s=args.metrics_linger_s, tensorboard=args.tensorboard,
+                                  profile_steps=args.profile_steps, log_format=args.log_format,
+                                  log_timestamps=args.log_timestamps),
         checkpoint=CheckpointConfig(every=args.checkpoint_every, keep=args.keep_checkpoints, resume=args.resume),
         process=ProcessConfig(cpu=args.cpu, nproc_per_node=args.nproc_per_node, min_gpus=args.min_gpus,
                               master_port=args.master_port, dist_timeout=args.dist_timeout),
@@ -399,9 +414,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from resnet_ddp.observe import report
 
         return report.main(argv[1:])
+    console.setup_launcher(*_log_format_asked(argv, os.environ))  # before the options parse: their errors too
     try:
         for warning in unknown_variables(os.environ):
-            print(f"resnet-ddp: warning: {warning}", file=sys.stderr, flush=True)
+            log.warning(f"warning: {warning}")
         args = parse_args(argv)
         if args.scenario == presets.LIST:
             print(presets.table(), flush=True)
@@ -416,9 +432,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config = resolve.settle(config, plan, announce=plan.holds_rank_zero)
         refusals.refuse_what_cannot_run(config, plan)
     except UsageError as exc:
-        print(f"resnet-ddp: error: {exc}", file=sys.stderr, flush=True)
+        log.error(f"error: {exc}")
         return 2
     return launch.run(config, plan)
+
+
+def _log_format_asked(argv: Sequence[str], environ: Mapping[str, str]) -> Tuple[str, bool]:
+    """--log-format and --log-timestamps as given, read before the options parse (a bad value stays text)."""
+    log_format = environ.get(ENV_PREFIX + "LOG_FORMAT", "text")
+    for i, arg in enumerate(argv):
+        if arg == "--log-format" and i + 1 < len(argv):
+            log_format = argv[i + 1]
+        elif arg.startswith("--log-format="):
+            log_format = arg.split("=", 1)[1]
+    timestamps = "--log-timestamps" in argv or environ.get(ENV_PREFIX + "LOG_TIMESTAMPS", "").lower() in (
+        "1", "true", "yes", "on")
+    return ("json" if log_format == "json" else "text"), timestamps
 
 
 def run() -> NoReturn:

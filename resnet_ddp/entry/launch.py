@@ -13,6 +13,7 @@ The mode is settled here, once; every process then runs the same code (entry/wor
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -28,6 +29,8 @@ from resnet_ddp.config import Config
 from resnet_ddp.core import phases
 from resnet_ddp.entry.process import default_stop_signals, die_with_parent, exit_process
 from resnet_ddp.errors import ReportedElsewhere, UsageError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CPU_PROCESSES = 2
 # How long ranks get to exit on SIGTERM before SIGKILL, once one rank has failed.
@@ -306,7 +309,7 @@ def _report_failures(failed, plan: LaunchPlan) -> None:
     for local_rank, code in failed:
         rank = plan.node_rank * plan.nproc + local_rank
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-        print(f"resnet-ddp: rank {rank} {how}; stopping the other ranks", file=sys.stderr, flush=True)
+        log.error(f"rank {rank} {how}; stopping the other ranks")
 
 
 def _terminate(processes) -> None:

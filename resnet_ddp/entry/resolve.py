@@ -9,11 +9,14 @@ memory actually maps, is settled by that process before its Trainer is built
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import Optional
 
 from resnet_ddp.config import Config
 from resnet_ddp.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 
 def settle(config: Config, plan, announce: bool) -> Config:
@@ -57,7 +60,7 @@ def _settle_compile(config: Config, device_type: str, announce: bool) -> bool:
         why = (f"torch {torch.__version__} splits the compiled graph at every SyncBatchNorm layer (2.5 or newer "
                "compiles it whole); --compile asks for it anyway")
     if why is not None and announce:
-        print(f"resnet-ddp: --fast runs without --compile here: {why}", flush=True)
+        log.info(f"--fast runs without --compile here: {why}")
     return why is None
 
 
@@ -73,7 +76,7 @@ def _settle_symm_mem(config: Config, plan, announce: bool) -> bool:
         return True
     # Said only where a GPU job of several processes with SyncBatchNorm stays on NCCL: where it had a choice.
     if why is not None and announce and plan.device_type == "cuda" and plan.world_size > 1 and config.model.sync_bn:
-        print(f"resnet-ddp: SyncBatchNorm's collectives stay on NCCL: {why}", flush=True)
+        log.info(f"SyncBatchNorm's collectives stay on NCCL: {why}")
     return why is None
 
 

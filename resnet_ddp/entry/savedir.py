@@ -14,14 +14,16 @@ from __future__ import annotations
 import fcntl
 import glob
 import json
+import logging
 import os
 import socket
-import sys
 import time
 from datetime import datetime, timezone
 from typing import List
 
 from resnet_ddp.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
 LOCK_WAIT_S = 150.0  # longer than an NFSv4 lease (90 s by default), with room for the server's grace
@@ -51,9 +53,9 @@ def lock(save_dir: str, wait_s: float = LOCK_WAIT_S) -> None:
                 raise UsageError(f"save dir {save_dir} is in use by another job ({_describe(holder)}): give each "
                                  "job its own --save-dir, or stop the other one") from None
             if not said:
-                print(f"resnet-ddp: waiting up to {wait_s:.0f} s for the save dir {save_dir}, locked by "
-                      f"{_describe(holder)} (on a shared volume, a lock whose holder died is released within "
-                      "the server's lease)", file=sys.stderr, flush=True)
+                log.warning(f"waiting up to {wait_s:.0f} s for the save dir {save_dir}, locked by "
+                            f"{_describe(holder)} (on a shared volume, a lock whose holder died is released "
+                            "within the server's lease)")
                 said = True
             time.sleep(LOCK_RETRY_S)
     holder = {"host": socket.gethostname(), "pid": os.getpid(),

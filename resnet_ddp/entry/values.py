@@ -35,6 +35,11 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+def parse_duration_or_zero(text: str) -> float:
+    """A duration, or 0 (none)."""
+    return 0.0 if text.strip() in ("0", "0s") else parse_duration(text)
+
+
 def _fraction_or_percent(text: str) -> float:
     text = text.strip()
     return float(text[:-1]) / 100 if text.endswith("%") else float(text)

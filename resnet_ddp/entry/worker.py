@@ -33,7 +33,8 @@ def run_process(config: Config) -> int:
     phases.reached("rendezvous")
     rank = distributed.init_process_group(config.process.device_type, config.process.dist_timeout)
     log_file = os.path.join(config.save_dir, LOG_FILE.format(rank=rank.rank))
-    console = console_setup.setup(rank.rank, config.reporting.quiet, log_file)
+    console = console_setup.setup(rank.rank, config.reporting.quiet, log_file, config.reporting.log_format,
+                                  config.reporting.log_timestamps)
     try:
         code = _preflight(config, rank) if config.health.preflight != "off" else None
         if code is None:

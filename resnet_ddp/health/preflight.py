@@ -118,8 +118,8 @@ def run(config: Config, rank: distributed.RankInfo) -> List[dict]:
         log.log(NOTICE, f"preflight: {_count(len(findings), 'finding')} in {report['elapsed_s']:.1f} s; "
                         f"report in {path}")
         if findings and config.health.preflight == "strict":
-            print(f"resnet-ddp: preflight: {_count(len(findings), 'finding')} with --preflight strict: "
-                  f"not training (see {path})", file=sys.stderr, flush=True)
+            log.error(f"preflight: {_count(len(findings), 'finding')} with --preflight strict: not training "
+                      f"(see {path})")
     return findings
 
 

@@ -215,8 +215,9 @@ class StragglerDetector(Callback):
         return None
 
     def fields(self) -> dict:
-        """For every step record: the ranks named now."""
-        return {"straggler_ranks": list(self.straggler_ranks)}
+        """For every step record: the ranks named now, and this rank's compute over the median at the last check."""
+        score = self.scores[self.rank.rank]
+        return {"straggler_ranks": list(self.straggler_ranks), "straggler_score": score if score == score else None}
 
     def after_step(self, state) -> None:
         """Called by every rank after every step; does work only before and after a sampled step."""

@@ -1,9 +1,14 @@
-"""What a training process prints, through the standard logging module: one format, one place.
+"""What the job prints, through the standard logging module: one format, one place.
 
 Every module logs to `logging.getLogger(__name__)` under the package's logger; a
-training process attaches its handlers here once (`setup`). On the console each
-line reads `[Rank R] message`, exactly as the original example printed its epoch
-lines, which log parsers depend on: lines on stdout, errors on stderr. Levels:
+process attaches its handlers here once (`setup` for a training process,
+`setup_launcher` for the launcher). On the console a training process's lines read
+`[Rank R] message`, exactly as the original example printed its epoch lines, which
+log parsers depend on; the launcher's read `resnet-ddp: message`. Lines go to stdout,
+errors to stderr. With --log-format json every line is one JSON object instead
+(UTC time, level, rank, host, message, and a step line's figures), for log agents
+reading the container's output; --log-timestamps starts each text line with its UTC
+time. Levels:
 
 - INFO: routine lines (start-up, step lines, checkpoints, the summary table); --quiet hides them.
 - NOTICE: lines --quiet keeps: the original example's epoch lines and last line, load phases.
@@ -17,9 +22,13 @@ line with its time, and the tracebacks that the console leaves out.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
+import socket
 import sys
+import time
 from typing import List, Optional
 
 PACKAGE_LOGGER = "resnet_ddp"
@@ -79,30 +88,58 @@ class ProgressBar:
         self._bar.close()
 
 
-class RankFormatter(logging.Formatter):
-    """`[Rank R] message`: the console's lines (tracebacks are the log file's)."""
+def utc_time(created: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
 
-    def __init__(self, rank: int):
+
+class TextFormatter(logging.Formatter):
+    """`[Rank R] message` (or `resnet-ddp: message` in the launcher), each line of a message so; optionally
+    after the UTC time. Tracebacks are the log file's."""
+
+    def __init__(self, prefix: str, timestamps: bool):
         super().__init__()
-        self.rank = rank
+        self.prefix, self.timestamps = prefix, timestamps
 
     def format(self, record: logging.LogRecord) -> str:
-        return f"[Rank {self.rank}] {record.getMessage()}"
+        when = utc_time(record.created) + " " if self.timestamps else ""
+        return "\n".join(f"{when}{self.prefix}{line}" for line in record.getMessage().split("\n"))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (ISO 8601, UTC), level, rank (null for the launcher), host, message, and
+    the figures a line carries (a step line's record, the run summary)."""
+
+    def __init__(self, rank: Optional[int]):
+        super().__init__()
+        self.rank, self.host = rank, socket.gethostname()
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": utc_time(record.created), "level": record.levelname, "rank": self.rank, "host": self.host,
+                "message": record.getMessage()}
+        for key, value in getattr(record, "fields", {}).items():
+            line.setdefault(key, _finite(value))
+        return json.dumps(line)
+
+
+def _finite(value):
+    """NaN and infinities as null: every line stays strict JSON."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 class ConsoleHandler(logging.Handler):
-    """stdout for lines, stderr for errors, one write per line (so ranks sharing a terminal do not interleave);
-    through the progress bar while there is one."""
+    """stdout for lines, stderr for errors (and, in the launcher, warnings), one write per line (so ranks sharing
+    a terminal do not interleave); through the progress bar while there is one."""
 
-    def __init__(self, clear_line: bool):
+    def __init__(self, clear_line: bool, stderr_from: int = logging.ERROR):
         super().__init__()
         self.bar: Optional[ProgressBar] = None
         self.prefix = _CLEAR_LINE if clear_line else ""
+        self.stderr_from = stderr_from
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = self.format(record) + "\n"
-            if record.levelno >= logging.ERROR:
+            if record.levelno >= self.stderr_from:
                 sys.stderr.write(self.prefix + line)
                 sys.stderr.flush()
             elif self.bar is not None:
@@ -122,8 +159,6 @@ class FileFormatter(logging.Formatter):
     def __init__(self, rank: int):
         super().__init__(fmt=f"%(asctime)s.%(msecs)03dZ %(levelname)s [Rank {rank}] %(message)s",
                          datefmt="%Y-%m-%dT%H:%M:%S")
-        import time
-
         self.converter = time.gmtime
 
 
@@ -152,11 +187,28 @@ class Console:
             handler.close()
 
 
-def setup(rank: int, quiet: bool, log_file: Optional[str] = None) -> Console:
-    """Attach this process's console (and log file) to the package's logger."""
-    console = ConsoleHandler(clear_line=interactive_terminal())
+def _formatter(log_format: str, timestamps: bool, rank: Optional[int]) -> logging.Formatter:
+    if log_format == "json":
+        return JsonFormatter(rank)
+    return TextFormatter(f"[Rank {rank}] " if rank is not None else "resnet-ddp: ", timestamps)
+
+
+def _attach(handlers: List[logging.Handler]) -> None:
+    for old in list(log.handlers):  # a torchrun worker's launcher part attached its own before
+        log.removeHandler(old)
+        old.close()
+    log.setLevel(logging.DEBUG)
+    log.propagate = False  # another library's logging set-up must not print our lines twice
+    for handler in handlers:
+        log.addHandler(handler)
+
+
+def setup(rank: int, quiet: bool, log_file: Optional[str] = None, log_format: str = "text",
+          timestamps: bool = False) -> Console:
+    """Attach a training process's console (and log file) to the package's logger."""
+    console = ConsoleHandler(clear_line=interactive_terminal() and log_format == "text")
     console.setLevel(NOTICE if quiet else logging.INFO)
-    console.setFormatter(RankFormatter(rank))
+    console.setFormatter(_formatter(log_format, timestamps, rank))
     handlers: List[logging.Handler] = [console]
     if log_file is not None:
         os.makedirs(os.path.dirname(log_file), exist_ok=True)
@@ -164,8 +216,12 @@ def setup(rank: int, quiet: bool, log_file: Optional[str] = None) -> Console:
         to_file.setLevel(logging.DEBUG)
         to_file.setFormatter(FileFormatter(rank))
         handlers.append(to_file)
-    log.setLevel(logging.DEBUG)
-    log.propagate = False  # another library's logging set-up must not print our lines twice
-    for handler in handlers:
-        log.addHandler(handler)
+    _attach(handlers)
     return Console(handlers, console)
+
+
+def setup_launcher(log_format: str = "text", timestamps: bool = False) -> None:
+    """The launcher's lines (`resnet-ddp: ...`): warnings and errors on stderr, the rest on stdout."""
+    console = ConsoleHandler(clear_line=False, stderr_from=logging.WARNING)
+    console.setFormatter(_formatter(log_format, timestamps, None))
+    _attach([console])

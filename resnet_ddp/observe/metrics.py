@@ -248,9 +248,11 @@ class StepLogger(Callback):
         self.metrics.record({"kind": "epoch", "epoch": losses.epoch, "global_step": state.global_step,
                              "avg_loss": losses.mine, "global_avg_loss": losses.everyone})
         # The original example's format, kept exactly: log parsers depend on it.
-        log.log(NOTICE, f"Epoch {losses.epoch:3d} - Avg Loss: {losses.mine:.4f}")
+        log.log(NOTICE, f"Epoch {losses.epoch:3d} - Avg Loss: {losses.mine:.4f}",
+                extra={"fields": {"epoch": losses.epoch, "avg_loss": losses.mine}})
         if self.rank == 0:
-            log.info(f"Epoch {losses.epoch:3d} - Global Avg Loss: {losses.everyone:.4f} ({self.world_size} ranks)")
+            log.info(f"Epoch {losses.epoch:3d} - Global Avg Loss: {losses.everyone:.4f} ({self.world_size} ranks)",
+                     extra={"fields": {"epoch": losses.epoch, "global_avg_loss": losses.everyone}})
         if state.epoch_complete:  # the next epoch's sum starts from zero: carry what no line has reported
             self._carried_loss += losses.per_rank_sums[self.rank] - self._last_loss_sum
             self._last_loss_sum = 0.0
@@ -295,7 +297,7 @@ class StepLogger(Callback):
         if self.bar is not None:
             self.bar.set_total(self._expected_total(state, step_s))
             self.bar.show(figures)
-        log.info(_step_line(figures, self.rank == 0))
+        log.info(_step_line(figures, self.rank == 0), extra={"fields": figures})
         self._last_time, self._last_step, self._last_wait = now, state.global_step, wait
         self._last_loss_sum, self._carried_loss = loss_now, 0.0
 

@@ -157,9 +157,8 @@ def summary_table(summary: dict) -> None:
     if "mfu" in summary:
         rows.append(("MFU", f"{100 * summary['mfu']:.1f}% of {summary['peak_tflops']:g} TFLOP/s "
                             f"{summary['peak_precision']}"))
-    log.info("run summary (also in summary.json):")
-    for name, value in rows:
-        log.info(f"  {name:<21} {value}")
+    table = "\n".join(f"  {name:<21} {value}" for name, value in rows)
+    log.info(f"run summary (also in summary.json):\n{table}", extra={"fields": {"summary": summary}})
 
 
 def _per_rank(values: Sequence[float], unit: str) -> str:
