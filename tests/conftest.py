@@ -150,3 +150,47 @@ def run_train(*args: str, env: Optional[Dict[str, str]] = None, timeout: float =
 @pytest.fixture
 def save_dir(tmp_path: Path) -> Path:
     return tmp_path / "out"
+
+
+def metrics_schema() -> Dict[str, Dict[str, tuple]]:
+    """docs/metrics.md as {kind: {field: (type, required)}}; the fields of every record under "*"."""
+    schema: Dict[str, Dict[str, tuple]] = {}
+    kinds: List[str] = []
+    tables_seen = 0
+    in_table = False
+    for line in (REPO / "docs" / "metrics.md").read_text().splitlines():
+        if line.startswith("## "):
+            kinds = ["*"] if "Every record" in line else line.split(":")[0].split("`")[1::2]
+            tables_seen, in_table = 0, False
+        elif line.startswith("| `") and kinds:
+            if not in_table:
+                in_table, tables_seen = True, tables_seen + 1
+            kind = kinds[min(tables_seen, len(kinds)) - 1]
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            schema.setdefault(kind, {})[cells[0].strip("`")] = (cells[1], not cells[3].startswith("*"))
+        elif not line.startswith("|"):
+            in_table = False
+    return schema
+
+
+_JSON_TYPES = {"int": (int,), "float": (float, int), "str": (str,), "bool": (bool,), "list": (list,),
+               "object": (dict,)}
+
+
+def assert_records_follow_the_schema(records: List[dict]) -> None:
+    """Every record of a real run is of a documented kind, has every field it must, and no other; types match."""
+    schema = metrics_schema()
+    for record in records:
+        fields = {**schema["*"], **schema[record["kind"]]}
+        assert set(record) <= set(fields), (record["kind"], set(record) - set(fields))
+        for name, (kind_of_value, required) in fields.items():
+            if name not in record:
+                assert not required, (record["kind"], name, "missing")
+                continue
+            value = record[name]
+            if value is None:
+                assert kind_of_value.endswith("?"), (record["kind"], name, "null")
+            else:
+                types = _JSON_TYPES[kind_of_value.rstrip("?")]
+                assert isinstance(value, types) and not (isinstance(value, bool) and bool not in types), (
+                    record["kind"], name, value)

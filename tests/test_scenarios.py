@@ -10,7 +10,8 @@ import subprocess
 import pytest
 import torch
 
-from conftest import REPO, TINY, Job, clean_env, run_train, train_command, wait_for_no_leftovers
+from conftest import (REPO, TINY, Job, assert_records_follow_the_schema, clean_env, run_train, train_command,
+                      wait_for_no_leftovers)
 from resnet_ddp.scenarios import presets as scenarios
 from resnet_ddp.entry.cli import build_parser, parse_config
 from resnet_ddp.entry.values import parse_load_profile, parse_memory_size
@@ -202,6 +203,8 @@ def test_load_phases_switch_at_the_same_step_and_sleeps_are_agreed(save_dir):
             slowest, abs=0.01)
     assert sorted((r["phase"], r["rank"], r["global_step"]) for r in records(save_dir, "load_phase")) == [
         (phase, rank, 2) for phase in (2, 3) for rank in (0, 1)]
+    lines = (save_dir / "logs" / "metrics.jsonl").read_text().splitlines()
+    assert_records_follow_the_schema([json.loads(line) for line in lines])  # load and load_phase too
 
 
 def test_the_smoke_preset_runs_with_the_options_given_and_ignore_trains_on_through_a_nan(save_dir):

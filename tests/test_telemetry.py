@@ -22,7 +22,7 @@ import urllib.request
 
 import pytest
 
-from conftest import REPO, TINY, Job, clean_env, free_port, run_train, train_command
+from conftest import REPO, TINY, Job, assert_records_follow_the_schema, clean_env, free_port, run_train, train_command
 from test_training import DONE_LINE, EPOCH_LINE, GLOBAL_LINE
 
 STEP_LINE = re.compile(r"^\[Rank (\d)\] epoch (\d+) step (\d+)/4 \((\d+)/8\) \| loss (\d+\.\d{4}) \| (\d+) img/s", re.M)
@@ -228,6 +228,10 @@ def test_endpoint_tensorboard_summary_and_report_of_a_run_stopped_by_sigterm(sav
     from resnet_ddp.observe.prometheus import metrics_dir
 
     assert not os.path.exists(metrics_dir(port))  # the ranks' files are cleaned up with the job
+    # every record follows docs/metrics.md (steps, epochs, checkpoints, straggler checks, the end)
+    records = [json.loads(line) for line in (save_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "epoch", "checkpoint", "straggler_check", "end"} <= {r["kind"] for r in records}
+    assert_records_follow_the_schema(records)
 
     assert summary["exit_reason"] == "stopped by signal" and summary["steps"] >= 6 and summary["epochs_done"] >= 1
     for key in ("wall_s", "img_s", "img_s_per_gpu", "step_ms_p50", "step_ms_p90", "step_ms_p99", "data_wait_frac"):

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torchvision
 
-from conftest import TINY, Job, free_port, run_train, train_command, wait_for_no_leftovers
+from conftest import (TINY, Job, assert_records_follow_the_schema, free_port, run_train, train_command,
+                      wait_for_no_leftovers)
 
 EPOCH_LINE = re.compile(r"^\[Rank (\d+)\] Epoch +(\d+) - Avg Loss: (\d+\.\d{4})$", re.M)
 GLOBAL_LINE = re.compile(r"^\[Rank 0\] Epoch +(\d+) - Global Avg Loss: (\d+\.\d{4}) \((\d+) ranks\)$", re.M)
@@ -112,10 +113,16 @@ def test_a_failing_rank_ends_the_whole_job(mode, code, says, save_dir):
         # The root cause first and alone: rank 1's traceback; rank 0, failing because of it, in one line that
         # names it (its own traceback goes to its log file); summary.json names rank 1's error, not rank 0's.
         assert summary["first_failure"]["rank"] == 1 and summary["error"].startswith("InjectedFault")
-        assert result.stderr.count("Traceback") == 1 and "[Rank 1] failed:\nTraceback" in result.stderr
+        assert result.stderr.count("Traceback") == 1 and "[Rank 1] failed:\n[Rank 1] Traceback" in result.stderr
         (line,) = [l for l in result.stderr.splitlines() if l.startswith("[Rank 0]")]
         assert "failed because rank 1 (host " in line and str(save_dir / "logs" / "rank0.log") in line
         assert "Traceback" in (save_dir / "logs" / "rank0.log").read_text()
+        # each rank's last record says the run failed, naming the first failure (docs/metrics.md)
+        records = [json.loads(line) for line in (save_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+        ends = [r for r in records if r["kind"] == "end"]
+        assert sorted(r["rank"] for r in ends) == [0, 1]
+        assert all(r["exit_reason"] == "failed" and r["first_failure"]["rank"] == 1 for r in ends)
+        assert_records_follow_the_schema(records)
 
 
 def test_a_failing_rank_ends_a_torchrun_job(save_dir):

@@ -21,6 +21,7 @@ class RankInfo:
     local_rank: int
     local_world_size: int
     device: torch.device
+    node: int = 0  # this node's index among the job's nodes (torchrun's GROUP_RANK)
 
     @property
     def is_main(self) -> bool:
@@ -47,7 +48,8 @@ def init_process_group(device_type: str, timeout_s: float) -> RankInfo:
         world_size=world_size,
         timeout=timedelta(seconds=timeout_s),
     )
-    return RankInfo(rank, world_size, local_rank, local_world_size, device)
+    node = int(os.environ.get("GROUP_RANK", rank // local_world_size))
+    return RankInfo(rank, world_size, local_rank, local_world_size, device, node)
 
 
 def share_host_cores(rank: RankInfo) -> None:

@@ -49,7 +49,7 @@ from resnet_ddp.health.straggler import StragglerDetector
 from resnet_ddp.health.watchdog import ProgressWatchdog
 from resnet_ddp.layers import syncbn, syncbn_symm
 from resnet_ddp.observe.console import Console
-from resnet_ddp.observe.metrics import LOG_EVERY_S, METRICS_PATH, MetricsLog, StepLogger, StepTimer, assumed_peak_tflops
+from resnet_ddp.observe.metrics import LOG_EVERY_S, MetricsLog, StepLogger, StepTimer, assumed_peak_tflops
 from resnet_ddp.observe.nvml import GpuMonitor
 from resnet_ddp.observe.profiling import StepProfiler
 from resnet_ddp.observe.summary import RunFacts, RunSummary
@@ -73,8 +73,8 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def build_trainer(config: Config, rank: distributed.RankInfo, console: Console, facts: RunFacts,
-                  stack: contextlib.ExitStack) -> Trainer:
+def build_trainer(config: Config, rank: distributed.RankInfo, console: Console, metrics: MetricsLog,
+                  facts: RunFacts, stack: contextlib.ExitStack) -> Trainer:
     """Every part of this process's training; what must be closed on any ending is registered on `stack`."""
     if rank.device.type == "cpu":
         distributed.share_host_cores(rank)
@@ -105,9 +105,8 @@ def build_trainer(config: Config, rank: distributed.RankInfo, console: Console, 
     first_steady_step = progress.global_step + (GraphedStep.WARMUP_STEPS + 2 if speed.cuda_graphs else 2)
 
     timer = StepTimer(rank.device, config.length.warmup_steps, lambda: batches.data_wait_s)
-    metrics = MetricsLog(f"{config.save_dir}/{METRICS_PATH}", rank.rank,
-                         _sinks(config, rank, control, progress.global_step, length, facts, timer))
-    stack.callback(metrics.close)
+    for sink in _sinks(config, rank, control, progress.global_step, length, facts, timer):
+        metrics.add_sink(sink)
     exporter = next((s for s in metrics.sinks if hasattr(s, "gpu_sample")), None)
 
     watch = NonFiniteWatch(rank.device, optimizer, undo_updates=config.scenario.nan_policy == "skip"

@@ -21,6 +21,7 @@ from resnet_ddp.core import distributed, phases
 from resnet_ddp.core.outcome import RunOutcome
 from resnet_ddp.errors import CheckpointWriteError, ReportedElsewhere, UsageError
 from resnet_ddp.observe import console as console_setup
+from resnet_ddp.observe.metrics import MetricsLog, metrics_path
 from resnet_ddp.observe.summary import RunFacts, write_failure_summary
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,10 @@ def _train(config: Config, rank: distributed.RankInfo, console, log_file: str) -
     facts = RunFacts(config, rank.world_size, device_name(rank.device))
     trainer = None
     with contextlib.ExitStack() as stack:
+        metrics = MetricsLog(metrics_path(config.save_dir, rank.node), rank.rank)
+        stack.callback(metrics.close)
         try:
-            trainer = build_trainer(config, rank, console, facts, stack)
+            trainer = build_trainer(config, rank, console, metrics, facts, stack)
             outcome = trainer.train()
             late = trainer.stop.requested  # a signal during the end's work: the job was stopped all the same
             return outcome.exit_code or (128 + late if late else 0)
@@ -70,29 +73,32 @@ def _train(config: Config, rank: distributed.RankInfo, console, log_file: str) -
             raise  # a refusal: the launcher says it in one line and exits 2
         except Exception as exc:
             console.stop_bar()
-            return _failed(exc, config, rank, facts, trainer, log_file)
+            return _failed(exc, config, rank, facts, trainer, metrics, log_file)
 
 
 def _failed(exc: Exception, config: Config, rank: distributed.RankInfo, facts: RunFacts, trainer,
-            log_file: str) -> int:
-    """Say why this rank failed, once, where it belongs; rank 0 writes summary.json naming the first failure."""
+            metrics: MetricsLog, log_file: str) -> int:
+    """Say why this rank failed, once, where it belongs; its `end` record says it too; rank 0 writes summary.json
+    naming the first failure."""
     error = one_line(exc)
     place = distributed.placement(rank)
     first = distributed.record_failure(place, error)
     _tell_torchrun(exc)
     if first is None and not rank.is_main:
         # The job's store lives in rank 0's process (or torchrun's agent): unreachable, that ended first.
-        first = {"rank": 0, "host": None}
+        first = {"rank": 0, "host": None, "error": None}
     if first is None or first["rank"] == rank.rank:
         _say_why(exc, error, log_file)
     else:
         who = f"rank {first['rank']}" + (f" (host {first['host']})" if first["host"] else "")
         log.error(f"failed because {who} failed first: {error} (traceback in {log_file})")
         log.debug(traceback.format_exc().rstrip())  # the log file's only
+    cause = first or {"rank": rank.rank, "host": place["host"], "error": error}
+    outcome = RunOutcome.failed(cause["error"] or error, cause["rank"], cause["host"])
+    steps = trainer.state.global_step if trainer is not None else 0
+    with contextlib.suppress(Exception):  # a full disk may refuse even this line
+        metrics.record({"kind": "end", "global_step": steps, **outcome.summary_fields()})
     if rank.is_main:
-        cause = first or {"rank": rank.rank, "host": place["host"], "error": error}
-        outcome = RunOutcome.failed(cause["error"], cause["rank"], cause["host"])
-        steps = trainer.state.global_step if trainer is not None else 0
         epochs = trainer.state.epoch - 1 if trainer is not None else 0
         write_failure_summary(config.save_dir, facts, outcome, steps, epochs)
     return 1

@@ -26,8 +26,15 @@ from resnet_ddp.observe.console import NOTICE, ProgressBar
 
 log = logging.getLogger(__name__)
 
-METRICS_PATH = os.path.join("logs", "metrics.jsonl")
 LOG_EVERY_S = 10.0
+
+
+def metrics_path(save_dir: str, node: int) -> str:
+    """One file per node: the ranks of a node append to it (one write per record, which one host's kernel keeps
+    whole, on NFS too), and different nodes, whose appends to one file a shared volume could interleave, never
+    share one. The node of rank 0 writes logs/metrics.jsonl."""
+    name = "metrics.jsonl" if node == 0 else f"metrics-node{node}.jsonl"
+    return os.path.join(save_dir, "logs", name)
 
 
 class MetricsLog:
@@ -38,11 +45,15 @@ class MetricsLog:
     from the training loop never interleave within a line.
     """
 
-    def __init__(self, path: str, rank: int, sinks: Sequence = ()):
+    def __init__(self, path: str, rank: int):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.rank = rank
-        self.sinks = list(sinks)
+        self.sinks: list = []
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def add_sink(self, sink) -> None:
+        """Also send every record from now on to `sink.write(record)`; `sink.close()` is called with this."""
+        self.sinks.append(sink)
 
     def record(self, payload: dict) -> None:
         # A diverged loss is NaN: written as null, so every line stays strict JSON for jq.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import glob
 import html
 import io
 import json
@@ -24,7 +25,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from resnet_ddp.errors import UsageError
 
-METRICS_PATH = os.path.join("logs", "metrics.jsonl")  # as observe.metrics.METRICS_PATH, without importing torch
+METRICS_PATH = os.path.join("logs", "metrics.jsonl")  # as observe.metrics.metrics_path, without importing torch
+OTHER_NODES = os.path.join("logs", "metrics-node*.jsonl")  # the other nodes' files, where they share the save dir
 SUMMARY_NAME = "summary.json"
 PNG_NAME, HTML_NAME = "report.png", "report.html"
 FIGURE_INCHES, DPI = (12, 8), 100  # report.png is 1200 x 800 pixels
@@ -379,6 +381,9 @@ def write_report(save_dir: str) -> List[str]:
     if not os.path.isfile(metrics):
         raise UsageError(f"{metrics} does not exist: give the --save-dir of a run (it writes logs/metrics.jsonl)")
     records = read_records(metrics)
+    for path in sorted(glob.glob(os.path.join(save_dir, OTHER_NODES))):
+        records += read_records(path)
+    records.sort(key=lambda r: r.get("time", 0))
     if not any(r.get("kind") == "step" for r in records):
         raise UsageError(f"{metrics} has no step lines yet: wait for the run's first log point (--log-interval)")
     try:
