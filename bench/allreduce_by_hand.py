@@ -51,20 +51,37 @@ def _worker(local_rank: int, world_size: int, port: int, out: str) -> None:
         dist.all_gather_object(times, mean_s)
         factor = 2 * (world_size - 1) / world_size
         slowest, average = max(times), sum(times) / world_size
-        rows.append({"bytes": size, "time_us_per_rank": [t * 1e6 for t in times],
-                     "time_us_max": slowest * 1e6, "algbw_gb_s_max": size / slowest / 1e9,
-                     "busbw_gb_s_max": size / slowest / 1e9 * factor,
-                     "time_us_mean": average * 1e6, "busbw_gb_s_mean": size / average / 1e9 * factor})
+        rows.append(
+            {
+                "bytes": size,
+                "time_us_per_rank": [t * 1e6 for t in times],
+                "time_us_max": slowest * 1e6,
+                "algbw_gb_s_max": size / slowest / 1e9,
+                "busbw_gb_s_max": size / slowest / 1e9 * factor,
+                "time_us_mean": average * 1e6,
+                "busbw_gb_s_mean": size / average / 1e9 * factor,
+            }
+        )
         del buffer
     if local_rank == 0:
-        payload = {"tool": "bench/allreduce_by_hand.py", "gpus": world_size, "warmup": WARMUP, "iters": ITERS,
-                   "torch": torch.__version__, "device": torch.cuda.get_device_name(0), "sizes": rows}
+        payload = {
+            "tool": "bench/allreduce_by_hand.py",
+            "gpus": world_size,
+            "warmup": WARMUP,
+            "iters": ITERS,
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(0),
+            "sizes": rows,
+        }
         with open(out, "w") as f:
             json.dump(payload, f, indent=2)
             f.write("\n")
         for r in rows:
-            print(f"{r['bytes']:>12d} B  {r['time_us_max']:>10.1f} us  busbw {r['busbw_gb_s_max']:>8.2f} GB/s "
-                  f"(slowest rank)  {r['busbw_gb_s_mean']:>8.2f} GB/s (mean time)", flush=True)
+            print(
+                f"{r['bytes']:>12d} B  {r['time_us_max']:>10.1f} us  busbw {r['busbw_gb_s_max']:>8.2f} GB/s "
+                f"(slowest rank)  {r['busbw_gb_s_mean']:>8.2f} GB/s (mean time)",
+                flush=True,
+            )
     dist.destroy_process_group()
 
 
@@ -75,8 +92,7 @@ def main() -> int:
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args()
     if args.gpus < 2 or args.gpus > torch.cuda.device_count():
-        print(f"allreduce_by_hand: need 2 to {torch.cuda.device_count()} GPUs, got --gpus {args.gpus}",
-              file=sys.stderr)
+        print(f"allreduce_by_hand: need 2 to {torch.cuda.device_count()} GPUs, got --gpus {args.gpus}", file=sys.stderr)
         return 2
     mp.spawn(_worker, args=(args.gpus, args.port, args.out), nprocs=args.gpus)
     return 0

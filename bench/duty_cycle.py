@@ -79,9 +79,11 @@ class NvmlSampler:
         if not inside:
             return None
         gpus = range(len(self.handles))
-        return {"util_pct": [round(statistics.fmean(u[g] for u, _ in inside), 1) for g in gpus],
-                "used_gib": [round(statistics.median(m[g] for _, m in inside) / 2**30, 2) for g in gpus],
-                "samples": len(inside)}
+        return {
+            "util_pct": [round(statistics.fmean(u[g] for u, _ in inside), 1) for g in gpus],
+            "used_gib": [round(statistics.median(m[g] for _, m in inside) / 2**30, 2) for g in gpus],
+            "samples": len(inside),
+        }
 
 
 def _records(save_dir: str, kind: str) -> List[dict]:
@@ -94,15 +96,26 @@ def _records(save_dir: str, kind: str) -> List[dict]:
 
 def _run_one(pynvml, name: str, extra: List[str], duration_s: int, gpus: int, log_dir: str) -> Dict:
     save_dir = tempfile.mkdtemp(prefix=f"duty-{name}-")
-    command = [sys.executable, "train.py", *COMMON, *extra, "--nproc-per-node", str(gpus),
-               "--duration", f"{duration_s}s", "--save-dir", save_dir]
+    command = [
+        sys.executable,
+        "train.py",
+        *COMMON,
+        *extra,
+        "--nproc-per-node",
+        str(gpus),
+        "--duration",
+        f"{duration_s}s",
+        "--save-dir",
+        save_dir,
+    ]
     env = child_env(gpus)
     log_path = os.path.join(log_dir, f"duty-cycle-{name}-x{gpus}.log")
     started = time.monotonic()
     with NvmlSampler(pynvml, first_gpus(gpus)) as sampler, open(log_path, "w") as log:
         try:
-            code = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=duration_s + 180).returncode
+            code = subprocess.run(
+                command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=duration_s + 180
+            ).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
     result = {"name": name, "command": " ".join(command[1:]), "wall_s": round(time.monotonic() - started, 1)}
@@ -112,8 +125,9 @@ def _run_one(pynvml, name: str, extra: List[str], duration_s: int, gpus: int, lo
         return result
     with open(summary_path) as f:
         summary = json.load(f)
-    result.update(torch=summary.get("torch"), step_ms_p50=summary.get("step_ms_p50"),
-                  img_s_per_gpu=summary.get("img_s_per_gpu"))
+    result.update(
+        torch=summary.get("torch"), step_ms_p50=summary.get("step_ms_p50"), img_s_per_gpu=summary.get("img_s_per_gpu")
+    )
     start, end = summary["steady_window_unix"]
     result["steady"] = sampler.window(start, end)
     busy = [r["busy_frac"] for r in _records(save_dir, "load") if r.get("busy_frac") is not None and r["rank"] == 0]
@@ -134,8 +148,15 @@ def _phase_windows(sampler: NvmlSampler, save_dir: str, start: float, end: float
     for (t0, phase), (t1, _) in zip(bounds, bounds[1:]):
         window = sampler.window(t0 + PHASE_SETTLE_S, t1)
         target = float(phases[phase - 1][1]) / 100
-        out.append({"phase": phase, "target": target, "from_unix": t0, "to_unix": t1,
-                    "util_pct": window["util_pct"] if window else None})
+        out.append(
+            {
+                "phase": phase,
+                "target": target,
+                "from_unix": t0,
+                "to_unix": t1,
+                "util_pct": window["util_pct"] if window else None,
+            }
+        )
     return out
 
 
@@ -163,8 +184,15 @@ def main() -> int:
     date = datetime.date.today().isoformat()
     slug = card.replace("NVIDIA ", "").replace(" ", "-").lower()
     path = os.path.join(args.results_dir, f"{date}-{slug}-x{gpus}-duty-cycle.json")
-    payload = {"card": card, "gpus": gpus, "date": date, "common_options": " ".join(COMMON),
-               "ballast": BALLAST, "profile": PROFILE, "runs": []}
+    payload = {
+        "card": card,
+        "gpus": gpus,
+        "date": date,
+        "common_options": " ".join(COMMON),
+        "ballast": BALLAST,
+        "profile": PROFILE,
+        "runs": [],
+    }
     for name, extra, duration_s, target in RUNS:
         result = _run_one(pynvml, name, extra, duration_s, gpus, args.log_dir)
         result["target"] = target
@@ -173,8 +201,9 @@ def main() -> int:
         with open(path, "w") as f:  # after every run, so a cut-short session keeps what it measured
             json.dump(payload, f, indent=2)
             f.write("\n")
-        print(f"{name}: {'ERROR ' + result['error'] if 'error' in result else 'done'} ({result['wall_s']} s)",
-              flush=True)
+        print(
+            f"{name}: {'ERROR ' + result['error'] if 'error' in result else 'done'} ({result['wall_s']} s)", flush=True
+        )
     pynvml.nvmlShutdown()
     print(_table(payload))
     print(f"wrote {path}")
@@ -200,8 +229,10 @@ def _judge(payload: dict) -> None:
 
 
 def _table(payload: dict) -> str:
-    lines = [f"{payload['card']} x{payload['gpus']}: NVML utilisation over each run's steady window",
-             f"{'run':<12} {'target':>7}  {'GPU util % (each GPU)':<28} {'job busy':>8}  {'step p50':>9}"]
+    lines = [
+        f"{payload['card']} x{payload['gpus']}: NVML utilisation over each run's steady window",
+        f"{'run':<12} {'target':>7}  {'GPU util % (each GPU)':<28} {'job busy':>8}  {'step p50':>9}",
+    ]
     for run in payload["runs"]:
         if "error" in run:
             lines.append(f"{run['name']:<12} ERROR {run['error']}")
@@ -215,8 +246,10 @@ def _table(payload: dict) -> str:
             lines.append(f"  phase {phase['phase']:<4} {100 * phase['target']:>6.0f}%  {util}")
     ballast = next((r for r in payload["runs"] if r["name"] == "ballast" and "extra_gib" in r), None)
     if ballast:
-        lines.append(f"ballast {payload['ballast']}: NVML used memory {ballast['used_gib_without']} GiB without, "
-                     f"{ballast['used_gib_with']} GiB with: +{ballast['extra_gib']} GiB")
+        lines.append(
+            f"ballast {payload['ballast']}: NVML used memory {ballast['used_gib_without']} GiB without, "
+            f"{ballast['used_gib_with']} GiB with: +{ballast['extra_gib']} GiB"
+        )
     return "\n".join(lines)
 
 

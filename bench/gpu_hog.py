@@ -44,8 +44,7 @@ def main() -> int:
         torch.cuda.synchronize(device)
         products += 20
     elapsed = time.perf_counter() - start
-    print(f"gpu_hog: done, {2 * args.size**3 * products / elapsed / 1e12:.1f} TFLOP/s over {elapsed:.1f} s",
-          flush=True)
+    print(f"gpu_hog: done, {2 * args.size**3 * products / elapsed / 1e12:.1f} TFLOP/s over {elapsed:.1f} s", flush=True)
     return 0
 
 

@@ -11,8 +11,12 @@ import os
 from typing import List
 
 # NVLink multicast stays off (a shared machine's rule) in every child; CUDA numbers GPUs as NVML does.
-SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
-            "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+SAFE_ENV = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+    "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+}
 
 
 def first_gpus(count: int) -> List[int]:

@@ -68,8 +68,8 @@ def _worker(rank: int, args, port: int, results):
         now = time.perf_counter()
         step_s.append(now - last)
         last = now
-    steady = step_s[args.warmup:]
-    steady_wait = wait_s[args.warmup:]
+    steady = step_s[args.warmup :]
+    steady_wait = wait_s[args.warmup :]
     results[rank] = {
         "img_s": 64 * len(steady) / sum(steady),
         "step_ms": [s * 1000 for s in steady],

@@ -58,8 +58,12 @@ class Hog:
         self.log = open(log_path, "w")
         self.process = subprocess.Popen(
             [sys.executable, "bench/gpu_hog.py", "--gpu", str(gpu), "--seconds", str(seconds)],
-            cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True)
+            cwd=REPO,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     def wait_busy(self, timeout_s: float = 60.0) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -89,12 +93,18 @@ def run_logged(name: str, command: List[str], env: Dict[str, str], work: str, ti
     started = time.monotonic()
     with open(log_path, "w") as log:
         try:
-            code = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=timeout_s).returncode
+            code = subprocess.run(
+                command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s
+            ).returncode
         except subprocess.TimeoutExpired:
             code = None
-    result = {"name": name, "command": " ".join(command[1:] if command[0] == sys.executable else command),
-              "exit_code": code, "wall_s": round(time.monotonic() - started, 1), "log": f"{name}.log"}
+    result = {
+        "name": name,
+        "command": " ".join(command[1:] if command[0] == sys.executable else command),
+        "exit_code": code,
+        "wall_s": round(time.monotonic() - started, 1),
+        "log": f"{name}.log",
+    }
     say(f"{name}: exit {code} in {result['wall_s']} s")
     return result
 
@@ -109,22 +119,45 @@ def read_json(path: str) -> Optional[dict]:
 
 def preflight_run(name: str, gpus: int, work: str, extra: List[str], timeout_s: float = 150) -> Dict:
     save_dir = os.path.join(work, name)
-    command = [sys.executable, "train.py", "--preflight-only", "--nproc-per-node", str(gpus), "--min-gpus", "1",
-               "--save-dir", save_dir, *extra]
+    command = [
+        sys.executable,
+        "train.py",
+        "--preflight-only",
+        "--nproc-per-node",
+        str(gpus),
+        "--min-gpus",
+        "1",
+        "--save-dir",
+        save_dir,
+        *extra,
+    ]
     result = run_logged(name, command, gpu_env(gpus), work, timeout_s)
     result["gpus"] = gpus
     result["preflight"] = read_json(os.path.join(save_dir, "preflight.json"))
     return result
 
 
-def training_with_hog(gpus: int, hog_gpu: int, work: str, seconds: float, window_s: float,
-                      extra: List[str]) -> Dict:
+def training_with_hog(gpus: int, hog_gpu: int, work: str, seconds: float, window_s: float, extra: List[str]) -> Dict:
     name = f"train-x{gpus}-hog-gpu{hog_gpu}"
     save_dir = os.path.join(work, name)
     log_path = os.path.join(work, f"{name}.log")
-    command = [sys.executable, "train.py", "--nproc-per-node", str(gpus), "--min-gpus", "1",
-               "--duration", f"{seconds:g}s", "--straggler-window", f"{window_s:g}s", "--log-interval", "50",
-               "--save-dir", save_dir, *extra]
+    command = [
+        sys.executable,
+        "train.py",
+        "--nproc-per-node",
+        str(gpus),
+        "--min-gpus",
+        "1",
+        "--duration",
+        f"{seconds:g}s",
+        "--straggler-window",
+        f"{window_s:g}s",
+        "--log-interval",
+        "50",
+        "--save-dir",
+        save_dir,
+        *extra,
+    ]
     started = time.monotonic()
     hog = None
     with open(log_path, "w") as log:
@@ -152,17 +185,24 @@ def training_with_hog(gpus: int, hog_gpu: int, work: str, seconds: float, window
     except OSError:
         pass
     named = sorted({r for rec in records if rec.get("kind") == "step" for r in rec.get("straggler_ranks", [])})
-    return {"name": name, "command": " ".join(command[1:]), "exit_code": code, "wall_s": wall, "log": f"{name}.log",
-            "hog_started": hog is not None,
-            "straggler_warnings": [l for l in text.splitlines() if "WARNING straggler" in l],
-            "detector_off": [l for l in text.splitlines() if "straggler detection is off" in l],
-            "straggler_ranks_in_metrics": named,
-            "straggler_checks": [r for r in records if r.get("kind") == "straggler_check"],
-            "summary": read_json(os.path.join(save_dir, "summary.json"))}
+    return {
+        "name": name,
+        "command": " ".join(command[1:]),
+        "exit_code": code,
+        "wall_s": wall,
+        "log": f"{name}.log",
+        "hog_started": hog is not None,
+        "straggler_warnings": [l for l in text.splitlines() if "WARNING straggler" in l],
+        "detector_off": [l for l in text.splitlines() if "straggler detection is off" in l],
+        "straggler_ranks_in_metrics": named,
+        "straggler_checks": [r for r in records if r.get("kind") == "straggler_check"],
+        "summary": read_json(os.path.join(save_dir, "summary.json")),
+    }
 
 
 def parse_nccl_tests(text: str) -> List[Dict]:
-    """Rows of all_reduce_perf's table: the last 8 columns are out-of-place and in-place (time, algbw, busbw, #wrong)."""
+    """Rows of all_reduce_perf's table: the last 8 columns are out-of-place and in-place (time, algbw, busbw,
+    #wrong)."""
     rows = []
     for line in text.splitlines():
         fields = line.split()
@@ -173,8 +213,16 @@ def parse_nccl_tests(text: str) -> List[Dict]:
             inp = [float(x) for x in fields[-4:-1]]
         except ValueError:
             continue
-        rows.append({"bytes": int(fields[0]), "oop_time_us": oop[0], "oop_busbw_gb_s": oop[2],
-                     "time_us": inp[0], "algbw_gb_s": inp[1], "busbw_gb_s": inp[2]})
+        rows.append(
+            {
+                "bytes": int(fields[0]),
+                "oop_time_us": oop[0],
+                "oop_busbw_gb_s": oop[2],
+                "time_us": inp[0],
+                "algbw_gb_s": inp[1],
+                "busbw_gb_s": inp[2],
+            }
+        )
     return rows
 
 
@@ -193,8 +241,15 @@ def reference(gpus: int, work: str) -> Dict:
     result = run_logged(name, command, gpu_env(gpus), work, 180)
     result["tool"] = "bench/allreduce_by_hand.py (slowest rank's time)"
     payload = read_json(out) or {"sizes": []}
-    result["sizes"] = [{"bytes": r["bytes"], "time_us": r["time_us_max"], "busbw_gb_s": r["busbw_gb_s_max"],
-                        "busbw_gb_s_mean_time": r["busbw_gb_s_mean"]} for r in payload["sizes"]]
+    result["sizes"] = [
+        {
+            "bytes": r["bytes"],
+            "time_us": r["time_us_max"],
+            "busbw_gb_s": r["busbw_gb_s_max"],
+            "busbw_gb_s_mean_time": r["busbw_gb_s_mean"],
+        }
+        for r in payload["sizes"]
+    ]
     return result
 
 
@@ -205,9 +260,14 @@ def compare(ours: Optional[dict], ref: Dict) -> List[Dict]:
     rows = []
     for s in ours["all_reduce"]["sizes"]:
         other = by_size.get(s["bytes"])
-        rows.append({"bytes": s["bytes"], "preflight_busbw_gb_s": round(s["busbw_gb_s"], 2),
-                     "reference_busbw_gb_s": round(other["busbw_gb_s"], 2) if other else None,
-                     "ratio": round(s["busbw_gb_s"] / other["busbw_gb_s"], 3) if other and other["busbw_gb_s"] else None})
+        rows.append(
+            {
+                "bytes": s["bytes"],
+                "preflight_busbw_gb_s": round(s["busbw_gb_s"], 2),
+                "reference_busbw_gb_s": round(other["busbw_gb_s"], 2) if other else None,
+                "ratio": round(s["busbw_gb_s"] / other["busbw_gb_s"], 3) if other and other["busbw_gb_s"] else None,
+            }
+        )
     return rows
 
 
@@ -225,8 +285,10 @@ def main() -> int:
     available = torch.cuda.device_count()
     counts = [int(n) for n in args.gpus.split(",")] if args.gpus else [n for n in (2, 4) if n <= available]
     if not counts or max(counts) > available or args.hog_gpu >= max(counts):
-        print(f"preflight_check: needs 2 or more GPUs (and the hog's GPU among them); {available} visible",
-              file=sys.stderr)
+        print(
+            f"preflight_check: needs 2 or more GPUs (and the hog's GPU among them); {available} visible",
+            file=sys.stderr,
+        )
         return 2
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="preflight-check-")
@@ -238,13 +300,15 @@ def main() -> int:
         hog = Hog(args.hog_gpu, 150, os.path.join(work, "preflight-hog.log"))
         say(f"hog on GPU {args.hog_gpu} busy: {hog.wait_busy()}")
         try:
-            hogged = preflight_run(f"preflight-strict-x{largest}-hog-gpu{args.hog_gpu}", largest, work,
-                                   ["--preflight", "strict"])
+            hogged = preflight_run(
+                f"preflight-strict-x{largest}-hog-gpu{args.hog_gpu}", largest, work, ["--preflight", "strict"]
+            )
         finally:
             hog.stop()
         payload["runs"].append(hogged)
-        training = training_with_hog(largest, args.hog_gpu, work, args.train_seconds, args.window,
-                                     args.train_args.split())
+        training = training_with_hog(
+            largest, args.hog_gpu, work, args.train_seconds, args.window, args.train_args.split()
+        )
         payload["training"] = training
         for n in counts:
             ref = reference(n, work)
@@ -255,15 +319,18 @@ def main() -> int:
         payload["card"] = first["ranks"][0]["device"] if first else None
         hog_findings = (hogged.get("preflight") or {}).get("findings", [])
         payload["expectations"] = {
-            "healthy_preflights_exit_0": all(r["exit_code"] == 0 for r in payload["runs"][:len(counts)]),
+            "healthy_preflights_exit_0": all(r["exit_code"] == 0 for r in payload["runs"][: len(counts)]),
             "healthy_preflights_have_no_findings": all(
-                not (r.get("preflight") or {}).get("findings") for r in payload["runs"][:len(counts)]),
+                not (r.get("preflight") or {}).get("findings") for r in payload["runs"][: len(counts)]
+            ),
             "hogged_strict_preflight_exits_1": hogged["exit_code"] == 1,
             "hogged_preflight_names_the_hogged_rank": any(
-                f.get("rank") == args.hog_gpu for f in hog_findings if f["check"] == "matmul"),
+                f.get("rank") == args.hog_gpu for f in hog_findings if f["check"] == "matmul"
+            ),
             "training_exits_0": training["exit_code"] == 0,
-            "straggler_named_the_hogged_rank": (training["straggler_ranks_in_metrics"] == [args.hog_gpu]
-                                                and len(training["straggler_warnings"]) == 1),
+            "straggler_named_the_hogged_rank": (
+                training["straggler_ranks_in_metrics"] == [args.hog_gpu] and len(training["straggler_warnings"]) == 1
+            ),
         }
     finally:
         with open(os.path.join(args.out, "preflight_check.json"), "w") as f:
@@ -289,15 +356,19 @@ def print_summary(payload: Dict) -> None:
         for message in found:
             print(f"    {message}")
     training = payload.get("training", {})
-    print(f"{training.get('name', 'training'):<34} exit {training.get('exit_code')}  straggler ranks in metrics: "
-          f"{training.get('straggler_ranks_in_metrics')}")
+    print(
+        f"{training.get('name', 'training'):<34} exit {training.get('exit_code')}  straggler ranks in metrics: "
+        f"{training.get('straggler_ranks_in_metrics')}"
+    )
     for line in training.get("straggler_warnings", []):
         print(f"    {line}")
     for ref in payload.get("references", []):
         print(f"{ref['name']} ({ref.get('tool')}): size, preflight busbw, reference busbw, ratio")
         for row in ref.get("comparison", []):
-            print(f"    {row['bytes']:>11d}  {row['preflight_busbw_gb_s']!s:>8}  {row['reference_busbw_gb_s']!s:>8}  "
-                  f"{row['ratio']!s:>6}")
+            print(
+                f"    {row['bytes']:>11d}  {row['preflight_busbw_gb_s']!s:>8}  {row['reference_busbw_gb_s']!s:>8}  "
+                f"{row['ratio']!s:>6}"
+            )
     for key, value in payload.get("expectations", {}).items():
         print(f"{'ok  ' if value else 'FAIL'} {key}")
 

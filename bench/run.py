@@ -37,7 +37,6 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
-
 from gpus import child_env, first_gpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,25 +118,51 @@ def run_window(name: str, extra_args: List[str]) -> Tuple[List[str], int, int]:
     return [], 400, 100
 
 
-def _run_one(name: str, gpus: int, extra_args: List[str], log_dir: str, timeout_s: float, repeat: int = 0,
-             tree: str = REPO) -> Dict:
+def _run_one(
+    name: str, gpus: int, extra_args: List[str], log_dir: str, timeout_s: float, repeat: int = 0, tree: str = REPO
+) -> Dict:
     env = child_env(gpus)
     workdir = tempfile.mkdtemp(prefix=f"bench-{name}-{gpus}-")
     if name == ORIGINAL:
         out = os.path.join(workdir, "summary.json")
-        command = [sys.executable, "bench/original_example.py", "--gpus", str(gpus),
-                   "--steps", str(BASELINE_STEPS), "--warmup", str(BASELINE_WARMUP), "--out", out]
+        command = [
+            sys.executable,
+            "bench/original_example.py",
+            "--gpus",
+            str(gpus),
+            "--steps",
+            str(BASELINE_STEPS),
+            "--warmup",
+            str(BASELINE_WARMUP),
+            "--out",
+            out,
+        ]
     else:
         args, steps, warmup = run_window(name, extra_args)
         out = os.path.join(workdir, "summary.json")
-        command = [sys.executable, "train.py", *args, *extra_args, "--nproc-per-node", str(gpus), "--min-gpus", "1",
-                   "--max-steps", str(steps), "--warmup-steps", str(warmup), "--save-dir", workdir]
+        command = [
+            sys.executable,
+            "train.py",
+            *args,
+            *extra_args,
+            "--nproc-per-node",
+            str(gpus),
+            "--min-gpus",
+            "1",
+            "--max-steps",
+            str(steps),
+            "--warmup-steps",
+            str(warmup),
+            "--save-dir",
+            workdir,
+        ]
     log_path = os.path.join(log_dir, f"{name}-x{gpus}" + (f"-{repeat}" if repeat else "") + ".log")
     started = time.monotonic()
     with UtilisationSampler(first_gpus(gpus)) as sampler, open(log_path, "w") as log:
         try:
-            code = subprocess.run(command, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=timeout_s).returncode
+            code = subprocess.run(
+                command, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s
+            ).returncode
         except subprocess.TimeoutExpired:
             code = f"none: still running after {timeout_s:.0f} s"
     result = {"name": name, "gpus": gpus, "command": " ".join(command[1:]), "wall_s": time.monotonic() - started}
@@ -148,8 +173,16 @@ def _run_one(name: str, gpus: int, extra_args: List[str], log_dir: str, timeout_
         return result
     with open(out) as f:
         summary = json.load(f)
-    for key in ("img_s", "img_s_per_gpu", "step_ms_p50", "step_ms_p95", "step_ms_p99", "data_wait_frac",
-                "peak_mem_gib_per_rank", "mfu"):
+    for key in (
+        "img_s",
+        "img_s_per_gpu",
+        "step_ms_p50",
+        "step_ms_p95",
+        "step_ms_p99",
+        "data_wait_frac",
+        "peak_mem_gib_per_rank",
+        "mfu",
+    ):
         result[key] = summary.get(key)
     # Over the steady window the job reports; the baseline reports none: its second half.
     start, end = summary.get("steady_window_unix", [(sampler.started + sampler.ended) / 2, sampler.ended])
@@ -163,23 +196,38 @@ def main() -> int:
     counts = [n for n in (1, 2, 4, 8) if n <= available]
     parser.add_argument("--gpus", default=",".join(map(str, counts)), help="GPU counts to run")
     parser.add_argument("--configs", default=f"{ORIGINAL},default,fast")
-    parser.add_argument("--experiment", action="append", default=[],
-                        help="NAME:GPUS:ARGS, an extra train.py run recorded under experiments (e.g. "
-                             "'default-no-graphs:2:--no-cuda-graphs')")
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME=PATCH",
-                        help="run the experiment NAME from a copy of this tree with PATCH applied (e.g. "
-                             "'change=change.patch')")
+    parser.add_argument(
+        "--experiment",
+        action="append",
+        default=[],
+        help="NAME:GPUS:ARGS, an extra train.py run recorded under experiments (e.g. "
+        "'default-no-graphs:2:--no-cuda-graphs')",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=PATCH",
+        help="run the experiment NAME from a copy of this tree with PATCH applied (e.g. 'change=change.patch')",
+    )
     parser.add_argument("--log-dir", default=os.environ.get("OUT", tempfile.gettempdir()))
     parser.add_argument("--results-dir", default=os.path.join(REPO, "bench", "results"))
     parser.add_argument("--run-timeout", type=float, default=300, help="seconds one run may take")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="run the whole plan (configs and experiments) this many times, interleaved; "
-                             "each result records its repeat")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the whole plan (configs and experiments) this many times, interleaved; "
+        "each result records its repeat",
+    )
     args = parser.parse_args()
     unknown = [name for name in args.configs.split(",") if name != ORIGINAL and name not in CONFIGS]
     if unknown:  # an unknown name would otherwise run as a plain train.py experiment, under that name
-        print(f"bench: unknown --configs {','.join(unknown)}: choose from {', '.join([ORIGINAL, *CONFIGS])} "
-              f"(seed-equivalent is now {ORIGINAL}; other train.py runs go in --experiment)", file=sys.stderr)
+        print(
+            f"bench: unknown --configs {','.join(unknown)}: choose from {', '.join([ORIGINAL, *CONFIGS])} "
+            f"(seed-equivalent is now {ORIGINAL}; other train.py runs go in --experiment)",
+            file=sys.stderr,
+        )
         return 2
     if available == 0:
         print("bench: no GPU visible", file=sys.stderr)
@@ -194,8 +242,11 @@ def main() -> int:
     for spec in args.experiment:
         name, gpus, extra = spec.split(":", 2)
         plan.append(("experiments", name, int(gpus), extra.split()))
-    rounds = [(section, name, gpus, extra, repeat if args.repeat > 1 else 0)
-              for repeat in range(1, max(1, args.repeat) + 1) for section, name, gpus, extra in plan]
+    rounds = [
+        (section, name, gpus, extra, repeat if args.repeat > 1 else 0)
+        for repeat in range(1, max(1, args.repeat) + 1)
+        for section, name, gpus, extra in plan
+    ]
     patches = dict(spec.split("=", 1) for spec in args.variant)
     trees = {name: patched_tree(patch, tempfile.mkdtemp(prefix="bench-variant-")) for name, patch in patches.items()}
     for section, name, gpus, extra, repeat in rounds:
@@ -228,8 +279,13 @@ def results_header(argv: List[str], card: str, gpus_on_machine: int) -> Dict:
 def _commit() -> Optional[str]:
     """The commit the runs measure, "-dirty" if the tree has changes; None outside a git checkout."""
     try:
-        described = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=REPO,
-                                   capture_output=True, text=True, timeout=30)
+        described = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=7"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except OSError:
         return None
     return described.stdout.strip() or None
@@ -250,9 +306,12 @@ def _print_row(r: Dict) -> None:
         print(f"{name:<28} x{r['gpus']}  ERROR {r['error']}", flush=True)
         return
     util = f"{r['gpu_util_pct']:.0f}%" if r.get("gpu_util_pct") is not None else "n/a"
-    print(f"{name:<28} x{r['gpus']}  {r['img_s']:>9.1f} img/s  {r['img_s_per_gpu']:>8.1f}/gpu  "
-          f"p50 {r['step_ms_p50']:.1f} ms  p95 {r['step_ms_p95']:.1f} ms  data wait {100 * r['data_wait_frac']:.1f}%  "
-          f"util {util}  wall {r['wall_s']:.0f}s", flush=True)
+    print(
+        f"{name:<28} x{r['gpus']}  {r['img_s']:>9.1f} img/s  {r['img_s_per_gpu']:>8.1f}/gpu  "
+        f"p50 {r['step_ms_p50']:.1f} ms  p95 {r['step_ms_p95']:.1f} ms  data wait {100 * r['data_wait_frac']:.1f}%  "
+        f"util {util}  wall {r['wall_s']:.0f}s",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -62,16 +62,33 @@ class TimedLog:
 
 
 def _start(args: List[str], env: Dict[str, str], log_path: str):
-    process = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "train.py", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     return process, TimedLog(process, log_path)
 
 
 def measure(name: str, extra: List[str], gpus: int, train_s: float, log_dir: str) -> Dict:
     env = child_env(gpus, PYTHONUNBUFFERED="1")
     save_dir = tempfile.mkdtemp(prefix=f"stop-{name}-")
-    args = [*extra, "--nproc-per-node", str(gpus), "--min-gpus", "1", "--epochs", "100", "--log-interval", "50",
-            "--save-dir", save_dir]
+    args = [
+        *extra,
+        "--nproc-per-node",
+        str(gpus),
+        "--min-gpus",
+        "1",
+        "--epochs",
+        "100",
+        "--log-interval",
+        "50",
+        "--save-dir",
+        save_dir,
+    ]
     result: Dict = {"name": name, "gpus": gpus, "command": "train.py " + " ".join(args)}
 
     started = time.monotonic()
@@ -85,25 +102,33 @@ def measure(name: str, extra: List[str], gpus: int, train_s: float, log_dir: str
     stop_t, stop = log.first(STOP_LINE, after=signalled)
     records = [json.loads(line) for line in open(os.path.join(save_dir, "logs", "metrics.jsonl"))]
     written = [r for r in records if r["kind"] == "checkpoint"]
-    result.update(exit_code=code, trained_s=signalled - started,
-                  signal_to_agreed_stop_s=(stop_t - signalled) if stop_t else None,
-                  stopped_after_step=int(stop.group(1)) if stop else None,
-                  checkpoint_write_s=written[-1]["write_s"] if written else None,
-                  checkpoint_mib=written[-1]["bytes"] / 2**20 if written else None,
-                  checkpoint_training_held_s=written[-1].get("training_held_s") if written else None,
-                  signal_to_exit_s=exited - signalled)
+    result.update(
+        exit_code=code,
+        trained_s=signalled - started,
+        signal_to_agreed_stop_s=(stop_t - signalled) if stop_t else None,
+        stopped_after_step=int(stop.group(1)) if stop else None,
+        checkpoint_write_s=written[-1]["write_s"] if written else None,
+        checkpoint_mib=written[-1]["bytes"] / 2**20 if written else None,
+        checkpoint_training_held_s=written[-1].get("training_held_s") if written else None,
+        signal_to_exit_s=exited - signalled,
+    )
 
     # The restart a platform makes: same command, same save dir; stop it once it has trained a little.
     restarted = time.monotonic()
-    process, log = _start([*args, "--max-steps", str((result["stopped_after_step"] or 0) + 30)], env,
-                          os.path.join(log_dir, f"resume-{name}-x{gpus}.log"))
+    process, log = _start(
+        [*args, "--max-steps", str((result["stopped_after_step"] or 0) + 30)],
+        env,
+        os.path.join(log_dir, f"resume-{name}-x{gpus}.log"),
+    )
     code = process.wait(timeout=300)
     log.join()
     resume_t, resume = log.first(RESUME_LINE)
-    result.update(resume_exit_code=code,
-                  resumed_at_step=int(resume.group(3)) if resume else None,
-                  start_to_resumed_s=(resume_t - restarted) if resume_t else None,
-                  resume_run_wall_s=time.monotonic() - restarted)
+    result.update(
+        resume_exit_code=code,
+        resumed_at_step=int(resume.group(3)) if resume else None,
+        start_to_resumed_s=(resume_t - restarted) if resume_t else None,
+        resume_run_wall_s=time.monotonic() - restarted,
+    )
     return result
 
 

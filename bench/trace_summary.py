@@ -21,8 +21,16 @@ import re
 from typing import Dict, Iterable, List, Tuple
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
-KINDS = ("convolution/GEMM", "Triton elementwise", "Triton reduction", "native BatchNorm",
-         "jitted BatchNorm", "other kernels", "NCCL", "copies")
+KINDS = (
+    "convolution/GEMM",
+    "Triton elementwise",
+    "Triton reduction",
+    "native BatchNorm",
+    "jitted BatchNorm",
+    "other kernels",
+    "NCCL",
+    "copies",
+)
 # The kernels SyncBatchNorm compiles with torch's jiterator (resnet_ddp/syncbn.py), named after their functions
 # (the last is its ReLU backward of a forked block output).
 JITTED_BATCHNORM = ("bn_relu", "bn_add_relu", "relu_grad_of_sum")
@@ -108,12 +116,16 @@ def main() -> int:
     events = [report(path, args.steps) for path in args.traces]
     if len(events) == 2:
         before, after = by_family(events[0]), by_family(events[1])
-        changes = sorted(((after.get(n, 0.0) - before.get(n, 0.0), n) for n in set(before) | set(after)),
-                         key=lambda change: -abs(change[0]))
+        changes = sorted(
+            ((after.get(n, 0.0) - before.get(n, 0.0), n) for n in set(before) | set(after)),
+            key=lambda change: -abs(change[0]),
+        )
         print("largest changes, second trace against the first (ms/step):")
-        for delta, name in changes[:args.top]:
-            print(f"  {delta / 1000 / args.steps:+8.2f}  {before.get(name, 0.0) / 1000 / args.steps:7.2f} -> "
-                  f"{after.get(name, 0.0) / 1000 / args.steps:7.2f}  {name[:100]}")
+        for delta, name in changes[: args.top]:
+            print(
+                f"  {delta / 1000 / args.steps:+8.2f}  {before.get(name, 0.0) / 1000 / args.steps:7.2f} -> "
+                f"{after.get(name, 0.0) / 1000 / args.steps:7.2f}  {name[:100]}"
+            )
     return 0
 
 

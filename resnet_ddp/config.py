@@ -175,5 +175,9 @@ class Config:
 
     def fingerprint(self) -> dict:
         """The options that change the arithmetic: a checkpoint made with others is refused."""
-        return {"arch": self.model.arch, "num_classes": self.training.num_classes,
-                "image_size": self.model.image_size, "amp": self.speed.amp}
+        return {
+            "arch": self.model.arch,
+            "num_classes": self.training.num_classes,
+            "image_size": self.model.image_size,
+            "amp": self.speed.amp,
+        }

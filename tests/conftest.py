@@ -20,22 +20,49 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Tiny settings: resnet18 at 32 px, a few steps on 2 CPU ranks over gloo.
 TINY = [
-    "--cpu", "--nproc-per-node", "2", "--arch", "resnet18", "--image-size", "32",
-    "--dataset-size", "64", "--batch-size", "8", "--epochs", "2", "--num-workers", "0",
-    "--num-classes", "10", "--lr", "0.01",
+    "--cpu",
+    "--nproc-per-node",
+    "2",
+    "--arch",
+    "resnet18",
+    "--image-size",
+    "32",
+    "--dataset-size",
+    "64",
+    "--batch-size",
+    "8",
+    "--epochs",
+    "2",
+    "--num-workers",
+    "0",
+    "--num-classes",
+    "10",
+    "--lr",
+    "0.01",
 ]
 
 # Variables that would change the launch mode or options if the caller's shell had them.
 _LAUNCH_VARIABLES = (
-    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
-    "MASTER_PORT", "TORCHELASTIC_RUN_ID", "OUTPUT_DIR",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "OUTPUT_DIR",
 )
 
 
 def pytest_addoption(parser):
-    parser.addoption("--lane", default=None, metavar="I/N",
-                     help="run only every N-th selected test, from the I-th (1-based): N lanes of the GPU suite "
-                          "side by side, each on its own GPUs (CUDA_VISIBLE_DEVICES)")
+    parser.addoption(
+        "--lane",
+        default=None,
+        metavar="I/N",
+        help="run only every N-th selected test, from the I-th (1-based): N lanes of the GPU suite "
+        "side by side, each on its own GPUs (CUDA_VISIBLE_DEVICES)",
+    )
 
 
 @pytest.hookimpl(trylast=True)  # after -m and -k: the lanes split what would have run
@@ -48,7 +75,7 @@ def pytest_collection_modifyitems(config, items):
         assert 1 <= index <= count
     except (ValueError, AssertionError):
         raise pytest.UsageError(f"--lane {lane}: expected I/N with 1 <= I <= N, such as 1/2") from None
-    keep = set(items[index - 1::count])
+    keep = set(items[index - 1 :: count])
     config.hook.pytest_deselected(items=[item for item in items if item not in keep])
     items[:] = [item for item in items if item in keep]
 
@@ -75,7 +102,12 @@ class Job:
         full_env = clean_env(env)
         full_env["RESNET_DDP_TEST_MARKER"] = self.marker
         self.process = subprocess.Popen(
-            list(command), cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            list(command),
+            cwd=REPO,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
             start_new_session=new_session,
         )
         self.stderr_seen: List[str] = []
@@ -90,8 +122,9 @@ class Job:
             self.stderr_seen.append(line)
             if sum(text in seen for seen in self.stderr_seen) >= count:
                 return
-        raise AssertionError(f"not {count} line(s) with {text!r} on stderr within {within_s} s: "
-                             f"{''.join(self.stderr_seen)[-2000:]}")
+        raise AssertionError(
+            f"not {count} line(s) with {text!r} on stderr within {within_s} s: {''.join(self.stderr_seen)[-2000:]}"
+        )
 
     def wait(self, timeout: float = 240) -> subprocess.CompletedProcess:
         try:
@@ -99,8 +132,9 @@ class Job:
         except subprocess.TimeoutExpired:
             self.kill()  # a hung job must not outlive its test, holding ports and cores for the ones after it
             raise
-        return subprocess.CompletedProcess(self.process.args, self.process.returncode, out,
-                                           "".join(self.stderr_seen) + err)
+        return subprocess.CompletedProcess(
+            self.process.args, self.process.returncode, out, "".join(self.stderr_seen) + err
+        )
 
     def kill(self) -> None:
         """SIGKILL every process the job made, its launcher, ranks and workers alike."""
@@ -173,8 +207,7 @@ def metrics_schema() -> Dict[str, Dict[str, tuple]]:
     return schema
 
 
-_JSON_TYPES = {"int": (int,), "float": (float, int), "str": (str,), "bool": (bool,), "list": (list,),
-               "object": (dict,)}
+_JSON_TYPES = {"int": (int,), "float": (float, int), "str": (str,), "bool": (bool,), "list": (list,), "object": (dict,)}
 
 
 def assert_records_follow_the_schema(records: List[dict]) -> None:
@@ -193,4 +226,7 @@ def assert_records_follow_the_schema(records: List[dict]) -> None:
             else:
                 types = _JSON_TYPES[kind_of_value.rstrip("?")]
                 assert isinstance(value, types) and not (isinstance(value, bool) and bool not in types), (
-                    record["kind"], name, value)
+                    record["kind"],
+                    name,
+                    value,
+                )

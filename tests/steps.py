@@ -18,14 +18,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torchvision
-
 from conftest import free_port
 
+
 def _rank_main(rank, port, backend, variant, steps, arch, world_size, out):
-    from resnet_ddp.layers.blocks import hand_relu_to_batchnorm
     from resnet_ddp.core.distributed import RankInfo
-    from resnet_ddp.core.step import EagerStep, GraphedStep
     from resnet_ddp.core.model import wrap_ddp
+    from resnet_ddp.core.step import EagerStep, GraphedStep
+    from resnet_ddp.layers.blocks import hand_relu_to_batchnorm
     from resnet_ddp.layers.syncbn import convert_sync_batchnorm
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -43,8 +43,13 @@ def _rank_main(rank, port, backend, variant, steps, arch, world_size, out):
     base = convert_sync_batchnorm(getattr(torchvision.models, arch)(num_classes=10))
     generator = torch.Generator().manual_seed(rank)
     size = 64 if cuda else 32
-    batches = [(torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8, generator=generator),
-                torch.randint(0, 10, (8,), generator=generator)) for _ in range(steps)]
+    batches = [
+        (
+            torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8, generator=generator),
+            torch.randint(0, 10, (8,), generator=generator),
+        )
+        for _ in range(steps)
+    ]
     results = {}
     for name in ("eager", variant):
         channels_last = name == "channels_last"
@@ -65,8 +70,9 @@ def _rank_main(rank, port, backend, variant, steps, arch, world_size, out):
     dist.destroy_process_group()
 
 
-def compare_steps(backend: str, variant: str, steps: int, timeout_s: float = 240, arch: str = "resnet18",
-                  world_size: int = 2):
+def compare_steps(
+    backend: str, variant: str, steps: int, timeout_s: float = 240, arch: str = "resnet18", world_size: int = 2
+):
     """Returns ({rank: (losses, params)} for eager, the same for the variant).
 
     Training on random labels is chaotic: rounding differences (another conv
@@ -75,8 +81,13 @@ def compare_steps(backend: str, variant: str, steps: int, timeout_s: float = 240
     is compared past its warm-up (GraphedStep.WARMUP_STEPS) into the replays.
     """
     out = mp.get_context("spawn").Manager().dict()
-    ranks = mp.start_processes(_rank_main, args=(free_port(), backend, variant, steps, arch, world_size, out),
-                               nprocs=world_size, start_method="spawn", join=False)
+    ranks = mp.start_processes(
+        _rank_main,
+        args=(free_port(), backend, variant, steps, arch, world_size, out),
+        nprocs=world_size,
+        start_method="spawn",
+        join=False,
+    )
     deadline = time.monotonic() + timeout_s
     while not ranks.join(timeout=5):
         if time.monotonic() > deadline:

@@ -9,28 +9,37 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 
 def test_trace_summary_adds_kernel_time_by_kind_and_counts_overlap_once(tmp_path):
     """bench/trace_summary.py, which PERFORMANCE.md's profile figures come from, on a made-up two-step trace."""
+
     def kernel(name, ts, dur, stream=7):
         return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}
 
-    events = [kernel("sm90_xmma_fprop_implicit_gemm_bf16", 0, 1000), kernel("triton_poi_fused_add_relu_3", 1000, 500),
-              kernel("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 1200, 800, stream=9),  # overlaps the one before
-              kernel("triton_red_fused_var_mean_7", 2000, 1000), kernel("bn_add_relu_kernel", 4000, 600),
-              {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 3000, "dur": 1000, "args": {}},
-              {"ph": "X", "cat": "cpu_op", "name": "aten::add", "ts": 0, "dur": 9999, "args": {}}]
+    events = [
+        kernel("sm90_xmma_fprop_implicit_gemm_bf16", 0, 1000),
+        kernel("triton_poi_fused_add_relu_3", 1000, 500),
+        kernel("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 1200, 800, stream=9),  # overlaps the one before
+        kernel("triton_red_fused_var_mean_7", 2000, 1000),
+        kernel("bn_add_relu_kernel", 4000, 600),
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 3000, "dur": 1000, "args": {}},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::add", "ts": 0, "dur": 9999, "args": {}},
+    ]
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     one.write_text(json.dumps({"traceEvents": events}))
     two.write_text(json.dumps({"traceEvents": events[:1] + [kernel("triton_poi_fused_add_relu_9", 1000, 1500)]}))
-    result = subprocess.run([sys.executable, "bench/trace_summary.py", str(one), str(two), "--steps", "2"],
-                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "bench/trace_summary.py", str(one), str(two), "--steps", "2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    first_trace = lines[1:lines.index(next(line for line in lines if line.startswith(str(two))))]
+    first_trace = lines[1 : lines.index(next(line for line in lines if line.startswith(str(two))))]
     rows = {line.split("  ")[1].strip(): line for line in first_trace}
     assert "2.30 ms/step" in rows["busy (any kernel running)"]  # 4.6 ms of GPU time in all, over 2 steps
     assert "0.30 ms/step" in rows["jitted BatchNorm"]  # SyncBatchNorm's own kernels (--fuse-bn-relu)
@@ -77,14 +86,18 @@ def test_a_benchmark_variant_runs_from_a_patched_copy_and_a_stale_patch_stops_th
     readme = open(os.path.join(REPO, "README.en.md")).read().splitlines()
     patch = tmp_path / "title.patch"
     context = "".join(f" {line}\n" for line in readme[1:3])
-    patch.write_text("A made-up variant.\n\n--- a/README.en.md\n+++ b/README.en.md\n@@ -1,3 +1,3 @@\n"
-                     f"-{readme[0]}\n+# patched\n{context}")
+    patch.write_text(
+        "A made-up variant.\n\n--- a/README.en.md\n+++ b/README.en.md\n@@ -1,3 +1,3 @@\n"
+        f"-{readme[0]}\n+# patched\n{context}"
+    )
     tree = bench_run.patched_tree(str(patch), str(tmp_path / "variants"))
     assert open(os.path.join(tree, "README.en.md")).read().splitlines()[0] == "# patched"
     assert os.path.exists(os.path.join(tree, "train.py")) and not os.path.exists(os.path.join(tree, ".git"))
     assert open(os.path.join(REPO, "README.en.md")).read().splitlines()[0] == readme[0]
     stale = tmp_path / "stale.patch"
-    stale.write_text(f"--- a/README.en.md\n+++ b/README.en.md\n@@ -1,3 +1,3 @@\n-# not the title\n+# patched\n{context}")
+    stale.write_text(
+        f"--- a/README.en.md\n+++ b/README.en.md\n@@ -1,3 +1,3 @@\n-# not the title\n+# patched\n{context}"
+    )
     with pytest.raises(SystemExit, match="stale.patch does not apply to this tree"):
         bench_run.patched_tree(str(stale), str(tmp_path / "variants"))
 
@@ -93,8 +106,9 @@ def test_a_results_file_names_the_command_that_makes_it_again_and_the_commit_it_
     bench_run = _bench_run_module(monkeypatch)
     argv = ["--gpus", "1,4", "--configs", "original,default", "--experiment", "nccl:4:--fast --no-syncbn-symm-mem"]
     header = bench_run.results_header(argv, "NVIDIA H100 80GB HBM3", 4)
-    assert header["command"] == ("python bench/run.py --gpus 1,4 --configs original,default "
-                                 "--experiment 'nccl:4:--fast --no-syncbn-symm-mem'")
+    assert header["command"] == (
+        "python bench/run.py --gpus 1,4 --configs original,default --experiment 'nccl:4:--fast --no-syncbn-symm-mem'"
+    )
     assert shlex.split(header["command"])[2:] == argv  # pasted into a shell, it runs the same plan
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
     if head.returncode == 0:
@@ -104,8 +118,13 @@ def test_a_results_file_names_the_command_that_makes_it_again_and_the_commit_it_
 
 def test_an_unknown_configuration_is_refused_before_anything_runs():
     """--configs seed-equivalent (the baseline's old name) must not run as a train.py experiment under that name."""
-    result = subprocess.run([sys.executable, "bench/run.py", "--configs", "seed-equivalent,default"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "bench/run.py", "--configs", "seed-equivalent,default"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and result.stdout == ""
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("bench: unknown --configs seed-equivalent:") and "original" in line

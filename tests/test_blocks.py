@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-
-from resnet_ddp.layers.blocks import FusedBasicBlock, FusedBottleneck, FusedResNet
-from resnet_ddp.core.model import build_model
 from steps import compare_steps
+
+from resnet_ddp.core.model import build_model
+from resnet_ddp.layers.blocks import FusedBasicBlock, FusedBottleneck, FusedResNet
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
@@ -28,8 +28,9 @@ def test_the_fused_model_is_torchvisions_model_with_other_forward_passes(arch, b
     torch.manual_seed(0)
     fused = build_model(arch, 10, sync_bn=True, fuse_bn_relu=True)
     assert type(fused) is FusedResNet
-    assert sum(type(m) is block for m in fused.modules()) == sum(len(layer) for layer in
-                                                                  (fused.layer1, fused.layer2, fused.layer3, fused.layer4))
+    assert sum(type(m) is block for m in fused.modules()) == sum(
+        len(layer) for layer in (fused.layer1, fused.layer2, fused.layer3, fused.layer4)
+    )
     # The same initial weights, under the same names: checkpoints and exports move between the two.
     stock.load_state_dict(fused.state_dict())
     for (name, a), (_, b) in zip(stock.state_dict().items(), fused.state_dict().items()):

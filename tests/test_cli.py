@@ -9,8 +9,8 @@ import re
 import socket
 
 import pytest
-
 from conftest import TINY, run_train
+
 from resnet_ddp.entry.cli import build_parser, parse_config
 from resnet_ddp.errors import UsageError
 
@@ -25,11 +25,21 @@ def test_defaults_are_the_original_examples():
 
 
 def test_environment_sets_options_and_command_line_wins():
-    env = {"RESNET_DDP_BATCH_SIZE": "128", "RESNET_DDP_LR": "0.5", "RESNET_DDP_CPU": "1",
-           "RESNET_DDP_NO_SYNC_BN": "yes", "RESNET_DDP_ARCH": "resnet18"}
+    env = {
+        "RESNET_DDP_BATCH_SIZE": "128",
+        "RESNET_DDP_LR": "0.5",
+        "RESNET_DDP_CPU": "1",
+        "RESNET_DDP_NO_SYNC_BN": "yes",
+        "RESNET_DDP_ARCH": "resnet18",
+    }
     config = parse_config([], environ=env)
-    assert (config.training.batch_size, config.training.lr, config.process.cpu, config.model.sync_bn,
-            config.model.arch) == (128, 0.5, True, False, "resnet18")
+    assert (
+        config.training.batch_size,
+        config.training.lr,
+        config.process.cpu,
+        config.model.sync_bn,
+        config.model.arch,
+    ) == (128, 0.5, True, False, "resnet18")
     assert parse_config(["--batch-size", "32"], environ=env).training.batch_size == 32
     assert parse_config([], environ={"RESNET_DDP_CPU": "0"}).process.cpu is False
 
@@ -41,10 +51,15 @@ def test_output_dir_is_the_save_dir_unless_one_is_named():
     assert parse_config([], environ=env).save_dir == "/env/dir"
 
 
-@pytest.mark.parametrize("name,value", [
-    ("RESNET_DDP_EPOCHS", "ten"), ("RESNET_DDP_LR", "fast"), ("RESNET_DDP_CPU", "maybe"),
-    ("RESNET_DDP_ARCH", "vgg16"),
-])
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("RESNET_DDP_EPOCHS", "ten"),
+        ("RESNET_DDP_LR", "fast"),
+        ("RESNET_DDP_CPU", "maybe"),
+        ("RESNET_DDP_ARCH", "vgg16"),
+    ],
+)
 def test_malformed_environment_value_names_the_variable(name, value):
     with pytest.raises(UsageError, match=name):
         parse_config([], environ={name: value})
@@ -53,37 +68,57 @@ def test_malformed_environment_value_names_the_variable(name, value):
 def test_help_documents_the_environment():
     text = build_parser({}).format_help()
     assert "RESNET_DDP_" in text and "OUTPUT_DIR" in text
-    for option in ("--epochs", "--batch-size", "--dataset-size", "--lr", "--num-workers", "--save-dir",
-                   "--num-classes", "--arch", "--image-size", "--seed", "--cpu", "--nproc-per-node",
-                   "--min-gpus", "--no-sync-bn", "--momentum", "--weight-decay", "--master-port", "--dist-timeout"):
+    for option in (
+        "--epochs",
+        "--batch-size",
+        "--dataset-size",
+        "--lr",
+        "--num-workers",
+        "--save-dir",
+        "--num-classes",
+        "--arch",
+        "--image-size",
+        "--seed",
+        "--cpu",
+        "--nproc-per-node",
+        "--min-gpus",
+        "--no-sync-bn",
+        "--momentum",
+        "--weight-decay",
+        "--master-port",
+        "--dist-timeout",
+    ):
         assert option in text
 
 
-@pytest.mark.parametrize("args,env,expected", [
-    (["--epochs", "0"], {}, "--epochs"),
-    (["--batch-size", "-1"], {}, "--batch-size"),
-    (["--dataset-size", "0"], {}, "--dataset-size"),
-    (["--num-classes", "0"], {}, "--num-classes"),
-    (["--image-size", "16"], {}, "--image-size"),
-    (["--num-workers", "-1"], {}, "--num-workers"),
-    (["--lr", "nan"], {}, "--lr"),
-    (["--lr", "-0.1"], {}, "--lr"),
-    (["--lr", "inf"], {}, "--lr"),
-    (["--arch", "vgg16"], {}, "--arch"),
-    (["--epochs", "two"], {}, "--epochs"),
-    (["--no-such-option"], {}, "--no-such-option"),
-    ([], {"RESNET_DDP_BATCH_SIZE": "big"}, "RESNET_DDP_BATCH_SIZE"),
-    (TINY + ["--dataset-size", "1"], {}, "--dataset-size 1 is smaller than the 2 processes"),
-    (TINY + ["--fail-at-step", "1", "--fail-rank", "2"], {}, "--fail-rank 2"),
-    (TINY + ["--compile"], {"CXX": "/no/such/compiler"}, "--compile needs a C++ compiler"),
-    (TINY + ["--profile-steps", "9:4"], {}, "--profile-steps"),
-    (TINY + ["--syncbn-symm-mem"], {}, "--syncbn-symm-mem: symmetric memory is for GPUs"),
-    (TINY + ["--num-classes", "1"], {}, "--num-classes must be at least 2"),
-    (TINY + ["--fail-rank", "5"], {}, "--fail-rank 5 is not a rank of this 2-process job"),  # no --fail-at-step
-    (TINY + ["--image-size", "100000"], {}, "needs at least"),
-    (TINY + ["--num-classes", "1000000000"], {}, "needs at least"),
-    (TINY + ["--batch-size", "100000", "--image-size", "224"], {}, "needs at least"),
-])
+@pytest.mark.parametrize(
+    "args,env,expected",
+    [
+        (["--epochs", "0"], {}, "--epochs"),
+        (["--batch-size", "-1"], {}, "--batch-size"),
+        (["--dataset-size", "0"], {}, "--dataset-size"),
+        (["--num-classes", "0"], {}, "--num-classes"),
+        (["--image-size", "16"], {}, "--image-size"),
+        (["--num-workers", "-1"], {}, "--num-workers"),
+        (["--lr", "nan"], {}, "--lr"),
+        (["--lr", "-0.1"], {}, "--lr"),
+        (["--lr", "inf"], {}, "--lr"),
+        (["--arch", "vgg16"], {}, "--arch"),
+        (["--epochs", "two"], {}, "--epochs"),
+        (["--no-such-option"], {}, "--no-such-option"),
+        ([], {"RESNET_DDP_BATCH_SIZE": "big"}, "RESNET_DDP_BATCH_SIZE"),
+        (TINY + ["--dataset-size", "1"], {}, "--dataset-size 1 is smaller than the 2 processes"),
+        (TINY + ["--fail-at-step", "1", "--fail-rank", "2"], {}, "--fail-rank 2"),
+        (TINY + ["--compile"], {"CXX": "/no/such/compiler"}, "--compile needs a C++ compiler"),
+        (TINY + ["--profile-steps", "9:4"], {}, "--profile-steps"),
+        (TINY + ["--syncbn-symm-mem"], {}, "--syncbn-symm-mem: symmetric memory is for GPUs"),
+        (TINY + ["--num-classes", "1"], {}, "--num-classes must be at least 2"),
+        (TINY + ["--fail-rank", "5"], {}, "--fail-rank 5 is not a rank of this 2-process job"),  # no --fail-at-step
+        (TINY + ["--image-size", "100000"], {}, "needs at least"),
+        (TINY + ["--num-classes", "1000000000"], {}, "needs at least"),
+        (TINY + ["--batch-size", "100000", "--image-size", "224"], {}, "needs at least"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(args, env, expected, save_dir):
     result = run_train(*args, "--save-dir", str(save_dir), env=env, timeout=60)
     assert result.returncode == 2, result.stderr
@@ -101,9 +136,11 @@ def test_nothing_is_created_before_every_refusal_is_done(tmp_path):
         taken.bind(("", 0))
         taken.listen()
         port = str(taken.getsockname()[1])
-        for args, says in (([f"--resume={junk}"], "not a readable checkpoint"),
-                           (["--master-port", port], f"--master-port {port} cannot be used for the rendezvous"),
-                           (["--save-dir", ""], "--save-dir is empty")):
+        for args, says in (
+            ([f"--resume={junk}"], "not a readable checkpoint"),
+            (["--master-port", port], f"--master-port {port} cannot be used for the rendezvous"),
+            (["--save-dir", ""], "--save-dir is empty"),
+        ):
             result = run_train(*TINY, "--save-dir", str(tmp_path / "out"), *args, timeout=60)
             assert result.returncode == 2, result.stderr
             (line,) = result.stderr.strip().splitlines()
@@ -116,13 +153,17 @@ def test_the_launchers_lines_follow_the_log_format(monkeypatch, capsys):
     assert cli.main(["--epochs", "0", "--log-format", "json"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     record = json.loads(line)
-    assert (record["level"], record["rank"], record["message"]) == ("ERROR", None,
-                                                                    "error: --epochs must be at least 1, got 0")
+    assert (record["level"], record["rank"], record["message"]) == (
+        "ERROR",
+        None,
+        "error: --epochs must be at least 1, got 0",
+    )
     monkeypatch.setenv("RESNET_DDP_LOG_TIMESTAMPS", "1")
     assert cli.main(["--epochs", "0"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z resnet-ddp: error: --epochs must be at least 1, got 0",
-                        line)
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z resnet-ddp: error: --epochs must be at least 1, got 0", line
+    )
 
 
 def test_a_variable_that_names_no_option_is_named_in_a_warning(monkeypatch, capsys):
@@ -131,8 +172,10 @@ def test_a_variable_that_names_no_option_is_named_in_a_warning(monkeypatch, caps
     monkeypatch.setenv("RESNET_DDP_BATCH_SIZ", "128")
     assert cli.main(["--epochs", "0"]) == 2  # refused after the warning, before any process starts
     warning, error = capsys.readouterr().err.strip().splitlines()
-    assert warning == ("resnet-ddp: warning: RESNET_DDP_BATCH_SIZ is not an option's variable and is ignored "
-                       "(did you mean RESNET_DDP_BATCH_SIZE?)")
+    assert warning == (
+        "resnet-ddp: warning: RESNET_DDP_BATCH_SIZ is not an option's variable and is ignored "
+        "(did you mean RESNET_DDP_BATCH_SIZE?)"
+    )
     assert "--epochs must be at least 1" in error
 
 
@@ -161,8 +204,10 @@ def test_unwritable_save_dir_is_refused_before_training(tmp_path):
 
 
 def test_durations_read_as_people_write_them():
-    assert [parse_config(["--duration", d], environ={}).length.duration_s
-            for d in ("90s", "10m", "2h", "45", "1h30m", "1m30s")] == [90, 600, 7200, 45, 5400, 90]
+    assert [
+        parse_config(["--duration", d], environ={}).length.duration_s
+        for d in ("90s", "10m", "2h", "45", "1h30m", "1m30s")
+    ] == [90, 600, 7200, 45, 5400, 90]
     assert parse_config([], environ={"RESNET_DDP_DURATION": "1.5m"}).length.duration_s == 90
     for bad in ("0", "-5m", "ten minutes", "5x", "1h30", "m"):
         with pytest.raises(UsageError, match="--duration"):
@@ -193,8 +238,9 @@ def test_fast_compiles_on_gpus_that_can_build_and_says_so_where_they_cannot(monk
     # A slim image: --fast still runs, uncompiled, and the launcher says why in one line.
     monkeypatch.setattr(model, "compiler_missing", lambda device_type: "needs Triton, and it is not installed here")
     assert compiled(["--fast"]) is False
-    assert capsys.readouterr().out == ("resnet-ddp: --fast runs without --compile here: "
-                                       "torch.compile needs Triton, and it is not installed here\n")
+    assert capsys.readouterr().out == (
+        "resnet-ddp: --fast runs without --compile here: torch.compile needs Triton, and it is not installed here\n"
+    )
     # What the user says wins over --fast; an explicit --compile is then refused where it cannot build.
     with pytest.raises(UsageError, match="--compile needs Triton"):
         compiled(["--fast", "--compile"])
@@ -217,8 +263,11 @@ def test_what_depends_on_the_machine_is_settled_to_plain_values_before_any_proce
     assert (gpu.channels_last, gpu.cuda_graphs, gpu.compile, gpu.syncbn_symm_mem) == (True, True, False, False)
     cpu = resolve.settle(parse_config(TINY, environ={}), _plan(2, 2, "cpu"), announce=False).speed
     assert (cpu.channels_last, cpu.cuda_graphs, cpu.compile, cpu.syncbn_symm_mem) == (False, False, False, False)
-    fp16 = resolve.settle(parse_config(["--amp", "fp16", "--cuda-graphs", "--no-syncbn-symm-mem"], environ={}),
-                          _plan(1, 1), announce=False).speed
+    fp16 = resolve.settle(
+        parse_config(["--amp", "fp16", "--cuda-graphs", "--no-syncbn-symm-mem"], environ={}),
+        _plan(1, 1),
+        announce=False,
+    ).speed
     assert fp16.cuda_graphs is False  # the scaler reads the host: no capture, even when asked
 
 
@@ -246,12 +295,16 @@ def test_symmetric_memory_syncbn_is_refused_where_it_cannot_run_and_taken_where_
     assert capsys.readouterr().out == ""
     # Otherwise it stays on NCCL and says why once; an explicit request is refused with the same reason.
     assert symm(default, _plan(3, 3)) is False
-    assert capsys.readouterr().out == ("resnet-ddp: SyncBatchNorm's collectives stay on NCCL: "
-                                       "GPU 1 has no peer access to GPU 2\n")
+    assert capsys.readouterr().out == (
+        "resnet-ddp: SyncBatchNorm's collectives stay on NCCL: GPU 1 has no peer access to GPU 2\n"
+    )
 
     def asked(config, **model):
-        return dataclasses.replace(config, speed=dataclasses.replace(config.speed, syncbn_symm_mem=True),
-                                   model=dataclasses.replace(config.model, **model))
+        return dataclasses.replace(
+            config,
+            speed=dataclasses.replace(config.speed, syncbn_symm_mem=True),
+            model=dataclasses.replace(config.model, **model),
+        )
 
     explicit = asked(fast)
     reasons = {
@@ -266,7 +319,9 @@ def test_symmetric_memory_syncbn_is_refused_where_it_cannot_run_and_taken_where_
         with pytest.raises(UsageError, match=f"--syncbn-symm-mem: .*{re.escape(reason)}"):
             symm(config, launch_plan)
     # What torch lacks is asked of the path that runs: inductor's lowering when compiled, the eager kernels if not.
-    monkeypatch.setattr(syncbn, "symmetric_memory_missing", lambda: "torch 2.4 lacks torch._inductor.config._collective")
+    monkeypatch.setattr(
+        syncbn, "symmetric_memory_missing", lambda: "torch 2.4 lacks torch._inductor.config._collective"
+    )
     with pytest.raises(UsageError, match="lacks torch._inductor"):
         symm(explicit, _plan(2, 2))
     uncompiled = dataclasses.replace(explicit, speed=dataclasses.replace(explicit.speed, compile=False))

@@ -28,7 +28,9 @@ def test_labels_cover_the_classes():
 
 def test_workers_give_the_same_samples_as_the_main_process():
     ds = LazyFakeDataset(16, 32, 10, seed=3)
-    loaded = list(DataLoader(ds, batch_size=4, num_workers=2))
+    # spawned, as a training rank's workers are: a fork of this process (which other tests fill with threads)
+    # could hang in the child
+    loaded = list(DataLoader(ds, batch_size=4, num_workers=2, multiprocessing_context="spawn"))
     images = torch.cat([batch[0] for batch in loaded])
     labels = torch.cat([batch[1] for batch in loaded])
     assert torch.equal(images, torch.stack([ds[i][0] for i in range(16)]))

@@ -23,8 +23,16 @@ MANIFESTS = sorted((DEPLOY / "k8s").glob("*.yaml"))
 RUNTIME_KINDS = ("ClusterTrainingRuntime", "TrainingRuntime")
 METRICS_PORT_NAME = "metrics"  # the container port that --metrics-port serves and the PodMonitor scrapes
 # The volume types the restricted Pod Security Standard admits.
-RESTRICTED_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
-                           "projected", "secret"}
+RESTRICTED_VOLUME_TYPES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
 
 
 def _documents(path):
@@ -53,10 +61,13 @@ def _workloads():
 
 def test_the_three_launch_paths_have_a_manifest():
     kinds = {(doc["apiVersion"], doc["kind"]) for path in MANIFESTS for doc in _documents(path)}
-    assert {("batch/v1", "Job"), ("kubeflow.org/v1", "PyTorchJob"),
-            ("trainer.kubeflow.org/v1alpha1", "TrainJob"),
-            ("trainer.kubeflow.org/v1alpha1", "ClusterTrainingRuntime"),
-            ("trainer.kubeflow.org/v1alpha1", "TrainingRuntime")} <= kinds
+    assert {
+        ("batch/v1", "Job"),
+        ("kubeflow.org/v1", "PyTorchJob"),
+        ("trainer.kubeflow.org/v1alpha1", "TrainJob"),
+        ("trainer.kubeflow.org/v1alpha1", "ClusterTrainingRuntime"),
+        ("trainer.kubeflow.org/v1alpha1", "TrainingRuntime"),
+    } <= kinds
 
 
 @pytest.mark.parametrize("name,doc", _workloads(), ids=lambda v: v if isinstance(v, str) else v["kind"])
@@ -127,7 +138,9 @@ def test_a_trainjob_runs_on_a_namespaced_runtime_as_well_as_on_the_cluster_one()
     # many users may create objects only in their namespace, not cluster-scoped ones
     assert {runtime["kind"] for _, _, runtime in _trainjobs()} == set(RUNTIME_KINDS)
     runtimes = {doc["kind"]: doc for path in MANIFESTS for doc in _documents(path) if doc["kind"] in RUNTIME_KINDS}
-    assert "namespace" not in runtimes["TrainingRuntime"]["metadata"]  # the TrainJob's namespace, wherever it is applied
+    assert (
+        "namespace" not in runtimes["TrainingRuntime"]["metadata"]
+    )  # the TrainJob's namespace, wherever it is applied
     # one runtime, two scopes: they must not drift apart
     assert runtimes["TrainingRuntime"]["spec"] == runtimes["ClusterTrainingRuntime"]["spec"]
     assert runtimes["TrainingRuntime"]["metadata"]["labels"] == runtimes["ClusterTrainingRuntime"]["metadata"]["labels"]
@@ -176,7 +189,10 @@ def test_every_trainjob_serves_metrics_on_the_port_its_runtime_declares(name, tr
     # the TrainJob's trainer.args replace the runtime container's args, so they must name the port again
     for pod in _pod_specs(runtime):
         (port,) = [p for p in pod["containers"][0]["ports"] if p.get("name") == METRICS_PORT_NAME]
-        assert parse_config(trainjob["spec"]["trainer"]["args"], environ={}).reporting.metrics_port == port["containerPort"]
+        assert (
+            parse_config(trainjob["spec"]["trainer"]["args"], environ={}).reporting.metrics_port
+            == port["containerPort"]
+        )
 
 
 def _pod_monitors():
@@ -185,10 +201,29 @@ def _pod_monitors():
 
 # The fields of the Prometheus Operator's PodMonitor (monitoring.coreos.com/v1) that a manifest here may use. No
 # schema for it is bundled with the validators below, so a misspelt field is caught here instead.
-PODMONITOR_SPEC_FIELDS = {"selector", "namespaceSelector", "podMetricsEndpoints", "jobLabel", "podTargetLabels",
-                          "sampleLimit", "targetLimit", "attachMetadata"}
-PODMONITOR_ENDPOINT_FIELDS = {"port", "path", "scheme", "interval", "scrapeTimeout", "honorLabels",
-                              "honorTimestamps", "relabelings", "metricRelabelings", "params", "filterRunning"}
+PODMONITOR_SPEC_FIELDS = {
+    "selector",
+    "namespaceSelector",
+    "podMetricsEndpoints",
+    "jobLabel",
+    "podTargetLabels",
+    "sampleLimit",
+    "targetLimit",
+    "attachMetadata",
+}
+PODMONITOR_ENDPOINT_FIELDS = {
+    "port",
+    "path",
+    "scheme",
+    "interval",
+    "scrapeTimeout",
+    "honorLabels",
+    "honorTimestamps",
+    "relabelings",
+    "metricRelabelings",
+    "params",
+    "filterRunning",
+}
 
 
 def test_the_podmonitor_is_well_formed():
@@ -224,12 +259,17 @@ def _pod_failure_action(policy, exit_codes, conditions=()):
     for rule in policy["rules"]:
         codes = rule.get("onExitCodes")
         if codes:
-            seen = [code for container, code in exit_codes.items()
-                    if code != 0 and codes.get("containerName") in (None, container)]
+            seen = [
+                code
+                for container, code in exit_codes.items()
+                if code != 0 and codes.get("containerName") in (None, container)
+            ]
             if any((code in codes["values"]) == (codes["operator"] == "In") for code in seen):
                 return rule["action"]
-        if any(pattern["type"] in conditions and pattern.get("status", "True") == "True"
-               for pattern in rule.get("onPodConditions", [])):
+        if any(
+            pattern["type"] in conditions and pattern.get("status", "True") == "True"
+            for pattern in rule.get("onPodConditions", [])
+        ):
             return rule["action"]
     return None
 
@@ -253,8 +293,9 @@ def test_the_job_fails_at_once_on_a_refusal_and_does_not_count_disruptions():
 def test_the_dockerfile_runs_the_trainer_as_pid_1_as_a_non_root_user_without_downloads():
     lines = [l.strip() for l in (DEPLOY / "Dockerfile").read_text().splitlines() if l.strip() and not l.startswith("#")]
     base = next(l for l in lines if l.startswith("ARG BASE_IMAGE="))
-    assert re.fullmatch(r"ARG BASE_IMAGE=pytorch/pytorch:2\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime(@sha256:[0-9a-f]{64})?",
-                        base)
+    assert re.fullmatch(
+        r"ARG BASE_IMAGE=pytorch/pytorch:2\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime(@sha256:[0-9a-f]{64})?", base
+    )
     assert "pip install --no-deps ." in " ".join(lines)  # torch comes from the base image
     user = [l for l in lines if l.startswith("USER ")][-1]
     assert user.split()[1] not in ("root", "0")
@@ -282,20 +323,27 @@ def _kubernetes_objects(doc):
     TrainingRuntime (batch/v1 JobTemplateSpecs) as Jobs, the objects that hold exactly those types."""
     kind = doc["kind"]
     if kind == "PyTorchJob":
-        return [(f"pytorchReplicaSpecs.{role}.template",
-                 {"apiVersion": "v1", "kind": "PodTemplate", "template": replica["template"]})
-                for role, replica in doc["spec"]["pytorchReplicaSpecs"].items()]
+        return [
+            (
+                f"pytorchReplicaSpecs.{role}.template",
+                {"apiVersion": "v1", "kind": "PodTemplate", "template": replica["template"]},
+            )
+            for role, replica in doc["spec"]["pytorchReplicaSpecs"].items()
+        ]
     if kind in RUNTIME_KINDS:
-        return [(f"replicatedJobs[{job['name']}].template", {"apiVersion": "batch/v1", "kind": "Job", **job["template"]})
-                for job in doc["spec"]["template"]["spec"]["replicatedJobs"]]
+        return [
+            (f"replicatedJobs[{job['name']}].template", {"apiVersion": "batch/v1", "kind": "Job", **job["template"]})
+            for job in doc["spec"]["template"]["spec"]["replicatedJobs"]
+        ]
     if kind == "TrainJob" or (doc["apiVersion"], kind) in HAND_CHECKED_KINDS:
         return []  # no template inside; the Trainer API models, or the kind's own test, check it
     return [("", doc)]  # an unknown kind has no schema and fails
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
-@pytest.mark.parametrize("name,doc", [pytest.param(name, doc, id=name) for name, doc in _all_documents()
-                                      if _kubernetes_objects(doc)])
+@pytest.mark.parametrize(
+    "name,doc", [pytest.param(name, doc, id=name) for name, doc in _all_documents() if _kubernetes_objects(doc)]
+)
 def test_every_core_object_and_pod_template_matches_the_kubernetes_schema(name, doc, version):
     errors = []
     for where, obj in _kubernetes_objects(doc):
@@ -324,8 +372,11 @@ def _differences(given, returned, path=()):
     if type(given) is type(returned) and given == returned:
         return []
     quantity = path[-2:-1] in (("limits",), ("requests",)) or path[-1:] == ("sizeLimit",)
-    if quantity and type(given) in (int, float) and any(
-            type(returned) is type(form) and returned == form for form in (str(given), float(given))):
+    if (
+        quantity
+        and type(given) in (int, float)
+        and any(type(returned) is type(form) and returned == form for form in (str(given), float(given)))
+    ):
         return []
     return [f"{where}: {given!r} came back as {returned!r}"]
 
@@ -344,8 +395,10 @@ def _kubeflow_round_trip(doc):
     raise AssertionError(f"no Kubeflow models for {api}")
 
 
-@pytest.mark.parametrize("name,doc", [pytest.param(name, doc, id=name) for name, doc in _all_documents()
-                                      if "kubeflow.org/" in doc["apiVersion"]])
+@pytest.mark.parametrize(
+    "name,doc",
+    [pytest.param(name, doc, id=name) for name, doc in _all_documents() if "kubeflow.org/" in doc["apiVersion"]],
+)
 def test_every_kubeflow_object_matches_the_kubeflow_models(name, doc):
     # the models drop unknown fields and coerce types silently: the round trip must give the manifest again
     differences = _differences(doc, _kubeflow_round_trip(doc))
@@ -383,8 +436,11 @@ def _copy_sources(arguments):
 
 def _dependency_install():
     """(index, arguments) of the RUN that installs the dependencies: the pip install without --no-deps."""
-    found = [(i, args) for i, (keyword, args) in enumerate(_dockerfile_instructions())
-             if keyword == "RUN" and "pip install" in args and "--no-deps" not in args]
+    found = [
+        (i, args)
+        for i, (keyword, args) in enumerate(_dockerfile_instructions())
+        if keyword == "RUN" and "pip install" in args and "--no-deps" not in args
+    ]
     assert len(found) == 1, "one RUN of its own installs the dependencies, apart from `pip install --no-deps .`"
     return found[0]
 
@@ -398,7 +454,7 @@ def _pyproject():
 
 
 def _name(requirement):
-    return re.split(r"[<>=!~;\[ ]", requirement, 1)[0].lower().replace("_", "-")
+    return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
 
 
 def test_the_dockerfile_installs_the_dependencies_before_it_copies_the_code():
@@ -411,7 +467,9 @@ def test_the_dockerfile_installs_the_dependencies_before_it_copies_the_code():
         if i < deps:
             assert all(source == "pyproject.toml" or source.startswith("deploy/") for source in sources), sources
     (code,) = [i for i, sources in copies if "resnet_ddp" in sources]
-    (package,) = [i for i, (keyword, args) in enumerate(instructions) if keyword == "RUN" and "pip install --no-deps ." in args]
+    (package,) = [
+        i for i, (keyword, args) in enumerate(instructions) if keyword == "RUN" and "pip install --no-deps ." in args
+    ]
     assert deps < code < package
 
 
@@ -419,8 +477,13 @@ def test_the_image_installs_every_dependency_and_tensorboard_and_matplotlib():
     # the requirements the dependency step installs: deploy/image_requirements.py, run as the Dockerfile runs it
     _, run = _dependency_install()
     arguments = re.search(r"image_requirements\.py((?:\s+[\w.-]+)+)", run).group(1).split()
-    printed = subprocess.run([sys.executable, str(DEPLOY / "image_requirements.py"), *arguments], cwd=DEPLOY.parent,
-                             check=True, capture_output=True, text=True).stdout.split("\n")
+    printed = subprocess.run(
+        [sys.executable, str(DEPLOY / "image_requirements.py"), *arguments],
+        cwd=DEPLOY.parent,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split("\n")
     installed = {_name(r) for r in printed if r.strip()}
     needed = {_name(r) for r in _pyproject()["project"]["dependencies"]}
     assert needed | {"tensorboard", "matplotlib"} <= installed  # --tensorboard and `resnet-ddp report` work in a pod
@@ -455,21 +518,35 @@ def test_the_image_carries_the_oci_labels():
 
 
 def test_the_image_exposes_the_metrics_port_the_manifests_declare():
-    exposed = {int(port.split("/")[0]) for keyword, args in _dockerfile_instructions() if keyword == "EXPOSE"
-               for port in args.split()}
-    declared = {port["containerPort"] for _, doc in _workloads() for pod in _pod_specs(doc)
-                for container in pod["containers"] for port in container.get("ports", [])
-                if port.get("name") == METRICS_PORT_NAME}
+    exposed = {
+        int(port.split("/")[0])
+        for keyword, args in _dockerfile_instructions()
+        if keyword == "EXPOSE"
+        for port in args.split()
+    }
+    declared = {
+        port["containerPort"]
+        for _, doc in _workloads()
+        for pod in _pod_specs(doc)
+        for container in pod["containers"]
+        for port in container.get("ports", [])
+        if port.get("name") == METRICS_PORT_NAME
+    }
     assert declared and exposed == declared
 
 
 def test_the_build_context_holds_what_the_dockerfile_copies():
     # deploy/Dockerfile.dockerignore (BuildKit reads it beside the Dockerfile): the context is what the image
     # copies, not the whole checkout (a virtualenv, checkpoints, bench results)
-    ignore = [l.strip() for l in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
-              if l.strip() and not l.startswith("#")]
+    ignore = [
+        l.strip()
+        for l in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+        if l.strip() and not l.startswith("#")
+    ]
     assert ignore[0] == "*"
     kept = {l[1:] for l in ignore if l.startswith("!")}
-    copied = {source for keyword, args in _dockerfile_instructions() if keyword == "COPY" for source in _copy_sources(args)}
+    copied = {
+        source for keyword, args in _dockerfile_instructions() if keyword == "COPY" for source in _copy_sources(args)
+    }
     assert copied <= kept
     assert all((DEPLOY.parent / source).exists() for source in copied)

@@ -11,7 +11,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import Job, free_port, run_train, train_command, wait_for_no_leftovers
 from steps import compare_steps
 from test_training import GLOBAL_LINE, assert_trained
@@ -21,8 +20,26 @@ pytestmark = [
     pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs"),
 ]
 
-GPU_TINY = ["--nproc-per-node", "2", "--arch", "resnet18", "--image-size", "64", "--dataset-size", "404",
-            "--batch-size", "8", "--epochs", "2", "--num-workers", "2", "--num-classes", "10", "--lr", "0.01"]
+GPU_TINY = [
+    "--nproc-per-node",
+    "2",
+    "--arch",
+    "resnet18",
+    "--image-size",
+    "64",
+    "--dataset-size",
+    "404",
+    "--batch-size",
+    "8",
+    "--epochs",
+    "2",
+    "--num-workers",
+    "2",
+    "--num-classes",
+    "10",
+    "--lr",
+    "0.01",
+]
 # Keep NVLink multicast off on shared machines.
 SAFE = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -41,8 +58,21 @@ def test_standalone_spawn_with_syncbn_over_nccl(save_dir):
 
 
 def test_torchrun_launch_on_gpus(save_dir):
-    job = Job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "train.py", *GPU_TINY, "--save-dir", str(save_dir)], SAFE)
+    job = Job(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "train.py",
+            *GPU_TINY,
+            "--save-dir",
+            str(save_dir),
+        ],
+        SAFE,
+    )
     assert_trained(job.wait(), save_dir, ranks=2, epochs=2)
 
 
@@ -70,8 +100,9 @@ def test_cuda_graphs_keep_the_arithmetic(tmp_path):
     for name, flag in (("eager", "--no-cuda-graphs"), ("graphed", "--cuda-graphs")):
         save_dir = tmp_path / name
         # fp32 convolutions (no TF32): then only the summation order may differ between the runs' kernels.
-        result = run_train(*common, flag, "--save-dir", str(save_dir), env=dict(SAFE, NVIDIA_TF32_OVERRIDE="0"),
-                           timeout=300)
+        result = run_train(
+            *common, flag, "--save-dir", str(save_dir), env=dict(SAFE, NVIDIA_TF32_OVERRIDE="0"), timeout=300
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         records = [json.loads(line) for line in (save_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
         losses = [r["loss"] for r in records if r["kind"] == "step" and r["rank"] == 0]
@@ -92,14 +123,28 @@ def _farthest(a: dict, b: dict) -> float:
 
 def test_a_graphed_job_cut_after_its_background_checkpoints_resumes_to_the_uninterrupted_weights(tmp_path):
     """Checkpoints written in the background while the graph replays, then a crash, then a resume with a new capture."""
-    common = [*GPU_TINY, "--data", "gpu", "--max-steps", "40", "--checkpoint-every", "10", "--keep-checkpoints", "4",
-              "--lr", "0.0001", "--seed", "3"]
+    common = [
+        *GPU_TINY,
+        "--data",
+        "gpu",
+        "--max-steps",
+        "40",
+        "--checkpoint-every",
+        "10",
+        "--keep-checkpoints",
+        "4",
+        "--lr",
+        "0.0001",
+        "--seed",
+        "3",
+    ]
     env = dict(SAFE, NVIDIA_TF32_OVERRIDE="0")
     whole_dir, cut_dir = tmp_path / "whole", tmp_path / "cut"
     whole = run_train(*common, "--save-dir", str(whole_dir), env=env, timeout=300)
     assert whole.returncode == 0, whole.stderr[-2000:]
-    cut = run_train(*common, "--fail-at-step", "33", "--fail-mode", "exit", "--save-dir", str(cut_dir), env=env,
-                    timeout=300)
+    cut = run_train(
+        *common, "--fail-at-step", "33", "--fail-mode", "exit", "--save-dir", str(cut_dir), env=env, timeout=300
+    )
     assert cut.returncode == 3, cut.stderr[-2000:]
     assert sorted(p.name for p in cut_dir.glob("checkpoint-*.pt"))[-1] == "checkpoint-000000030.pt"
     resumed = run_train(*common, "--save-dir", str(cut_dir), env=env, timeout=300)
@@ -121,11 +166,21 @@ def test_a_graphed_job_cut_after_its_background_checkpoints_resumes_to_the_unint
     assert _farthest(torch.load(cut_dir / "model_final.pth"), whole_final) < ten_steps / 2
 
 
-@pytest.mark.parametrize("options", [
-    ["--amp", "bf16"], ["--amp", "fp16"], ["--data", "gpu"], ["--fast", "--batch-size", "8"],
-    ["--compile", "--no-cuda-graphs"], ["--compile"], ["--compile", "--no-syncbn-symm-mem"], ["--no-sync-bn"],
-    ["--no-syncbn-symm-mem"],
-], ids=" ".join)
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--amp", "bf16"],
+        ["--amp", "fp16"],
+        ["--data", "gpu"],
+        ["--fast", "--batch-size", "8"],
+        ["--compile", "--no-cuda-graphs"],
+        ["--compile"],
+        ["--compile", "--no-syncbn-symm-mem"],
+        ["--no-sync-bn"],
+        ["--no-syncbn-symm-mem"],
+    ],
+    ids=" ".join,
+)
 def test_every_speed_option_trains(options, save_dir):
     result = run_train(*GPU_TINY, *options, "--save-dir", str(save_dir), env=SAFE, timeout=600)
     losses = assert_trained(result, save_dir, ranks=2, epochs=2)
@@ -144,10 +199,30 @@ def test_metrics_endpoint_has_nvml_gauges_for_both_gpus(save_dir):
     from test_telemetry import scrape_samples, scrape_until
 
     port = free_port()
-    job = Job(train_command(*GPU_TINY, "--epochs", "400", "--log-interval", "5", "--warmup-steps", "5",
-                            "--metrics-port", str(port), "--save-dir", str(save_dir)), SAFE)
-    scrape_until(job, port, lambda m: all(("resnet_ddp_gpu_utilization_ratio", r) in m
-                                          and m.get(("resnet_ddp_steps_total", r), 0) >= 20 for r in (0, 1)))
+    job = Job(
+        train_command(
+            *GPU_TINY,
+            "--epochs",
+            "400",
+            "--log-interval",
+            "5",
+            "--warmup-steps",
+            "5",
+            "--metrics-port",
+            str(port),
+            "--save-dir",
+            str(save_dir),
+        ),
+        SAFE,
+    )
+    scrape_until(
+        job,
+        port,
+        lambda m: all(
+            ("resnet_ddp_gpu_utilization_ratio", r) in m and m.get(("resnet_ddp_steps_total", r), 0) >= 20
+            for r in (0, 1)
+        ),
+    )
     time.sleep(2)  # a few more NVML samples inside the steady window, for the summary's mean
     samples = scrape_samples(port)
     job.process.send_signal(signal.SIGTERM)
@@ -197,7 +272,9 @@ def _syncbn_rank(rank, port, x_full, dy_full, channels_last, out):
             x.requires_grad_(True)
             y = layer(x)
             y.backward(dy_full.chunk(2)[rank].cuda())
-        results[name] = [t.detach().cpu() for t in (y, x.grad, layer.weight.grad, layer.running_mean, layer.running_var)]
+        results[name] = [
+            t.detach().cpu() for t in (y, x.grad, layer.weight.grad, layer.running_mean, layer.running_var)
+        ]
     # The symmetric path ran: its slices hold this rank's statistics row (the count last) and its backward sums.
     row = symm.symmetric_slots.rows[rank]
     results["row"] = (row[-1].item(), row[:-1].abs().sum().item(), symm.symmetric_slots.sums.abs().sum().item())
@@ -249,8 +326,10 @@ def _handed_relu_rank(rank, port, channels_last, out):
             y.backward(dy)
             torch.cuda.synchronize()
         kernels[name] = sorted({event.name for event in prof.events() if event.device_type.name == "CUDA"})
-        results[name] = [t.detach().cpu() for t in (y, xi.grad, ri.grad, layer.weight.grad, layer.bias.grad,
-                                                    layer.running_mean, layer.running_var)]
+        results[name] = [
+            t.detach().cpu()
+            for t in (y, xi.grad, ri.grad, layer.weight.grad, layer.bias.grad, layer.running_mean, layer.running_var)
+        ]
         results[name].append(y.is_contiguous(memory_format=memory_format))
     out[rank] = {"results": results, "kernels": kernels}
     dist.destroy_process_group()
@@ -350,8 +429,13 @@ def _compiled_gradients_rank(rank, port, amp, symm_mem, out):
     if symm_mem:
         syncbn.use_symmetric_memory(dist.group.WORLD)
     torch.manual_seed(0)  # the same weights on both ranks, as DDP makes them
-    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1, bias=False), SyncBatchNorm(8), torch.nn.ReLU(),
-                                torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), SyncBatchNorm(8)).cuda()
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(4, 8, 3, padding=1, bias=False),
+        SyncBatchNorm(8),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        SyncBatchNorm(8),
+    ).cuda()
     torch.manual_seed(1 + rank)
     x = torch.randn(16, 4, 14, 14, device="cuda")
     weights = torch.randn(16, 8, 14, 14, device="cuda")
@@ -371,8 +455,11 @@ def _compiled_gradients_rank(rank, port, amp, symm_mem, out):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("amp,symm_mem", [("off", False), ("bf16", False), ("off", True), ("bf16", True)],
-                         ids=["off", "bf16", "off-symm-mem", "bf16-symm-mem"])
+@pytest.mark.parametrize(
+    "amp,symm_mem",
+    [("off", False), ("bf16", False), ("off", True), ("bf16", True)],
+    ids=["off", "bf16", "off-symm-mem", "bf16-symm-mem"],
+)
 def test_compiled_syncbn_gives_the_gradients_of_the_eager_layer(amp, symm_mem):
     """On torch 2.11, the compiled layer once left every gradient before it at zero in fp32 (a no-op .to() on its
     output); bf16 converts for real and was right. Both must match the eager layer, also with the all-reduces
@@ -381,8 +468,7 @@ def test_compiled_syncbn_gives_the_gradients_of_the_eager_layer(amp, symm_mem):
 
     os.environ.update(SAFE)
     out = mp.get_context("spawn").Manager().dict()
-    mp.start_processes(_compiled_gradients_rank, args=(free_port(), amp, symm_mem, out), nprocs=2,
-                       start_method="spawn")
+    mp.start_processes(_compiled_gradients_rank, args=(free_port(), amp, symm_mem, out), nprocs=2, start_method="spawn")
     for rank in range(2):
         grads = out[rank]["grads"]
         for eager, compiled in zip(grads["eager"], grads["compiled"]):
@@ -426,10 +512,32 @@ def test_two_torchrun_agents_over_nccl_one_gpu_each(tmp_path):
     port = free_port()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0,1").split(",")
     agents = [
-        Job([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "gpu-nodes",
-             "train.py", *GPU_TINY, "--nproc-per-node", "1", "--min-gpus", "1", "--save-dir", str(tmp_path / f"node{i}")],
-            dict(SAFE, CUDA_VISIBLE_DEVICES=visible[i]))
+        Job(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv-id",
+                "gpu-nodes",
+                "train.py",
+                *GPU_TINY,
+                "--nproc-per-node",
+                "1",
+                "--min-gpus",
+                "1",
+                "--save-dir",
+                str(tmp_path / f"node{i}"),
+            ],
+            dict(SAFE, CUDA_VISIBLE_DEVICES=visible[i]),
+        )
         for i in range(2)
     ]
     results = [agent.wait(timeout=400) for agent in agents]
@@ -440,13 +548,30 @@ def test_two_torchrun_agents_over_nccl_one_gpu_each(tmp_path):
     assert not (tmp_path / f"node{1 - main}" / "model_final.pth").exists()
 
 
-@pytest.mark.parametrize("launcher,collectives", [("standalone", "symm-mem"), ("torchrun", "symm-mem"), ("standalone", "nccl")])
+@pytest.mark.parametrize(
+    "launcher,collectives", [("standalone", "symm-mem"), ("torchrun", "symm-mem"), ("standalone", "nccl")]
+)
 def test_a_hung_rank_ends_a_graphed_gpu_job_through_the_dist_timeout(launcher, collectives, save_dir):
     """Past capture, collectives replay from a CUDA graph where NCCL's watchdog does not see them, and
     --log-interval 1 blocks the host reading each loss: the job must still end within --dist-timeout.
     On symmetric memory the survivor's GPU spins in the one-shot kernel rather than waiting in NCCL's."""
-    args = [*GPU_TINY, "--epochs", "50", "--fail-at-step", "30", "--fail-rank", "1", "--fail-mode", "hang",
-            "--dist-timeout", "30", "--log-interval", "1", "--save-dir", str(save_dir)]
+    args = [
+        *GPU_TINY,
+        "--epochs",
+        "50",
+        "--fail-at-step",
+        "30",
+        "--fail-rank",
+        "1",
+        "--fail-mode",
+        "hang",
+        "--dist-timeout",
+        "30",
+        "--log-interval",
+        "1",
+        "--save-dir",
+        str(save_dir),
+    ]
     if collectives == "nccl":
         args.append("--no-syncbn-symm-mem")
     prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -462,6 +587,7 @@ def test_a_hung_rank_ends_a_graphed_gpu_job_through_the_dist_timeout(launcher, c
 
 # Scenarios on GPUs: load shaping, the ballast, and the faults inside CUDA-graphed steps.
 
+
 def _records(save_dir, kind):
     lines = (save_dir / "logs" / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
@@ -469,8 +595,20 @@ def _records(save_dir, kind):
 
 def test_duty_cycle_on_gpus_sleeps_the_agreed_busy_time_of_graphed_steps(save_dir):
     # Pacing starts two steps after graph capture (step 14): 50 steps leave 36 paced ones.
-    result = run_train(*GPU_TINY, "--epochs", "50", "--max-steps", "50", "--duty-cycle", "0.25", "--log-interval", "1",
-                       "--save-dir", str(save_dir), env=SAFE)
+    result = run_train(
+        *GPU_TINY,
+        "--epochs",
+        "50",
+        "--max-steps",
+        "50",
+        "--duty-cycle",
+        "0.25",
+        "--log-interval",
+        "1",
+        "--save-dir",
+        str(save_dir),
+        env=SAFE,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "CUDA graphs on" in result.stdout
     paced = {}
@@ -487,8 +625,18 @@ def test_duty_cycle_on_gpus_sleeps_the_agreed_busy_time_of_graphed_steps(save_di
 def test_load_profile_phases_and_idle_on_gpus(save_dir):
     # A fresh machine's start-up (kernel compilation, autotuning, capture) can outlast the first phase:
     # it stretches that phase and must skip none after it.
-    result = run_train(*GPU_TINY, "--epochs", "1000", "--load-profile", "4s@100,3s@0,4s@50", "--duration", "40s",
-                       "--save-dir", str(save_dir), env=SAFE)
+    result = run_train(
+        *GPU_TINY,
+        "--epochs",
+        "1000",
+        "--load-profile",
+        "4s@100,3s@0,4s@50",
+        "--duration",
+        "40s",
+        "--save-dir",
+        str(save_dir),
+        env=SAFE,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     switches = re.findall(r"^\[Rank (\d)\] load phase (\d) of 3 after step (\d+): (.+)$", result.stdout, re.M)
     by_rank = [[(phase, step) for rank, phase, step, _ in switches if rank == str(r)] for r in (0, 1)]
@@ -499,15 +647,35 @@ def test_load_profile_phases_and_idle_on_gpus(save_dir):
 
 def test_nan_skip_inside_a_cuda_graph_leaves_the_weights_of_that_step_unchanged(save_dir):
     # Step 14 runs as a replay of the graph captured at step 12.
-    result = run_train(*GPU_TINY, "--max-steps", "16", "--momentum", "0.9", "--checkpoint-every", "1",
-                       "--keep-checkpoints", "20", "--fail-at-step", "14", "--fail-rank", "1", "--fail-mode", "nan",
-                       "--nan-policy", "skip", "--save-dir", str(save_dir), env=SAFE)
+    result = run_train(
+        *GPU_TINY,
+        "--max-steps",
+        "16",
+        "--momentum",
+        "0.9",
+        "--checkpoint-every",
+        "1",
+        "--keep-checkpoints",
+        "20",
+        "--fail-at-step",
+        "14",
+        "--fail-rank",
+        "1",
+        "--fail-mode",
+        "nan",
+        "--nan-policy",
+        "skip",
+        "--save-dir",
+        str(save_dir),
+        env=SAFE,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "CUDA graphs on" in result.stdout
     for rank in (0, 1):
         assert f"[Rank {rank}] skipped the update of step 14: gradients not finite" in result.stdout
-    before, nan_step, after = (torch.load(save_dir / f"checkpoint-{step:09d}.pt", weights_only=True)
-                               for step in (13, 14, 15))
+    before, nan_step, after = (
+        torch.load(save_dir / f"checkpoint-{step:09d}.pt", weights_only=True) for step in (13, 14, 15)
+    )
     for name, value in before["model"].items():
         if "running_" not in name and "num_batches_tracked" not in name:
             assert torch.equal(value, nan_step["model"][name]), name
@@ -516,16 +684,30 @@ def test_nan_skip_inside_a_cuda_graph_leaves_the_weights_of_that_step_unchanged(
 
 
 def test_nan_stop_on_gpus_fails_the_job_naming_step_and_rank(save_dir):
-    result = run_train(*GPU_TINY, "--fail-at-step", "14", "--fail-rank", "1", "--fail-mode", "nan",
-                       "--save-dir", str(save_dir), env=SAFE)
+    result = run_train(
+        *GPU_TINY,
+        "--fail-at-step",
+        "14",
+        "--fail-rank",
+        "1",
+        "--fail-mode",
+        "nan",
+        "--save-dir",
+        str(save_dir),
+        env=SAFE,
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     assert "the loss was not finite at step 14 on rank 1 (--nan-policy stop)" in result.stderr
     assert not (save_dir / "model_final.pth").exists()
 
 
 def test_oom_fault_on_a_gpu_is_a_real_cuda_out_of_memory(save_dir):
-    job = Job(train_command(*GPU_TINY, "--fail-at-step", "3", "--fail-rank", "1", "--fail-mode", "oom",
-                            "--save-dir", str(save_dir)), SAFE)
+    job = Job(
+        train_command(
+            *GPU_TINY, "--fail-at-step", "3", "--fail-rank", "1", "--fail-mode", "oom", "--save-dir", str(save_dir)
+        ),
+        SAFE,
+    )
     result = job.wait(timeout=300)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "OutOfMemoryError" in result.stderr and "CUDA out of memory" in result.stderr
@@ -534,12 +716,23 @@ def test_oom_fault_on_a_gpu_is_a_real_cuda_out_of_memory(save_dir):
 
 
 def test_gpu_memory_ballast_is_held_for_the_run(save_dir):
-    result = run_train(*GPU_TINY, "--max-steps", "20", "--log-interval", "1", "--gpu-memory-ballast", "2GiB",
-                       "--save-dir", str(save_dir), env=SAFE)
+    result = run_train(
+        *GPU_TINY,
+        "--max-steps",
+        "20",
+        "--log-interval",
+        "1",
+        "--gpu-memory-ballast",
+        "2GiB",
+        "--save-dir",
+        str(save_dir),
+        env=SAFE,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):
-        assert re.search(rf"^\[Rank {rank}\] holding a 2.0 GiB GPU memory ballast on cuda:{rank} \(written",
-                         result.stdout, re.M)
+        assert re.search(
+            rf"^\[Rank {rank}\] holding a 2.0 GiB GPU memory ballast on cuda:{rank} \(written", result.stdout, re.M
+        )
     memory = {r["global_step"]: r["mem_gib"] for r in _records(save_dir, "step") if r["rank"] == 0}
     assert memory[20] - memory[11] >= 1.9  # allocated after step 12 (graph capture), held to the end
 
@@ -560,17 +753,42 @@ def test_a_ballast_that_fits_alone_but_not_beside_the_job_is_refused_after_the_f
     pynvml.nvmlShutdown()
     # Leaves room for the CUDA context and the 1 GiB margin, not for ResNet-18 at 224 px, batch 256 (GBs).
     ballast = f"{(free - 3 * 2**30) // 2**20}MiB"
-    result = run_train("--nproc-per-node", "2", "--arch", "resnet18", "--batch-size", "256", "--data", "gpu",
-                       "--max-steps", "20", "--gpu-memory-ballast", ballast, "--save-dir", str(save_dir),
-                       env=dict(SAFE, CUDA_DEVICE_ORDER="PCI_BUS_ID"), timeout=600)
+    result = run_train(
+        "--nproc-per-node",
+        "2",
+        "--arch",
+        "resnet18",
+        "--batch-size",
+        "256",
+        "--data",
+        "gpu",
+        "--max-steps",
+        "20",
+        "--gpu-memory-ballast",
+        ballast,
+        "--save-dir",
+        str(save_dir),
+        env=dict(SAFE, CUDA_DEVICE_ORDER="PCI_BUS_ID"),
+        timeout=600,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     (line,) = [l for l in result.stderr.splitlines() if "does not fit" in l]
     assert "beside the training job: the job holds" in line and "lower the ballast or the batch size" in line
 
 
 def test_the_smoke_scenario_on_gpus(save_dir):
-    result = run_train("--scenario", "smoke", "--nproc-per-node", "2", "--duration", "15s", "--save-dir", str(save_dir),
-                       env=SAFE, timeout=300)
+    result = run_train(
+        "--scenario",
+        "smoke",
+        "--nproc-per-node",
+        "2",
+        "--duration",
+        "15s",
+        "--save-dir",
+        str(save_dir),
+        env=SAFE,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "scenario smoke" in result.stdout and "resnet18 on 2 x cuda" in result.stdout
     assert (save_dir / "model_final.pth").exists()

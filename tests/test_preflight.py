@@ -10,11 +10,11 @@ import json
 import math
 
 import pytest
-
 from conftest import TINY, run_train
-from resnet_ddp.health import preflight
+
 from resnet_ddp.entry.cli import build_parser, parse_config
 from resnet_ddp.errors import UsageError
+from resnet_ddp.health import preflight
 from resnet_ddp.health.straggler import StragglerTracker
 
 SLOW_RANK_1 = {"RESNET_DDP_TEST_SLOW_RANK": "1:0.1"}
@@ -64,8 +64,21 @@ def test_strict_preflight_with_a_finding_exits_1_before_training(save_dir):
 
 def test_a_slow_rank_is_named_by_the_preflight_then_as_a_straggler_once(save_dir):
     env = {"RESNET_DDP_TEST_SLOW_RANK": "1:0.15", "RESNET_DDP_STRAGGLER_WINDOW": "1.5s"}
-    result = run_train(*TINY, "--preflight", "--epochs", "10", "--max-steps", "12", "--warmup-steps", "1",
-                       "--log-interval", "1", "--save-dir", str(save_dir), env=env)
+    result = run_train(
+        *TINY,
+        "--preflight",
+        "--epochs",
+        "10",
+        "--max-steps",
+        "12",
+        "--warmup-steps",
+        "1",
+        "--log-interval",
+        "1",
+        "--save-dir",
+        str(save_dir),
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 1 (host" in warnings(result.stdout, "preflight")[0]  # warn: named, then trained anyway
     assert (save_dir / "model_final.pth").exists()
@@ -80,10 +93,13 @@ def test_a_slow_rank_is_named_by_the_preflight_then_as_a_straggler_once(save_dir
         assert all(r["straggler_ranks"] in ([], [1]) for r in steps)
 
 
-@pytest.mark.parametrize("args,env,expected", [
-    (["--preflight", "loud"], {}, "--preflight"),
-    ([], {"RESNET_DDP_TEST_SLOW_RANK": "2:0.1"}, "RESNET_DDP_TEST_SLOW_RANK: rank 2 is not a rank"),
-])
+@pytest.mark.parametrize(
+    "args,env,expected",
+    [
+        (["--preflight", "loud"], {}, "--preflight"),
+        ([], {"RESNET_DDP_TEST_SLOW_RANK": "2:0.1"}, "RESNET_DDP_TEST_SLOW_RANK: rank 2 is not a rank"),
+    ],
+)
 def test_bad_preflight_input_is_one_line_and_exit_2(args, env, expected, save_dir):
     result = run_train(*TINY, *args, "--save-dir", str(save_dir), env=env, timeout=60)
     assert result.returncode == 2, result.stderr
@@ -105,8 +121,12 @@ def test_preflight_options_and_their_environment():
     assert parse_config([], environ={}).health.straggler_window_s == 60
     assert parse_config([], environ={"RESNET_DDP_STRAGGLER_WINDOW": "0"}).health.straggler_window_s == 0
     assert parse_config([], environ={"RESNET_DDP_TEST_SLOW_RANK": "1:0.05"}).health.test_slow_rank == (1, 0.05)
-    for env in ({"RESNET_DDP_PREFLIGHT": "maybe"}, {"RESNET_DDP_TEST_SLOW_RANK": "1"},
-                {"RESNET_DDP_TEST_SLOW_RANK": "1:-2"}, {"RESNET_DDP_STRAGGLER_WINDOW": "soon"}):
+    for env in (
+        {"RESNET_DDP_PREFLIGHT": "maybe"},
+        {"RESNET_DDP_TEST_SLOW_RANK": "1"},
+        {"RESNET_DDP_TEST_SLOW_RANK": "1:-2"},
+        {"RESNET_DDP_STRAGGLER_WINDOW": "soon"},
+    ):
         with pytest.raises(UsageError, match=next(iter(env))):
             parse_config([], environ=env)
     text = build_parser({}).format_help()
@@ -120,8 +140,13 @@ def test_bus_bandwidth_is_nccl_tests():
 
 
 def _rank(rank, tflops, device="NVIDIA H100 80GB HBM3", host="a", links=None):
-    return {"place": {"rank": rank, "host": host, "local_rank": rank, "gpu": str(rank)}, "device": device,
-            "capability": [9, 0], "matmul": {"tflops": tflops, "precision": "bf16"}, "links": links}
+    return {
+        "place": {"rank": rank, "host": host, "local_rank": rank, "gpu": str(rank)},
+        "device": device,
+        "capability": [9, 0],
+        "matmul": {"tflops": tflops, "precision": "bf16"},
+        "links": links,
+    }
 
 
 def _nvlinks(active=18, p2p=True):
@@ -161,8 +186,10 @@ def test_bus_bandwidth_verdict_follows_the_links_nvml_reports():
     # no verdict across hosts (the network decides) or without NVML: a note instead
     two_hosts = [_rank(r, 700.0, host="ab"[r % 2], links=_nvlinks()) for r in range(4)]
     assert "note" in preflight.link_expectation(two_hosts) and preflight.judge(_report(two_hosts, 1.0)) == []
-    no_nvml = [_rank(r, 700.0, links={"available": False, "note": "NVML unavailable (x): link check skipped"})
-               for r in range(2)]
+    no_nvml = [
+        _rank(r, 700.0, links={"available": False, "note": "NVML unavailable (x): link check skipped"})
+        for r in range(2)
+    ]
     assert "skipped" in preflight.link_expectation(no_nvml)["note"] and preflight.judge(_report(no_nvml, 1.0)) == []
 
 

@@ -13,7 +13,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import REPO, TINY, Job, run_train, train_command, wait_for_no_leftovers
 from test_training import GLOBAL_LINE
 
@@ -60,8 +59,12 @@ def test_a_checkpoint_made_with_other_arithmetic_is_refused_and_kept(save_dir):
     (line,) = result.stderr.strip().splitlines()
     assert "image_size 32 (now 64)" in line and "--resume never" in line
     assert {p.name: p.read_bytes() for p in save_dir.glob("checkpoint-*.pt")} == before
-    assert run_train(*TINY, "--epochs", "1", "--image-size", "64", "--resume", "never",
-                     "--save-dir", str(save_dir)).returncode == 0  # the way out the message names
+    assert (
+        run_train(
+            *TINY, "--epochs", "1", "--image-size", "64", "--resume", "never", "--save-dir", str(save_dir)
+        ).returncode
+        == 0
+    )  # the way out the message names
 
 
 def test_a_truncated_newest_checkpoint_is_reported_and_the_previous_used_with_this_runs_learning_rate(save_dir):
@@ -73,8 +76,9 @@ def test_a_truncated_newest_checkpoint_is_reported_and_the_previous_used_with_th
     assert "checkpoint-000000008.pt is unreadable" in result.stdout
     assert "resuming from" in result.stdout and "checkpoint-000000004.pt" in result.stdout
     # --lr given on a resume applies, and says so; the new checkpoints record it
-    assert ("[Rank 0] resuming with --lr 0.05 (the checkpoint trained with 0.01): this run's options apply"
-            in result.stdout)
+    assert (
+        "[Rank 0] resuming with --lr 0.05 (the checkpoint trained with 0.01): this run's options apply" in result.stdout
+    )
     state = torch.load(save_dir / "checkpoint-000000012.pt", weights_only=True)
     assert [group["lr"] for group in state["optimizer"]["param_groups"]] == [0.05]
 
@@ -126,8 +130,22 @@ def test_sigterm_stops_every_rank_at_the_same_step_with_a_checkpoint(target, sav
 
 
 def test_sigterm_to_torchrun_stops_its_workers_with_a_checkpoint(save_dir):
-    job = Job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "train.py", *TINY, "--epochs", "500", "--save-dir", str(save_dir)])
+    job = Job(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "train.py",
+            *TINY,
+            "--epochs",
+            "500",
+            "--save-dir",
+            str(save_dir),
+        ]
+    )
     _wait_for_line(job, "Epoch   1 - Avg Loss")
     job.process.send_signal(signal.SIGTERM)
     result = job.wait(timeout=90)
@@ -151,9 +169,27 @@ def _in_small_shm(size: str, command):
 
 def test_small_dev_shm_is_detected_and_the_loader_fits_in_it(save_dir):
     # 96 px, batch 16: 0.44 MB a batch; 2 processes x (1 worker x 2 + 1) batches do not fit in 3 MB, x (1 x 1 + 1) do.
-    args = ["--cpu", "--nproc-per-node", "2", "--arch", "resnet18", "--image-size", "96", "--batch-size", "16",
-            "--dataset-size", "64", "--epochs", "1", "--max-steps", "2", "--num-workers", "2",
-            "--save-dir", str(save_dir)]
+    args = [
+        "--cpu",
+        "--nproc-per-node",
+        "2",
+        "--arch",
+        "resnet18",
+        "--image-size",
+        "96",
+        "--batch-size",
+        "16",
+        "--dataset-size",
+        "64",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "2",
+        "--num-workers",
+        "2",
+        "--save-dir",
+        str(save_dir),
+    ]
     job = Job(_in_small_shm("3m", train_command(*args)))
     result = job.wait(timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -172,8 +208,23 @@ def test_loader_settings_for_shared_memory():
 
 
 def test_a_hung_rank_ends_the_job_through_the_dist_timeout(save_dir):
-    job = Job(train_command(*TINY, "--epochs", "50", "--fail-at-step", "3", "--fail-rank", "1",
-                            "--fail-mode", "hang", "--dist-timeout", "10", "--save-dir", str(save_dir)))
+    job = Job(
+        train_command(
+            *TINY,
+            "--epochs",
+            "50",
+            "--fail-at-step",
+            "3",
+            "--fail-rank",
+            "1",
+            "--fail-mode",
+            "hang",
+            "--dist-timeout",
+            "10",
+            "--save-dir",
+            str(save_dir),
+        )
+    )
     started = time.monotonic()
     result = job.wait(timeout=150)
     assert result.returncode != 0
@@ -188,15 +239,21 @@ def test_a_full_disk_while_checkpointing_is_a_clear_error_and_keeps_the_previous
     save_dir.mkdir()
     # resnet18 checkpoints are about 45 MB: the first fits in 60 MB, the second cannot be written beside it.
     train = shlex.join(train_command(*TINY, "--epochs", "3", "--save-dir", str(save_dir)))
-    check = shlex.join([sys.executable, "-c",
-                        "import json, sys, torch; from pathlib import Path; d = Path(sys.argv[1]);"
-                        "print('files:', sorted(p.name for p in d.iterdir()));"
-                        "print('loads at step', torch.load(d / 'checkpoint-000000004.pt')['global_step']);"
-                        "print('exit reason', json.loads((d / 'summary.json').read_text())['exit_reason'])",
-                        str(save_dir)])
+    check = shlex.join(
+        [
+            sys.executable,
+            "-c",
+            "import json, sys, torch; from pathlib import Path; d = Path(sys.argv[1]);"
+            "print('files:', sorted(p.name for p in d.iterdir()));"
+            "print('loads at step', torch.load(d / 'checkpoint-000000004.pt')['global_step']);"
+            "print('exit reason', json.loads((d / 'summary.json').read_text())['exit_reason'])",
+            str(save_dir),
+        ]
+    )
     command = _in_small_shm("16m", ["true"])  # the same root and unshare checks
-    command[-1] = (f"mount -t tmpfs -o size=60m tmpfs {shlex.quote(str(save_dir))} && "
-                   f"{{ {train}; echo exit=$?; {check}; }}")
+    command[-1] = (
+        f"mount -t tmpfs -o size=60m tmpfs {shlex.quote(str(save_dir))} && {{ {train}; echo exit=$?; {check}; }}"
+    )
     job = Job(command)
     result = job.wait(timeout=180)
     assert "exit=1" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
@@ -214,8 +271,10 @@ def test_a_full_disk_at_the_final_export_is_one_line_and_leaves_no_partial_file(
     # resnet18's checkpoint (about 45 MB, momentum 0) fits in 70 MB; the final model (as large) cannot beside it.
     train = shlex.join(train_command(*TINY, "--epochs", "1", "--save-dir", str(save_dir)))
     command = _in_small_shm("16m", ["true"])  # the same root and unshare checks
-    command[-1] = (f"mount -t tmpfs -o size=70m tmpfs {shlex.quote(str(save_dir))} && {{ {train}; echo exit=$?; "
-                   f"ls -a {shlex.quote(str(save_dir))}; }}")
+    command[-1] = (
+        f"mount -t tmpfs -o size=70m tmpfs {shlex.quote(str(save_dir))} && {{ {train}; echo exit=$?; "
+        f"ls -a {shlex.quote(str(save_dir))}; }}"
+    )
     job = Job(command)
     result = job.wait(timeout=180)
     assert "exit=1" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
@@ -240,15 +299,16 @@ def test_restarts_with_another_layout_redo_the_epoch_and_keep_and_resume_what_th
     # one process with batch 8 (another layout again): it resumes from the lineage's newest, step 5, not step 7
     resumed = run_train(*TINY, "--nproc-per-node", "1", "--save-dir", str(save_dir))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert (f"resuming from {save_dir / 'checkpoint-000000005.pt'}: epoch 2, step 0 of the epoch, 4 steps done"
-            in resumed.stdout)
+    assert (
+        f"resuming from {save_dir / 'checkpoint-000000005.pt'}: epoch 2, step 0 of the epoch, 4 steps done"
+        in resumed.stdout
+    )
     assert [e for e, _, n in GLOBAL_LINE.findall(resumed.stdout)] == ["2"] and "(1 ranks)" in resumed.stdout
     assert (save_dir / "model_final.pth").exists()
 
 
 def test_duration_stops_every_rank_at_the_same_step_finishes_the_job_and_sets_eta_and_progress(save_dir):
-    result = run_train(*TINY, "--epochs", "500", "--duration", "4s", "--log-interval", "1",
-                       "--save-dir", str(save_dir))
+    result = run_train(*TINY, "--epochs", "500", "--duration", "4s", "--log-interval", "1", "--save-dir", str(save_dir))
     assert result.returncode == 0, result.stderr[-2000:]
     stops = STOP_LINE_ANY.findall(result.stdout)
     assert sorted(rank for rank, _, _ in stops) == ["0", "1"] and len({step for _, step, _ in stops}) == 1
@@ -269,8 +329,11 @@ def test_duration_stops_every_rank_at_the_same_step_finishes_the_job_and_sets_et
 @pytest.mark.parametrize("armed", [True, False])
 def test_the_progress_watchdog_ends_a_stuck_rank_only_once_armed(armed):
     """A rank stuck where no collective times out (a CUDA graph waiting on a hung peer) exits 1 after the timeout."""
-    script = ("import time; from resnet_ddp.health.watchdog import ProgressWatchdog; w = ProgressWatchdog(3, 1.0); "
-              + ("w.beat(); " if armed else "") + "time.sleep(6); print('still here')")
+    script = (
+        "import time; from resnet_ddp.health.watchdog import ProgressWatchdog; w = ProgressWatchdog(3, 1.0); "
+        + ("w.beat(); " if armed else "")
+        + "time.sleep(6); print('still here')"
+    )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
     if armed:  # ended by the watchdog, before the script's sleep was over
         assert result.returncode == 1 and "still here" not in result.stdout
@@ -322,20 +385,24 @@ def test_the_quick_process_exit_still_waits_for_threads_runs_atexit_and_flushes_
     """Ranks and the launcher end with launch.exit_process, which skips the interpreter's teardown: nothing
     a normal exit does for the job may be lost with it."""
     thread_file, atexit_file, pool_file = tmp_path / "thread", tmp_path / "atexit", tmp_path / "pool"
-    script = "\n".join([
-        "import atexit, concurrent.futures, sys, threading, time",
-        "from resnet_ddp.entry.process import exit_process",
-        f"threading.Thread(target=lambda: (time.sleep(0.3), open({str(thread_file)!r}, 'w').write('done'))).start()",
-        # a pool left open, as torch.compile leaves its own: its idle workers end only when asked to
-        "pool = concurrent.futures.ThreadPoolExecutor(2)",
-        f"pool.submit(lambda: (time.sleep(0.3), open({str(pool_file)!r}, 'w').write('done')))",
-        f"atexit.register(lambda: open({str(atexit_file)!r}, 'w').write('ran'))",
-        "sys.stdout.write('no newline, not flushed')",
-        "exit_process(7)",
-    ])
+    script = "\n".join(
+        [
+            "import atexit, concurrent.futures, sys, threading, time",
+            "from resnet_ddp.entry.process import exit_process",
+            "threading.Thread(target=lambda: (time.sleep(0.3), "
+            f"open({str(thread_file)!r}, 'w').write('done'))).start()",
+            # a pool left open, as torch.compile leaves its own: its idle workers end only when asked to
+            "pool = concurrent.futures.ThreadPoolExecutor(2)",
+            f"pool.submit(lambda: (time.sleep(0.3), open({str(pool_file)!r}, 'w').write('done')))",
+            f"atexit.register(lambda: open({str(atexit_file)!r}, 'w').write('ran'))",
+            "sys.stdout.write('no newline, not flushed')",
+            "exit_process(7)",
+        ]
+    )
     buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # so that the flush matters
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=buffered, capture_output=True, text=True,
-                            timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=buffered, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 7 and result.stdout == "no newline, not flushed", result.stderr
     assert thread_file.read_text() == "done" and atexit_file.read_text() == "ran" and pool_file.read_text() == "done"
 

@@ -8,7 +8,6 @@ import re
 from datetime import datetime, timezone
 
 import pytest
-
 from conftest import TINY, run_train
 
 matplotlib = pytest.importorskip("matplotlib")
@@ -27,19 +26,40 @@ END_TIME = START + STEPS_PER_EPOCH * EPOCHS * STEP_S + 2.0
 
 
 def _step(rank: int, global_step: int, ranks: int, gpu: bool) -> dict:
-    record = {"time": START + global_step * STEP_S + rank * 0.001, "rank": rank, "kind": "step",
-              "epoch": (global_step - 1) // STEPS_PER_EPOCH + 1, "global_step": global_step,
-              "step": (global_step - 1) % STEPS_PER_EPOCH + 1, "steps_per_epoch": STEPS_PER_EPOCH,
-              "total_steps": STEPS_PER_EPOCH * EPOCHS, "steps": 1, "interval_s": STEP_S,
-              "loss": 2.302585092994046 / global_step, "img_s": 21.134643171309698,  # the same on every rank
-              "job_img_s": 21.134643171309698 * ranks, "step_ms": 378.5254350004834,
-              "data_wait_frac": 0.003558955025478426, "eta_s": 2.649678045003384,
-              "progress": global_step / (STEPS_PER_EPOCH * EPOCHS),
-              "straggler_ranks": [1] if global_step > 12 else [], "rss_gib": 0.9357757568359375 + global_step * 1e-3}
+    record = {
+        "time": START + global_step * STEP_S + rank * 0.001,
+        "rank": rank,
+        "kind": "step",
+        "epoch": (global_step - 1) // STEPS_PER_EPOCH + 1,
+        "global_step": global_step,
+        "step": (global_step - 1) % STEPS_PER_EPOCH + 1,
+        "steps_per_epoch": STEPS_PER_EPOCH,
+        "total_steps": STEPS_PER_EPOCH * EPOCHS,
+        "steps": 1,
+        "interval_s": STEP_S,
+        "loss": 2.302585092994046 / global_step,
+        "img_s": 21.134643171309698,  # the same on every rank
+        "job_img_s": 21.134643171309698 * ranks,
+        "step_ms": 378.5254350004834,
+        "data_wait_frac": 0.003558955025478426,
+        "eta_s": 2.649678045003384,
+        "progress": global_step / (STEPS_PER_EPOCH * EPOCHS),
+        "straggler_ranks": [1] if global_step > 12 else [],
+        "rss_gib": 0.9357757568359375 + global_step * 1e-3,
+    }
     if gpu:
-        record.update(mem_gib=21.53 + global_step * 1e-3, peak_mem_gib=23.1, mfu=0.1290512, peak_tflops=494.7,
-                      peak_precision="tf32", gpu_util_pct=97.0, gpu_mem_used_gib=25.2, gpu_mem_total_gib=79.6,
-                      gpu_power_w=612.3, gpu_temp_c=61.0)
+        record.update(
+            mem_gib=21.53 + global_step * 1e-3,
+            peak_mem_gib=23.1,
+            mfu=0.1290512,
+            peak_tflops=494.7,
+            peak_precision="tf32",
+            gpu_util_pct=97.0,
+            gpu_mem_used_gib=25.2,
+            gpu_mem_total_gib=79.6,
+            gpu_power_w=612.3,
+            gpu_temp_c=61.0,
+        )
     return record
 
 
@@ -49,34 +69,84 @@ def records_of_a_run(ranks: int = 2, gpu: bool = False, exit_reason: str = "fini
     for global_step in range(1, STEPS_PER_EPOCH * EPOCHS + 1):
         records += [_step(rank, global_step, ranks, gpu) for rank in range(ranks)]
         if global_step % STEPS_PER_EPOCH == 0:
-            records += [{"time": START + global_step * STEP_S + 0.2, "rank": rank, "kind": "epoch",
-                         "epoch": global_step // STEPS_PER_EPOCH, "global_step": global_step,
-                         "avg_loss": 0.5, "global_avg_loss": 0.5} for rank in range(ranks)]
+            records += [
+                {
+                    "time": START + global_step * STEP_S + 0.2,
+                    "rank": rank,
+                    "kind": "epoch",
+                    "epoch": global_step // STEPS_PER_EPOCH,
+                    "global_step": global_step,
+                    "avg_loss": 0.5,
+                    "global_avg_loss": 0.5,
+                }
+                for rank in range(ranks)
+            ]
         if global_step == STEPS_PER_EPOCH:
-            records.append({"time": CHECKPOINT_TIME, "rank": 0, "kind": "checkpoint", "global_step": global_step,
-                            "path": "/tmp/x/checkpoint-000000010.pt", "bytes": 44807305,
-                            "write_s": 0.3199868179999612, "training_held_s": 0.02942453499963449})
+            records.append(
+                {
+                    "time": CHECKPOINT_TIME,
+                    "rank": 0,
+                    "kind": "checkpoint",
+                    "global_step": global_step,
+                    "path": "/tmp/x/checkpoint-000000010.pt",
+                    "bytes": 44807305,
+                    "write_s": 0.3199868179999612,
+                    "training_held_s": 0.02942453499963449,
+                }
+            )
         if global_step == 12:
-            records.append({"time": STRAGGLER_TIME, "rank": 0, "kind": "straggler_check", "global_step": 12,
-                            "forward_compute_ms": [100.0, 180.0] + [100.0] * (ranks - 2),
-                            "median_ms": 100.0, "straggler_ranks": [1]})
-    end = {"kind": "end", "global_step": STEPS_PER_EPOCH * EPOCHS, "exit_reason": exit_reason,
-           "exit_code": 0 if exit_reason == "finished" else 1, "first_nonfinite_loss": None}
+            records.append(
+                {
+                    "time": STRAGGLER_TIME,
+                    "rank": 0,
+                    "kind": "straggler_check",
+                    "global_step": 12,
+                    "forward_compute_ms": [100.0, 180.0] + [100.0] * (ranks - 2),
+                    "median_ms": 100.0,
+                    "straggler_ranks": [1],
+                }
+            )
+    end = {
+        "kind": "end",
+        "global_step": STEPS_PER_EPOCH * EPOCHS,
+        "exit_reason": exit_reason,
+        "exit_code": 0 if exit_reason == "finished" else 1,
+        "first_nonfinite_loss": None,
+    }
     if exit_reason == "failed":
-        end.update(error="RuntimeError: injected failure", first_failure={"rank": 1, "host": "node-b",
-                                                                          "error": "RuntimeError: injected failure"})
+        end.update(
+            error="RuntimeError: injected failure",
+            first_failure={"rank": 1, "host": "node-b", "error": "RuntimeError: injected failure"},
+        )
     records += [{"time": END_TIME + rank * 0.001, "rank": rank, **end} for rank in range(ranks)]
     return records
 
 
-SUMMARY = {"exit_reason": "finished", "exit_code": 0, "img_s": 42.26933841273, "img_s_per_gpu": 21.134669206365,
-           "step_ms_p50": 378.5254350004834, "step_ms_p90": 401.0091, "step_ms_p95": 420.5, "step_ms_p99": 477.22997,
-           "data_wait_frac": 0.005050753890132424, "steps": 20, "steady_steps": 19, "epochs_done": 2,
-           "wall_s": 62.6010833349992026, "started_utc": "2026-05-04T14:02:58.026Z",
-           "ended_utc": "2026-05-04T14:04:02.435Z", "world_size": 2, "device": "cpu", "torch": "2.14.1",
-           "version": "0.1.0", "hosts": ["vm"], "steady_window_unix": [START + 3.0123456, START + 60.9876543],
-           "peak_rss_gib_per_rank": [0.9930801391601562, 0.9729881286621094],
-           "config": {"training": {"lr": 0.01, "batch_size": 8}, "health": {"straggler_window_s": 60.0}}}
+SUMMARY = {
+    "exit_reason": "finished",
+    "exit_code": 0,
+    "img_s": 42.26933841273,
+    "img_s_per_gpu": 21.134669206365,
+    "step_ms_p50": 378.5254350004834,
+    "step_ms_p90": 401.0091,
+    "step_ms_p95": 420.5,
+    "step_ms_p99": 477.22997,
+    "data_wait_frac": 0.005050753890132424,
+    "steps": 20,
+    "steady_steps": 19,
+    "epochs_done": 2,
+    "wall_s": 62.6010833349992026,
+    "started_utc": "2026-05-04T14:02:58.026Z",
+    "ended_utc": "2026-05-04T14:04:02.435Z",
+    "world_size": 2,
+    "device": "cpu",
+    "torch": "2.14.1",
+    "version": "0.1.0",
+    "hosts": ["vm"],
+    "steady_window_unix": [START + 3.0123456, START + 60.9876543],
+    "peak_rss_gib_per_rank": [0.9930801391601562, 0.9729881286621094],
+    "config": {"training": {"lr": 0.01, "batch_size": 8}, "health": {"straggler_window_s": 60.0}},
+}
 
 
 def write_save_dir(path, records, summary=None):
@@ -162,8 +232,9 @@ def test_the_time_axis_is_wall_clock_utc(tmp_path, monkeypatch):
 
 def test_epochs_checkpoints_stragglers_and_the_end_are_marked(tmp_path, monkeypatch):
     figure = drawn(monkeypatch, write_save_dir(tmp_path, records_of_a_run(), SUMMARY))
-    assert times_of(with_gid(figure, "epoch-end")) == {round(START + e * STEPS_PER_EPOCH * STEP_S + 0.2, 1)
-                                                       for e in (1, 2)}
+    assert times_of(with_gid(figure, "epoch-end")) == {
+        round(START + e * STEPS_PER_EPOCH * STEP_S + 0.2, 1) for e in (1, 2)
+    }
     checkpoints = with_gid(figure, "checkpoint")
     assert checkpoints and times_of(checkpoints) == {round(CHECKPOINT_TIME, 1)}
     assert all(c.get_marker() not in ("None", "", None) for c in checkpoints)
@@ -171,8 +242,9 @@ def test_epochs_checkpoints_stragglers_and_the_end_are_marked(tmp_path, monkeypa
     assert [s.get_text() for s in stragglers] == ["straggler: rank 1"]  # named once, when first named
     assert unix_time(stragglers[0].get_position()[0]) == pytest.approx(STRAGGLER_TIME, abs=0.1)
     ends = with_gid(figure, "end")
-    assert ends and all(unix_time(line.get_xdata()[0]) == pytest.approx(END_TIME, abs=0.1)
-                        for line in ends if isinstance(line, Line2D))
+    assert ends and all(
+        unix_time(line.get_xdata()[0]) == pytest.approx(END_TIME, abs=0.1) for line in ends if isinstance(line, Line2D)
+    )
     assert any("finished" in text.get_text() for text in with_gid(figure, "end-label"))
 
 

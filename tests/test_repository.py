@@ -10,7 +10,6 @@ import re
 import subprocess
 
 import pytest
-
 from conftest import REPO
 
 MAX_LINES = 200
@@ -52,7 +51,9 @@ def test_benchmark_results_hold_results_only():
     results = tracked("bench/results")
     leftovers = [path for path in results if path.endswith(NOT_RESULTS)]
     assert not leftovers, f"logs, traces, patches or scripts under bench/results: {leftovers[:10]}"
-    traces = [path for path in results if path.endswith(".json") and "traceEvents" in json.loads((REPO / path).read_text())]
+    traces = [
+        path for path in results if path.endswith(".json") and "traceEvents" in json.loads((REPO / path).read_text())
+    ]
     assert not traces, f"profiler traces under bench/results: {traces}"
 
 
@@ -64,6 +65,18 @@ def test_benchmark_results_name_the_command_that_made_them():
 
 def test_docs_code_and_bench_do_not_speak_of_numbered_sessions():
     files = tracked("*.md", "bench", "resnet_ddp")
-    mentions = [f"{path}:{number}: {line.strip()}" for path in files
-                for number, line in enumerate(lines_of(path), 1) if SESSION.search(line)]
+    mentions = [
+        f"{path}:{number}: {line.strip()}"
+        for path in files
+        for number, line in enumerate(lines_of(path), 1)
+        if SESSION.search(line)
+    ]
     assert not mentions, "\n".join(mentions[:20])
+
+
+def test_the_option_reference_is_what_the_parser_says():
+    from resnet_ddp.entry.options_doc import markdown
+
+    assert (REPO / "docs" / "options.md").read_text() == markdown(), (
+        "docs/options.md drifted from --help: python -m resnet_ddp.entry.options_doc > docs/options.md"
+    )

@@ -14,8 +14,7 @@ import sys
 import time
 
 import pytest
-
-from conftest import TINY, Job, REPO, clean_env, run_train, train_command, wait_for_no_leftovers
+from conftest import REPO, TINY, Job, clean_env, run_train, wait_for_no_leftovers
 
 PAUSED = "resnet-ddp: paused at"
 LONG = [*TINY, "--epochs", "500"]
@@ -39,10 +38,20 @@ def _stop(job, sig=signal.SIGTERM, pid=None):
     return result, time.monotonic() - sent
 
 
-@pytest.mark.parametrize("phase,processes", [
-    ("imports", 1), ("checks", 1), ("spawning", 1), ("rendezvous", 2), ("model build", 2), ("first step", 2),
-    ("steady training", 2), ("epoch end", 2), ("final export", 2),
-])
+@pytest.mark.parametrize(
+    "phase,processes",
+    [
+        ("imports", 1),
+        ("checks", 1),
+        ("spawning", 1),
+        ("rendezvous", 2),
+        ("model build", 2),
+        ("first step", 2),
+        ("steady training", 2),
+        ("epoch end", 2),
+        ("final export", 2),
+    ],
+)
 def test_sigterm_ends_the_job_with_143_at_every_phase(phase, processes, save_dir):
     args = [*TINY, "--epochs", "1"] if phase == "final export" else LONG
     job = _paused_job(phase, *args, "--save-dir", str(save_dir), processes=processes)
@@ -52,8 +61,11 @@ def test_sigterm_ends_the_job_with_143_at_every_phase(phase, processes, save_dir
     assert "Traceback" not in result.stderr
     assert wait_for_no_leftovers(job) == []
     if phase in ("steady training", "epoch end"):  # training had begun: a checkpoint of the step it stopped at
-        stops = {line.split("stopping after step ")[1].split()[0] for line in result.stdout.splitlines()
-                 if "stopping after step" in line}
+        stops = {
+            line.split("stopping after step ")[1].split()[0]
+            for line in result.stdout.splitlines()
+            if "stopping after step" in line
+        }
         (step,) = stops
         assert (save_dir / f"checkpoint-{int(step):09d}.pt").exists()
         assert json.loads((save_dir / "summary.json").read_text())["exit_reason"] == "stopped by signal"
@@ -71,8 +83,7 @@ def test_sigint_while_the_ranks_wait_for_each_other_ends_the_job_with_130(save_d
 def test_a_sigterm_to_the_whole_process_group_stops_at_one_step_with_a_checkpoint(save_dir):
     """`timeout`, a terminal's Ctrl-C and some process managers signal every process of the group, DataLoader
     workers included: the ranks still stop together after one step, with their workers until then."""
-    job = _paused_job("steady training", *LONG, "--num-workers", "1", "--save-dir", str(save_dir),
-                      new_session=True)
+    job = _paused_job("steady training", *LONG, "--num-workers", "1", "--save-dir", str(save_dir), new_session=True)
     result, took = _stop(job, pid=-job.process.pid)  # the process group
     assert result.returncode == 143 and took < STOPPED_WITHIN_S, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and list(save_dir.glob("checkpoint-*.pt"))
@@ -127,14 +138,20 @@ def test_a_killed_launcher_leaves_no_process_behind_and_its_save_dir_to_the_next
 
 def test_a_killed_torchrun_leaves_no_worker_behind(save_dir):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "train.py"]
-    job = _paused_job("steady training", *LONG, "--num-workers", "1", "--save-dir", str(save_dir),
-                      launcher=torchrun)
+    job = _paused_job("steady training", *LONG, "--num-workers", "1", "--save-dir", str(save_dir), launcher=torchrun)
     job.process.kill()
     job.wait(timeout=60)
     assert wait_for_no_leftovers(job, within_s=60) == []
 
 
 def test_a_broken_pipe_ends_the_scenario_list_without_a_traceback(tmp_path):
-    listed = subprocess.run(f"{sys.executable} train.py --scenario list | head -1", shell=True, cwd=REPO,
-                            env=clean_env(), capture_output=True, text=True, timeout=60)
+    listed = subprocess.run(
+        f"{sys.executable} train.py --scenario list | head -1",
+        shell=True,
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert listed.returncode == 0 and listed.stdout.strip() == "smoke" and "Traceback" not in listed.stderr

@@ -10,10 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
-
 from conftest import free_port
-from resnet_ddp.layers import syncbn
+
 from resnet_ddp.core.model import compiler_missing
+from resnet_ddp.layers import syncbn
 from resnet_ddp.layers.syncbn import SyncBatchNorm, convert_sync_batchnorm
 
 WORLD = 2
@@ -29,8 +29,15 @@ def _reference(full_x, full_dy, full_r):
     r = full_r.clone().requires_grad_(True) if full_r is not None else None
     out = bn(x) if r is None else torch.relu(bn(x) + r)
     out.backward(full_dy)
-    return (out.detach(), x.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var,
-            r.grad if r is not None else None)
+    return (
+        out.detach(),
+        x.grad,
+        bn.weight.grad,
+        bn.bias.grad,
+        bn.running_mean,
+        bn.running_var,
+        r.grad if r is not None else None,
+    )
 
 
 def _rank_main(rank, port, full_x, full_dy, full_r, channels_last, results):
@@ -46,7 +53,7 @@ def _rank_main(rank, port, full_x, full_dy, full_r, channels_last, results):
         start = 0 if rank == 0 else 3
 
         def share(full):
-            part = full[start:start + split].clone()
+            part = full[start : start + split].clone()
             if channels_last:
                 part = part.contiguous(memory_format=torch.channels_last)
             return part.requires_grad_(True)
@@ -54,11 +61,18 @@ def _rank_main(rank, port, full_x, full_dy, full_r, channels_last, results):
         x = share(full_x)
         r = share(full_r) if full_r is not None else None
         out = bn(x) if r is None else bn(x, residual=r, relu=True)
-        out.backward(full_dy[start:start + split])
+        out.backward(full_dy[start : start + split])
         grads = torch.stack([bn.weight.grad, bn.bias.grad])
         dist.all_reduce(grads)  # what DDP does with parameter gradients (as a sum here)
-        results[rank] = (out.detach(), x.grad, grads[0], grads[1], bn.running_mean, bn.running_var,
-                         r.grad if r is not None else None)
+        results[rank] = (
+            out.detach(),
+            x.grad,
+            grads[0],
+            grads[1],
+            bn.running_mean,
+            bn.running_var,
+            r.grad if r is not None else None,
+        )
     finally:
         dist.destroy_process_group()
 
@@ -69,8 +83,12 @@ def _run(channels_last, residual_and_relu=False):
     full_r = torch.randn(8, CHANNELS, 4, 3, dtype=torch.float64) if residual_and_relu else None
     manager = mp.get_context("spawn").Manager()
     results = manager.dict()
-    mp.start_processes(_rank_main, args=(free_port(), full_x, full_dy, full_r, channels_last, results),
-                       nprocs=WORLD, start_method="spawn")
+    mp.start_processes(
+        _rank_main,
+        args=(free_port(), full_x, full_dy, full_r, channels_last, results),
+        nprocs=WORLD,
+        start_method="spawn",
+    )
     out_ref, dx_ref, dw_ref, db_ref, rm_ref, rv_ref, dr_ref = _reference(full_x, full_dy, full_r)
     out = torch.cat([results[0][0], results[1][0]])
     dx = torch.cat([results[0][1], results[1][1]])
@@ -156,8 +174,9 @@ def test_the_compiler_friendly_path_computes_the_same_as_the_fused_one(stats_by_
     x[4:] += 50  # the second rank's half
     dy = torch.randn(8, CHANNELS, 4, 3, dtype=torch.float64)
     results = mp.get_context("spawn").Manager().dict()
-    mp.start_processes(_traceable_rank, args=(free_port(), x, dy, stats_by_all_reduce, results), nprocs=WORLD,
-                       start_method="spawn")
+    mp.start_processes(
+        _traceable_rank, args=(free_port(), x, dy, stats_by_all_reduce, results), nprocs=WORLD, start_method="spawn"
+    )
     for rank in range(WORLD):
         fused, traceable, compiled = results[rank]
         for a, b, c in zip(fused, traceable, compiled):
@@ -212,6 +231,7 @@ def _symmetric_setup_rank(rank, port, failing_ranks, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
+
         def share(model, group, device):  # as the real one, but the driver of `failing_ranks` refuses the mapping
             if rank in failing_ranks:
                 raise RuntimeError("CUDA driver error: operation not permitted\n(more lines of detail)")
@@ -231,8 +251,9 @@ def test_symmetric_memory_is_set_up_on_every_rank_or_on_none(failing_ranks):
     """A rank whose symmetric memory cannot be mapped takes every rank back to NCCL: one left on it alone
     would wait in its collectives for peers that never come."""
     results = mp.get_context("spawn").Manager().dict()
-    mp.start_processes(_symmetric_setup_rank, args=(free_port(), failing_ranks, results), nprocs=WORLD,
-                       start_method="spawn")
+    mp.start_processes(
+        _symmetric_setup_rank, args=(free_port(), failing_ranks, results), nprocs=WORLD, start_method="spawn"
+    )
     if not failing_ranks:
         assert results[0] == (None, ["slices for rank 0"] * 2) and results[1] == (None, ["slices for rank 1"] * 2)
         return

@@ -21,7 +21,6 @@ import time
 import urllib.request
 
 import pytest
-
 from conftest import REPO, TINY, Job, assert_records_follow_the_schema, clean_env, free_port, run_train, train_command
 from test_training import DONE_LINE, EPOCH_LINE, GLOBAL_LINE
 
@@ -41,8 +40,9 @@ def test_step_lines_records_across_epoch_ends_the_last_steps_and_the_profile(tmp
     runs = {}
     for save_dir, interval in ((every_step, "1"), (every_third, "3")):
         profile = ["--profile-steps", "4:5"] if interval == "1" else []
-        runs[interval] = run_train(*TINY, "--seed", "4", "--log-interval", interval, *profile,
-                                   "--save-dir", str(save_dir))
+        runs[interval] = run_train(
+            *TINY, "--seed", "4", "--log-interval", interval, *profile, "--save-dir", str(save_dir)
+        )
         assert runs[interval].returncode == 0, runs[interval].stderr[-2000:]
     assert GLOBAL_LINE.findall(runs["1"].stdout) == GLOBAL_LINE.findall(runs["3"].stdout)  # same seed, same losses
     result = runs["1"]
@@ -52,8 +52,22 @@ def test_step_lines_records_across_epoch_ends_the_last_steps_and_the_profile(tmp
     # no TTY (a pod's log): plain lines only, no progress bar and no carriage returns
     assert "\r" not in result.stdout and "\r" not in result.stderr and "step/s" not in result.stderr
     for record in _records(every_step, "step"):
-        assert {"time", "rank", "epoch", "step", "global_step", "loss", "img_s", "job_img_s", "step_ms",
-                "data_wait_frac", "eta_s", "progress", "steps", "interval_s"} <= record.keys()
+        assert {
+            "time",
+            "rank",
+            "epoch",
+            "step",
+            "global_step",
+            "loss",
+            "img_s",
+            "job_img_s",
+            "step_ms",
+            "data_wait_frac",
+            "eta_s",
+            "progress",
+            "steps",
+            "interval_s",
+        } <= record.keys()
         assert math.isfinite(record["loss"]) and record["img_s"] > 0 and 0 <= record["data_wait_frac"] <= 1
     # each epoch record carries the value of the original example's line for that rank
     epochs = _records(every_step, "epoch")
@@ -63,7 +77,10 @@ def test_step_lines_records_across_epoch_ends_the_last_steps_and_the_profile(tmp
         loss = {r["global_step"]: r["loss"] for r in _records(every_step, "step", rank)}
         third = _records(every_third, "step", rank)
         assert [(r["global_step"], r["epoch"], r["step"], r["steps"]) for r in third] == [
-            (3, 1, 3, 3), (6, 2, 2, 3), (8, 2, 4, 2)]
+            (3, 1, 3, 3),
+            (6, 2, 2, 3),
+            (8, 2, 4, 2),
+        ]
         for record, covered in zip(third, ((1, 2, 3), (4, 5, 6), (7, 8))):
             assert record["loss"] == pytest.approx(sum(loss[s] for s in covered) / len(covered), rel=1e-5)
             assert record["img_s"] == pytest.approx(record["steps"] * 8 / record["interval_s"])
@@ -73,7 +90,11 @@ def test_step_lines_records_across_epoch_ends_the_last_steps_and_the_profile(tmp
     # --profile-steps: each rank's record of steps 4 and 5 (one across the epoch end), complete files only
     assert f"[Rank 0] profile of steps 4-5 written to {every_step / 'profile'}" in result.stdout
     assert sorted(p.name for p in (every_step / "profile").iterdir()) == [
-        "rank0-ops.txt", "rank0.trace.json", "rank1-ops.txt", "rank1.trace.json"]
+        "rank0-ops.txt",
+        "rank0.trace.json",
+        "rank1-ops.txt",
+        "rank1.trace.json",
+    ]
     for rank in (0, 1):
         trace = json.loads((every_step / "profile" / f"rank{rank}.trace.json").read_text())
         names = {event.get("name") for event in trace["traceEvents"]}
@@ -121,8 +142,12 @@ def scrape_samples(port: int) -> list:
             text = response.read().decode()
     except OSError:  # not serving yet
         return []
-    return [sample for family in text_string_to_metric_families(text) for sample in family.samples
-            if sample.name.startswith("resnet_ddp_")]
+    return [
+        sample
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("resnet_ddp_")
+    ]
 
 
 def scrape(port: int) -> dict:
@@ -171,13 +196,34 @@ def test_endpoint_tensorboard_summary_and_report_of_a_run_stopped_by_sigterm(sav
 
     port = free_port()
     # rank 1 slowed, so that the straggler detector names it (and the series says so) within the run
-    job = Job(train_command(*TINY, "--epochs", "500", "--log-interval", "1", "--warmup-steps", "1",
-                            "--metrics-port", str(port), "--metrics-linger", "1m", "--tensorboard",
-                            "--save-dir", str(save_dir)),
-              {"RESNET_DDP_TEST_SLOW_RANK": "1:0.15", "RESNET_DDP_STRAGGLER_WINDOW": "1.5s"})
+    job = Job(
+        train_command(
+            *TINY,
+            "--epochs",
+            "500",
+            "--log-interval",
+            "1",
+            "--warmup-steps",
+            "1",
+            "--metrics-port",
+            str(port),
+            "--metrics-linger",
+            "1m",
+            "--tensorboard",
+            "--save-dir",
+            str(save_dir),
+        ),
+        {"RESNET_DDP_TEST_SLOW_RANK": "1:0.15", "RESNET_DDP_STRAGGLER_WINDOW": "1.5s"},
+    )
     # both ranks past their first epoch (so an epoch record and a checkpoint exist) and two log points on
-    seen = scrape_until(job, port, lambda m: all(m.get(("resnet_ddp_steps_total", r), 0) >= 6 for r in (0, 1))
-                        and m.get(("resnet_ddp_straggler", 1)) == 1)
+    seen = scrape_until(
+        job,
+        port,
+        lambda m: (
+            all(m.get(("resnet_ddp_steps_total", r), 0) >= 6 for r in (0, 1))
+            and m.get(("resnet_ddp_straggler", 1)) == 1
+        ),
+    )
     job.process.send_signal(signal.SIGTERM)
     final = _until_the_end_is_served(job, port)  # a stopped run serves its end for at most 5 s of the linger
     result = job.wait(timeout=120)
@@ -209,12 +255,19 @@ def test_endpoint_tensorboard_summary_and_report_of_a_run_stopped_by_sigterm(sav
         assert values("resnet_ddp_steps_total", rank=rank) == [summary["steps"]]
         assert values("resnet_ddp_images_total", rank=rank) == [8 * summary["steps"]]
         (info,) = [s for s in final if s.name == "resnet_ddp_info" and s.labels["rank"] == rank]
-        assert info.value == 1 and (info.labels["version"], info.labels["arch"], info.labels["world_size"],
-                                    info.labels["amp"], info.labels["device"]) == (__version__, "resnet18", "2",
-                                                                                    "off", "cpu")
+        assert info.value == 1 and (
+            info.labels["version"],
+            info.labels["arch"],
+            info.labels["world_size"],
+            info.labels["amp"],
+            info.labels["device"],
+        ) == (__version__, "resnet18", "2", "off", "cpu")
         # step time as a histogram: cumulative buckets, +Inf equal to the count of steps timed
-        buckets = sorted((float(s.labels["le"]), s.value) for s in final
-                         if s.name == "resnet_ddp_step_seconds_bucket" and s.labels["rank"] == rank)
+        buckets = sorted(
+            (float(s.labels["le"]), s.value)
+            for s in final
+            if s.name == "resnet_ddp_step_seconds_bucket" and s.labels["rank"] == rank
+        )
         counts = [count for _, count in buckets]
         assert buckets[0][0] == 0.001 and buckets[-1][0] == math.inf and counts == sorted(counts)
         assert counts[-1] == values("resnet_ddp_step_seconds_count", rank=rank)[0] == summary["steps"]
@@ -223,8 +276,10 @@ def test_endpoint_tensorboard_summary_and_report_of_a_run_stopped_by_sigterm(sav
     newest = max(save_dir.glob("checkpoint-*.pt"))
     assert values("resnet_ddp_checkpoint_size_bytes", rank="0") == [newest.stat().st_size]
     assert abs(values("resnet_ddp_checkpoint_timestamp_seconds", rank="0")[0] - newest.stat().st_mtime) < 60
-    assert values("resnet_ddp_checkpoints_total", rank="0")[0] >= 2 and values("resnet_ddp_checkpoint_write_seconds",
-                                                                                rank="0")[0] > 0
+    assert (
+        values("resnet_ddp_checkpoints_total", rank="0")[0] >= 2
+        and values("resnet_ddp_checkpoint_write_seconds", rank="0")[0] > 0
+    )
     from resnet_ddp.observe.prometheus import metrics_dir
 
     assert not os.path.exists(metrics_dir(port))  # the ranks' files are cleaned up with the job
@@ -245,15 +300,27 @@ def test_endpoint_tensorboard_summary_and_report_of_a_run_stopped_by_sigterm(sav
 
     events = EventAccumulator(str(save_dir / "tensorboard"))
     events.Reload()
-    assert {"train/loss", "train/img_s", "train/step_ms", "train/data_wait_frac", "memory/host_rss_gib",
-            "epoch/global_avg_loss"} <= set(events.Tags()["scalars"])
+    assert {
+        "train/loss",
+        "train/img_s",
+        "train/step_ms",
+        "train/data_wait_frac",
+        "memory/host_rss_gib",
+        "epoch/global_avg_loss",
+    } <= set(events.Tags()["scalars"])
     records = [json.loads(line) for line in (save_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
     logged = {r["global_step"]: r["loss"] for r in records if r["kind"] == "step" and r["rank"] == 0}
     written = {e.step: e.value for e in events.Scalars("train/loss")}
     assert written.keys() == logged.keys() and all(written[s] == pytest.approx(logged[s]) for s in logged)
 
-    report = subprocess.run([sys.executable, "-m", "resnet_ddp", "report", str(save_dir)], cwd=REPO,
-                            env=clean_env(), capture_output=True, text=True, timeout=120)
+    report = subprocess.run(
+        [sys.executable, "-m", "resnet_ddp", "report", str(save_dir)],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert report.returncode == 0, report.stderr
     import matplotlib.image
 
@@ -294,8 +361,9 @@ def test_missing_optional_packages_and_a_dir_without_metrics_are_one_line_errors
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "metrics.jsonl does not exist" in line
     (tmp_path / "logs").mkdir()
-    (tmp_path / "logs" / "metrics.jsonl").write_text(json.dumps(
-        {"kind": "step", "time": 1.0, "rank": 0, "global_step": 1, "img_s": 1.0, "loss": 1.0}) + "\n")
+    (tmp_path / "logs" / "metrics.jsonl").write_text(
+        json.dumps({"kind": "step", "time": 1.0, "rank": 0, "global_step": 1, "img_s": 1.0, "loss": 1.0}) + "\n"
+    )
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert cli.main(["report", str(tmp_path)]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
@@ -306,8 +374,9 @@ def _run_on_a_terminal(args, timeout=180):
     """Run train.py with stdout and stderr on a pseudo-terminal; return (exit code, everything it drew)."""
     controller, terminal = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
-    process = subprocess.Popen(train_command(*args), cwd=REPO, env=clean_env(), stdin=subprocess.DEVNULL,
-                               stdout=terminal, stderr=terminal)
+    process = subprocess.Popen(
+        train_command(*args), cwd=REPO, env=clean_env(), stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal
+    )
     os.close(terminal)
     output, deadline = b"", time.monotonic() + timeout
     try:
@@ -328,8 +397,9 @@ def _run_on_a_terminal(args, timeout=180):
 
 
 def test_an_interactive_terminal_shows_rank_0s_progress_bar_ending_full_when_duration_ends_the_run(save_dir):
-    code, screen = _run_on_a_terminal([*TINY, "--epochs", "500", "--duration", "5s", "--log-interval", "2",
-                                       "--save-dir", str(save_dir)])
+    code, screen = _run_on_a_terminal(
+        [*TINY, "--epochs", "500", "--duration", "5s", "--log-interval", "2", "--save-dir", str(save_dir)]
+    )
     assert code == 0, screen[-2000:]
     done = json.loads((save_dir / "summary.json").read_text())["steps"]
     # tqdm's bar, finished at the steps run, not at 500 epochs' 2000
@@ -347,8 +417,10 @@ def test_pytest_lanes_split_the_selected_tests_between_them(pytester):
     pytester.makeconftest((REPO / "tests" / "conftest.py").read_text())
     pytester.makeini("[pytest]\nmarkers =\n    gpu: needs GPUs\n")
     # The unmarked test first: lanes split what -m selected, not what was collected.
-    pytester.makepyfile(test_made_up="import pytest\ndef test_not_gpu(): pass\n" + "".join(
-        f"@pytest.mark.gpu\ndef test_{i}(): pass\n" for i in range(7)))
+    pytester.makepyfile(
+        test_made_up="import pytest\ndef test_not_gpu(): pass\n"
+        + "".join(f"@pytest.mark.gpu\ndef test_{i}(): pass\n" for i in range(7))
+    )
 
     def collected(*args):
         result = pytester.runpytest_inprocess("--collect-only", "-q", "-m", "gpu", *args)

@@ -28,9 +28,7 @@ RANK = RankInfo(0, 1, 0, 1, CPU)
 
 @pytest.fixture(scope="module")
 def group(tmp_path_factory):
-    """A process group of this one process, for the collectives the core runs at every step. (Its threads stay
-    for the rest of the session: a test that forks after this file, as a DataLoader does, could hang in the child;
-    such tests sort before it.)"""
+    """A process group of this one process, for the collectives the core runs at every step."""
     store = tmp_path_factory.mktemp("store") / "file"
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     yield dist.new_group(backend="gloo")
@@ -104,11 +102,11 @@ class Saves:
 def _trainer(group, calls, callbacks, epochs=2, steps=2, max_steps=None, progress=None):
     progress = progress or Progress()
     state = TrainState(progress, steps, CPU)
-    length = RunLength.of(epochs, max_steps, None, progress.global_step, progress.epoch, progress.step_in_epoch,
-                          steps)
+    length = RunLength.of(epochs, max_steps, None, progress.global_step, progress.epoch, progress.step_in_epoch, steps)
     stop = StopAgreement(0, length, group)
-    return Trainer(lambda images, labels: images.sum(), Batches(steps), state, stop, Saves(calls),
-                   Callbacks(callbacks), rank=0)
+    return Trainer(
+        lambda images, labels: images.sum(), Batches(steps), state, stop, Saves(calls), Callbacks(callbacks), rank=0
+    )
 
 
 def test_every_callback_is_called_in_list_order_at_its_point_of_the_loop(group, stop_handlers):
@@ -117,12 +115,22 @@ def test_every_callback_is_called_in_list_order_at_its_point_of_the_loop(group, 
     assert outcome == RunOutcome("finished", 0)
     a = [(method, step) for name, method, step in calls if name == "a"]
     assert a == [
-        ("on_start", 0), ("on_epoch_start", 0),
-        ("before_step", 0), ("after_step", 1), ("between_steps", 1),
-        ("before_step", 1), ("after_step", 2), ("between_steps", 2), ("on_epoch_end", 2),
+        ("on_start", 0),
+        ("on_epoch_start", 0),
+        ("before_step", 0),
+        ("after_step", 1),
+        ("between_steps", 1),
+        ("before_step", 1),
+        ("after_step", 2),
+        ("between_steps", 2),
+        ("on_epoch_end", 2),
         ("on_epoch_start", 2),
-        ("before_step", 2), ("after_step", 3), ("between_steps", 3),
-        ("before_step", 3), ("after_step", 4), ("on_epoch_end", 4),  # the run's last step: nothing between
+        ("before_step", 2),
+        ("after_step", 3),
+        ("between_steps", 3),
+        ("before_step", 3),
+        ("after_step", 4),
+        ("on_epoch_end", 4),  # the run's last step: nothing between
         ("on_end", "finished"),
     ]
     # each call reaches a, then b, before the loop goes on
@@ -158,17 +166,21 @@ def test_a_signal_stops_the_loop_after_the_agreed_step_with_a_checkpoint(group, 
     assert ("checkpoints", STOP, 4) in calls and not [c for c in calls if c[1] == "on_epoch_end"]
 
 
-@pytest.mark.parametrize("reason,diverged,exit_reason,code,exports", [
-    (StopReason(StopReason.FINISHED), None, "finished", 0, True),
-    (StopReason(StopReason.MAX_STEPS), None, "finished", 0, True),
-    (StopReason(StopReason.TIME_UP), None, "duration reached", 0, True),
-    (StopReason(StopReason.SIGNAL, signum=signal.SIGTERM), None, "stopped by signal", 143, False),
-    (StopReason(StopReason.SIGNAL, signum=signal.SIGINT), None, "stopped by signal", 130, False),
-    (StopReason(StopReason.NONFINITE, step=7, rank=1), None, "loss not finite", 1, False),
-    (StopReason(StopReason.FINISHED), (5, 0), "loss not finite", 1, False),  # found at the last checkpoint
-])
-def test_one_outcome_gives_the_exit_code_the_exit_reason_and_the_error_line(reason, diverged, exit_reason, code,
-                                                                           exports):
+@pytest.mark.parametrize(
+    "reason,diverged,exit_reason,code,exports",
+    [
+        (StopReason(StopReason.FINISHED), None, "finished", 0, True),
+        (StopReason(StopReason.MAX_STEPS), None, "finished", 0, True),
+        (StopReason(StopReason.TIME_UP), None, "duration reached", 0, True),
+        (StopReason(StopReason.SIGNAL, signum=signal.SIGTERM), None, "stopped by signal", 143, False),
+        (StopReason(StopReason.SIGNAL, signum=signal.SIGINT), None, "stopped by signal", 130, False),
+        (StopReason(StopReason.NONFINITE, step=7, rank=1), None, "loss not finite", 1, False),
+        (StopReason(StopReason.FINISHED), (5, 0), "loss not finite", 1, False),  # found at the last checkpoint
+    ],
+)
+def test_one_outcome_gives_the_exit_code_the_exit_reason_and_the_error_line(
+    reason, diverged, exit_reason, code, exports
+):
     outcome = RunOutcome.of(reason, diverged)
     assert (outcome.exit_reason, outcome.exit_code, outcome.exports_model) == (exit_reason, code, exports)
     fields = outcome.summary_fields()
@@ -187,8 +199,9 @@ def test_one_outcome_gives_the_exit_code_the_exit_reason_and_the_error_line(reas
 
 
 def test_the_run_length_follows_whichever_of_epochs_max_steps_and_duration_ends_the_run(monkeypatch):
-    length = RunLength.of(epochs=10, max_steps=None, duration_s=None, global_step=0, epoch=1, step_in_epoch=0,
-                          steps_per_epoch=100)
+    length = RunLength.of(
+        epochs=10, max_steps=None, duration_s=None, global_step=0, epoch=1, step_in_epoch=0, steps_per_epoch=100
+    )
     assert length.last_step == 1000 and length.reached(999) is None
     assert length.reached(1000) == StopReason(StopReason.FINISHED)
     assert length.eta_s(500, 0.1) == pytest.approx(50) and length.fraction_done(500) == 0.5
@@ -208,6 +221,7 @@ def test_the_run_length_follows_whichever_of_epochs_max_steps_and_duration_ends_
 
 # The checkpoint manager, on a tiny model
 
+
 class _Tiny(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -222,9 +236,21 @@ def _manager(save_dir, every=0, keep=2, layout=None, lr=0.1, resume="auto", stop
     config = CheckpointConfig(every=every, keep=keep, resume=resume)
     resumed = checkpoint.resume(config, str(save_dir), RANK, fingerprint, layout, model, optimizer, None)
     bad = torch.zeros((), dtype=torch.int64)
-    manager = CheckpointManager(config, str(save_dir), RANK, resumed, fingerprint, layout, model, optimizer, None,
-                                model.state_dict, bad, stop_on_nonfinite,
-                                records.append if records is not None else lambda record: None)
+    manager = CheckpointManager(
+        config,
+        str(save_dir),
+        RANK,
+        resumed,
+        fingerprint,
+        layout,
+        model,
+        optimizer,
+        None,
+        model.state_dict,
+        bad,
+        stop_on_nonfinite,
+        records.append if records is not None else lambda record: None,
+    )
     return manager, resumed, bad, optimizer
 
 
@@ -287,7 +313,8 @@ def test_pruning_and_resuming_follow_the_lineage_across_a_layout_change(group, t
     _run_steps(second, state, 1)  # step 5 of the new layout
     assert _saved(tmp_path) == [5, 7]  # step 6 of the old layout goes, the one just written stays
     assert json.loads((tmp_path / "checkpoints.json").read_text()) == {
-        "newest_first": ["checkpoint-000000005.pt", "checkpoint-000000007.pt"]}
+        "newest_first": ["checkpoint-000000005.pt", "checkpoint-000000007.pt"]
+    }
 
     third, resumed, _, _ = _manager(tmp_path, every=1, keep=2, layout={"batch_size": 4})
     assert resumed.progress.global_step == 5 and resumed.progress.step_in_epoch == 1  # the new lineage's newest
@@ -306,7 +333,9 @@ def test_a_resume_from_an_older_checkpoint_keeps_the_newer_ones_of_the_abandoned
     # lineage, and 4, of the line it left, stays
     assert _saved(tmp_path) == [2, 3, 4]
     assert json.loads((tmp_path / "checkpoints.json").read_text())["newest_first"] == [
-        "checkpoint-000000003.pt", "checkpoint-000000002.pt"]
+        "checkpoint-000000003.pt",
+        "checkpoint-000000002.pt",
+    ]
 
 
 def test_a_resume_applies_this_runs_optimizer_options_and_says_which_changed(group, tmp_path, caplog, monkeypatch):
@@ -351,11 +380,20 @@ def test_an_idle_phase_runs_no_step_and_still_answers_the_end_of_the_duration(gr
     from resnet_ddp.scenarios.load import LoadPacer
 
     records = []
-    length = RunLength.of(epochs=10, max_steps=None, duration_s=0.5, global_step=0, epoch=1, step_in_epoch=0,
-                          steps_per_epoch=10)
+    length = RunLength.of(
+        epochs=10, max_steps=None, duration_s=0.5, global_step=0, epoch=1, step_in_epoch=0, steps_per_epoch=10
+    )
     stop = StopAgreement(0, length, group)
-    pacer = LoadPacer(ScenarioConfig(load_profile=(LoadPhase(0.001, 1.0), LoadPhase(float("inf"), 0.0))), RANK,
-                      stop, records.append, None, 10.0, first_steady_step=2, data_wait_s=lambda: 0.0)
+    pacer = LoadPacer(
+        ScenarioConfig(load_profile=(LoadPhase(0.001, 1.0), LoadPhase(float("inf"), 0.0))),
+        RANK,
+        stop,
+        records.append,
+        None,
+        10.0,
+        first_steady_step=2,
+        data_wait_s=lambda: 0.0,
+    )
     state = TrainState(Progress(), 10, CPU)
     length.start_clock()
     pacer.on_start(state)

@@ -5,14 +5,19 @@ from __future__ import annotations
 import json
 import re
 import sys
-import time
 
 import pytest
 import torch
 import torchvision
-
-from conftest import (TINY, Job, assert_records_follow_the_schema, free_port, run_train, train_command,
-                      wait_for_no_leftovers)
+from conftest import (
+    TINY,
+    Job,
+    assert_records_follow_the_schema,
+    free_port,
+    run_train,
+    train_command,
+    wait_for_no_leftovers,
+)
 
 EPOCH_LINE = re.compile(r"^\[Rank (\d+)\] Epoch +(\d+) - Avg Loss: (\d+\.\d{4})$", re.M)
 GLOBAL_LINE = re.compile(r"^\[Rank 0\] Epoch +(\d+) - Global Avg Loss: (\d+\.\d{4}) \((\d+) ranks\)$", re.M)
@@ -37,10 +42,18 @@ def test_standalone_spawn_trains_learns_checkpoints_and_exports(save_dir):
     losses = assert_trained(result, save_dir, ranks=2, epochs=4)
     assert losses[-1] < losses[0] * 0.8, losses  # the model learns the fake classes
     names = sorted(p.name for p in save_dir.iterdir())
-    assert names == [".lock", "checkpoint-000000024.pt", "checkpoint-000000032.pt", "checkpoints.json", "logs",
-                     "model_final.pth", "summary.json"]  # a checkpoint every epoch end, the newest two kept
+    assert names == [
+        ".lock",
+        "checkpoint-000000024.pt",
+        "checkpoint-000000032.pt",
+        "checkpoints.json",
+        "logs",
+        "model_final.pth",
+        "summary.json",
+    ]  # a checkpoint every epoch end, the newest two kept
     assert json.loads((save_dir / "checkpoints.json").read_text()) == {
-        "newest_first": ["checkpoint-000000032.pt", "checkpoint-000000024.pt"]}
+        "newest_first": ["checkpoint-000000032.pt", "checkpoint-000000024.pt"]
+    }
     assert sorted(p.name for p in (save_dir / "logs").iterdir()) == ["metrics.jsonl", "rank0.log", "rank1.log"]
     assert not list(save_dir.glob(".*.tmp"))  # no temporary file left behind
     state = torch.load(save_dir / "checkpoint-000000032.pt", weights_only=True)
@@ -56,8 +69,20 @@ def test_standalone_spawn_trains_learns_checkpoints_and_exports(save_dir):
 
 
 def test_torchrun_launch(save_dir):
-    job = Job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "train.py", *TINY, "--save-dir", str(save_dir)])
+    job = Job(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "train.py",
+            *TINY,
+            "--save-dir",
+            str(save_dir),
+        ]
+    )
     assert_trained(job.wait(), save_dir, ranks=2, epochs=2)
 
 
@@ -83,8 +108,23 @@ def test_node_level_environment_over_two_nodes_numbers_ranks_across_them(tmp_pat
 
 
 def test_resnet50_smoke(save_dir):
-    result = run_train("--cpu", "--nproc-per-node", "2", "--image-size", "64", "--dataset-size", "8",
-                       "--batch-size", "2", "--epochs", "1", "--num-workers", "1", "--save-dir", str(save_dir))
+    result = run_train(
+        "--cpu",
+        "--nproc-per-node",
+        "2",
+        "--image-size",
+        "64",
+        "--dataset-size",
+        "8",
+        "--batch-size",
+        "2",
+        "--epochs",
+        "1",
+        "--num-workers",
+        "1",
+        "--save-dir",
+        str(save_dir),
+    )
     assert_trained(result, save_dir, ranks=2, epochs=1, arch="resnet50", num_classes=100)
 
 
@@ -94,14 +134,30 @@ def test_two_standalone_jobs_on_one_node_do_not_collide(tmp_path):
         assert job.wait().returncode == 0
 
 
-@pytest.mark.parametrize("mode,code,says", [
-    ("exception", 1, "rank 1 exited with code 1"),
-    ("exit", 3, "rank 1 exited with code 3"),
-    ("kill", 1, "rank 1 was killed by SIGKILL"),
-])
+@pytest.mark.parametrize(
+    "mode,code,says",
+    [
+        ("exception", 1, "rank 1 exited with code 1"),
+        ("exit", 3, "rank 1 exited with code 3"),
+        ("kill", 1, "rank 1 was killed by SIGKILL"),
+    ],
+)
 def test_a_failing_rank_ends_the_whole_job(mode, code, says, save_dir):
-    job = Job(train_command(*TINY, "--epochs", "50", "--fail-at-step", "3", "--fail-rank", "1",
-                            "--fail-mode", mode, "--save-dir", str(save_dir)))
+    job = Job(
+        train_command(
+            *TINY,
+            "--epochs",
+            "50",
+            "--fail-at-step",
+            "3",
+            "--fail-rank",
+            "1",
+            "--fail-mode",
+            mode,
+            "--save-dir",
+            str(save_dir),
+        )
+    )
     result = job.wait(timeout=120)
     assert result.returncode == code, result.stderr[-2000:]
     assert says in result.stderr
@@ -126,9 +182,26 @@ def test_a_failing_rank_ends_the_whole_job(mode, code, says, save_dir):
 
 
 def test_a_failing_rank_ends_a_torchrun_job(save_dir):
-    job = Job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "train.py", *TINY, "--epochs", "50", "--fail-at-step", "2", "--fail-rank", "0",
-               "--save-dir", str(save_dir)])
+    job = Job(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "train.py",
+            *TINY,
+            "--epochs",
+            "50",
+            "--fail-at-step",
+            "2",
+            "--fail-rank",
+            "0",
+            "--save-dir",
+            str(save_dir),
+        ]
+    )
     result = job.wait(timeout=120)
     assert result.returncode != 0
     # torchrun's failure report (a TrainJob's too) carries the root cause from the rank's error file
@@ -151,9 +224,26 @@ def test_too_few_gpus_is_refused_with_exit_2(save_dir):
 
 
 def test_speed_options_train_on_cpu_and_summary_is_written_with_json_logs(save_dir):
-    result = run_train(*TINY, "--amp", "bf16", "--channels-last", "--data", "gpu", "--max-steps", "6",
-                       "--warmup-steps", "2", "--epochs", "5", "--log-format", "json", "--log-interval", "2",
-                       "--save-dir", str(save_dir))
+    result = run_train(
+        *TINY,
+        "--amp",
+        "bf16",
+        "--channels-last",
+        "--data",
+        "gpu",
+        "--max-steps",
+        "6",
+        "--warmup-steps",
+        "2",
+        "--epochs",
+        "5",
+        "--log-format",
+        "json",
+        "--log-interval",
+        "2",
+        "--save-dir",
+        str(save_dir),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     # --log-format json: every line on stdout and stderr is one JSON object, as a log agent reads it
     lines = [json.loads(line) for line in (result.stdout + result.stderr).splitlines() if line]

@@ -56,10 +56,18 @@ class Callbacks:
 
     def __init__(self, callbacks: Sequence[Callback]):
         self.callbacks: List[Callback] = list(callbacks)
-        self._methods = {name: [getattr(c, name) for c in self.callbacks
-                                if getattr(type(c), name) is not getattr(Callback, name)]
-                         for name in ("on_start", "on_epoch_start", "before_step", "after_step", "between_steps",
-                                      "on_epoch_end", "on_end")}
+        self._methods = {
+            name: [getattr(c, name) for c in self.callbacks if getattr(type(c), name) is not getattr(Callback, name)]
+            for name in (
+                "on_start",
+                "on_epoch_start",
+                "before_step",
+                "after_step",
+                "between_steps",
+                "on_epoch_end",
+                "on_end",
+            )
+        }
 
     def on_start(self, state) -> None:
         for method in self._methods["on_start"]:

@@ -12,10 +12,8 @@ never resumed from by `auto` while the lineage has one, and never pruned.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import sys
 import time
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
@@ -27,8 +25,14 @@ from resnet_ddp.core import distributed
 from resnet_ddp.core.callbacks import Callback
 from resnet_ddp.core.checkpoint_writer import CheckpointWriter
 from resnet_ddp.core.files import root_cause, save_atomically, write_json
-from resnet_ddp.core.lineage import (LINEAGE_NAME, _step_of, checkpoint_path, list_checkpoints, read_lineage,
-                                     resume_candidates)
+from resnet_ddp.core.lineage import (
+    LINEAGE_NAME,
+    _step_of,
+    checkpoint_path,
+    list_checkpoints,
+    read_lineage,
+    resume_candidates,
+)
 from resnet_ddp.core.progress import Progress, TrainState
 from resnet_ddp.errors import CheckpointWriteError, UsageError
 
@@ -54,8 +58,7 @@ def _describe_mismatch(saved: dict, wanted: dict) -> str:
     return ", ".join(f"{k} {saved.get(k)!r} (now {wanted[k]!r})" for k in wanted if saved.get(k) != wanted[k])
 
 
-def find_resume_point(save_dir: str, resume: str, fingerprint: dict,
-                      report: bool = True) -> Optional[Tuple[str, dict]]:
+def find_resume_point(save_dir: str, resume: str, fingerprint: dict, report: bool = True) -> Optional[Tuple[str, dict]]:
     """The checkpoint to continue from, loaded, or None to start afresh.
 
     auto: the newest checkpoint of the lineage that loads; an unreadable one is
@@ -71,8 +74,9 @@ def find_resume_point(save_dir: str, resume: str, fingerprint: dict,
             state["global_step"]  # a file torch can read but that is no checkpoint of ours
         except Exception as exc:  # truncated, corrupt, or not ours
             if resume != "auto":
-                raise UsageError(f"--resume {path}: not a readable checkpoint of this program "
-                                 f"({type(exc).__name__})") from None
+                raise UsageError(
+                    f"--resume {path}: not a readable checkpoint of this program ({type(exc).__name__})"
+                ) from None
             if report:
                 log.warning(f"checkpoint {path} is unreadable ({type(exc).__name__}); trying the one before it")
             continue
@@ -105,8 +109,16 @@ class Resumed(NamedTuple):
     saved_step: Optional[int]
 
 
-def resume(config: CheckpointConfig, save_dir: str, rank: distributed.RankInfo, fingerprint: dict, layout: dict,
-           model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler) -> Resumed:
+def resume(
+    config: CheckpointConfig,
+    save_dir: str,
+    rank: distributed.RankInfo,
+    fingerprint: dict,
+    layout: dict,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler,
+) -> Resumed:
     """Rank 0 picks and loads the checkpoint; every rank gets its state by broadcast (save dirs may be
     node-local) and loads it into `model` (the bare module), `optimizer`, `scaler` and the RNGs."""
     found = find_resume_point(save_dir, config.resume, fingerprint) if rank.is_main else None
@@ -131,8 +143,10 @@ def resume(config: CheckpointConfig, save_dir: str, rank: distributed.RankInfo, 
         progress.global_step -= progress.step_in_epoch
         progress.step_in_epoch, progress.epoch_loss_sum = 0, 0.0
     if rank.is_main:
-        log.info(f"resuming from {path}: epoch {progress.epoch}, step {progress.step_in_epoch} of the epoch, "
-                 f"{progress.global_step} steps done")
+        log.info(
+            f"resuming from {path}: epoch {progress.epoch}, step {progress.step_in_epoch} of the epoch, "
+            f"{progress.global_step} steps done"
+        )
         if changed:
             log.warning(f"resuming with {changed}: this run's options apply")
     return Resumed(progress, lineage, state["global_step"] if same_layout else None)
@@ -159,10 +173,11 @@ def _lineage_from(save_dir: str, resumed: Optional[str]) -> List[str]:
     name = os.path.basename(resumed)
     recorded = read_lineage(save_dir)
     if name in recorded:
-        return recorded[recorded.index(name):]
+        return recorded[recorded.index(name) :]
     # A save dir from before checkpoints.json: the older checkpoints by step, as pruning then went.
-    return [name] + [os.path.basename(p) for p in list_checkpoints(save_dir)
-                     if _step_of(os.path.basename(p)) < _step_of(name)]
+    return [name] + [
+        os.path.basename(p) for p in list_checkpoints(save_dir) if _step_of(os.path.basename(p)) < _step_of(name)
+    ]
 
 
 class CheckpointManager(Callback):
@@ -173,10 +188,22 @@ class CheckpointManager(Callback):
     Every rank calls `maybe_save` at the same steps (it gathers each rank's epoch loss); rank 0 writes.
     """
 
-    def __init__(self, config: CheckpointConfig, save_dir: str, rank: distributed.RankInfo, resumed: Resumed,
-                 fingerprint: dict, layout: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler,
-                 export_model: Callable[[], dict], first_bad_step: torch.Tensor, stop_on_nonfinite: bool,
-                 record: Callable[[dict], None]):
+    def __init__(
+        self,
+        config: CheckpointConfig,
+        save_dir: str,
+        rank: distributed.RankInfo,
+        resumed: Resumed,
+        fingerprint: dict,
+        layout: dict,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler,
+        export_model: Callable[[], dict],
+        first_bad_step: torch.Tensor,
+        stop_on_nonfinite: bool,
+        record: Callable[[dict], None],
+    ):
         """`model` is the bare module; `export_model()` gives model_final.pth's state_dict; `first_bad_step` is
         the device tensor where the step notes this rank's first non-finite loss (0: none)."""
         self.config, self.save_dir, self.rank = config, save_dir, rank
@@ -226,8 +253,10 @@ class CheckpointManager(Callback):
             "step_in_epoch": progress.step_in_epoch,
             "global_step": progress.global_step,
             "epoch_loss_sums": loss_sums,  # one per rank
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            },
             "fingerprint": self.fingerprint,
             "layout": self.layout,
             "format": FORMAT_VERSION,
@@ -244,12 +273,12 @@ class CheckpointManager(Callback):
             raise CheckpointWriteError(f"could not write checkpoint {path}: {root_cause(exc)}; {kept}") from exc
         name = os.path.basename(path)
         lineage = [name] + [n for n in self.lineage if n != name]
-        for old in lineage[self.config.keep:]:
+        for old in lineage[self.config.keep :]:
             try:
                 os.unlink(os.path.join(self.save_dir, old))
             except FileNotFoundError:
                 pass
-        self.lineage = lineage[:self.config.keep]
+        self.lineage = lineage[: self.config.keep]
         write_json(os.path.join(self.save_dir, LINEAGE_NAME), {"newest_first": self.lineage})
         return {"global_step": state["global_step"], "path": path, "bytes": os.path.getsize(path)}
 
@@ -257,8 +286,10 @@ class CheckpointManager(Callback):
         """Once a checkpoint is on disk: its write time is what a preemption's grace period must cover."""
         self.record({"kind": "checkpoint", **figures})
         on_gpu = f" + {figures['gpu_copy_s'] * 1000:.1f} ms of copy on the GPU" if "gpu_copy_s" in figures else ""
-        log.info(f"saved {figures['path']} ({figures['bytes'] / 2**20:.0f} MiB in {figures['write_s']:.2f} s, "
-                 f"training held {figures['training_held_s']:.3f} s{on_gpu})")
+        log.info(
+            f"saved {figures['path']} ({figures['bytes'] / 2**20:.0f} MiB in {figures['write_s']:.2f} s, "
+            f"training held {figures['training_held_s']:.3f} s{on_gpu})"
+        )
 
     def wait_for_writes(self) -> None:
         """The checkpoint under way is on disk (or its error raised)."""

@@ -49,8 +49,11 @@ class HostSnapshot:
                 self._buffers[path].copy_(tensor)
         self._queued = []
         for device, device_pairs in by_device.items():
-            staged = _StagedCopy(device, [self._staging[path] for path, _ in device_pairs],
-                                 [self._buffers[path] for path, _ in device_pairs])
+            staged = _StagedCopy(
+                device,
+                [self._staging[path] for path, _ in device_pairs],
+                [self._buffers[path] for path, _ in device_pairs],
+            )
             staged.stage([tensor for _, tensor in device_pairs])
             self._queued.append(staged)
         return snapshot

@@ -137,8 +137,15 @@ class HostBatches:
     spends waiting for the next batch is counted in `data_wait_s`.
     """
 
-    def __init__(self, dataset: LazyFakeDataset, sampler: ShardedPermutationSampler, batch_size: int,
-                 num_workers: int, device: torch.device, prefetch: int = 2):
+    def __init__(
+        self,
+        dataset: LazyFakeDataset,
+        sampler: ShardedPermutationSampler,
+        batch_size: int,
+        num_workers: int,
+        device: torch.device,
+        prefetch: int = 2,
+    ):
         self.sampler = sampler
         self.device = device
         self.batch_size = batch_size
@@ -191,8 +198,9 @@ class DeviceBatches:
 
     data_wait_s = 0.0
 
-    def __init__(self, dataset: LazyFakeDataset, sampler: ShardedPermutationSampler, batch_size: int,
-                 device: torch.device):
+    def __init__(
+        self, dataset: LazyFakeDataset, sampler: ShardedPermutationSampler, batch_size: int, device: torch.device
+    ):
         self.device = device
         self.seed = dataset.seed
         self.rank = sampler.rank
@@ -213,7 +221,9 @@ class DeviceBatches:
             seed = np.random.SeedSequence([self.seed, self.rank, epoch, step]).generate_state(1)[0]
             self.generator.manual_seed(int(seed))
             torch.randint(self.num_classes, labels.shape, generator=self.generator, device=self.device, out=labels)
-            torch.randint(128, images.shape, generator=self.generator, device=self.device, dtype=torch.uint8, out=images)
+            torch.randint(
+                128, images.shape, generator=self.generator, device=self.device, dtype=torch.uint8, out=images
+            )
             torch.index_select(self.colours, 0, labels, out=colours)
             images += colours.view(-1, 3, 1, 1)
             yield images, labels

@@ -85,8 +85,12 @@ def physical_gpu(device: torch.device) -> Optional[str]:
 
 def placement(rank: RankInfo) -> Dict[str, object]:
     """Where this rank runs, to name it in a report: rank, host, local rank and GPU."""
-    return {"rank": rank.rank, "host": socket.gethostname(), "local_rank": rank.local_rank,
-            "gpu": physical_gpu(rank.device)}
+    return {
+        "rank": rank.rank,
+        "host": socket.gethostname(),
+        "local_rank": rank.local_rank,
+        "gpu": physical_gpu(rank.device),
+    }
 
 
 def describe(place: Dict[str, object]) -> str:

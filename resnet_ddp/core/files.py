@@ -7,6 +7,7 @@ renamed over the name, and then the directory is fsynced.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from typing import BinaryIO, Callable
@@ -52,8 +53,20 @@ def save_atomically(obj, path: str) -> None:
     write_atomically(path, lambda f: torch.save(obj, f))
 
 
+def strict_json(value):
+    """`value` with every non-finite float (a diverged loss, the percentile of no steps) as None: JSON has no NaN,
+    and jq, log agents and Prometheus' tooling refuse it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
+
+
 def write_json(path: str, payload: dict) -> None:
-    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+    text = json.dumps(strict_json(payload), indent=2, sort_keys=True, allow_nan=False) + "\n"
     write_atomically(path, lambda f: f.write(text.encode()))
 
 

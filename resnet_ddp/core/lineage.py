@@ -21,7 +21,7 @@ def checkpoint_path(save_dir: str, global_step: int) -> str:
 
 
 def _step_of(name: str) -> Optional[int]:
-    middle = name[len(CHECKPOINT_PREFIX):-len(CHECKPOINT_SUFFIX)]
+    middle = name[len(CHECKPOINT_PREFIX) : -len(CHECKPOINT_SUFFIX)]
     if name.startswith(CHECKPOINT_PREFIX) and name.endswith(CHECKPOINT_SUFFIX) and middle.isdigit():
         return int(middle)
     return None

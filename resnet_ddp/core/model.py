@@ -17,7 +17,6 @@ from resnet_ddp.core.distributed import RankInfo
 from resnet_ddp.errors import UsageError
 from resnet_ddp.layers.syncbn import convert_sync_batchnorm
 
-
 _DDP_PARAMETERS = inspect.signature(DistributedDataParallel.__init__).parameters
 
 
@@ -30,7 +29,9 @@ def build_model(arch: str, num_classes: int, sync_bn: bool, fuse_bn_relu: bool =
     if sync_bn:
         model = convert_sync_batchnorm(model)
         if fuse_bn_relu:
-            from resnet_ddp.layers.blocks import hand_relu_to_batchnorm  # imports torchvision, as _torchvision_model did
+            from resnet_ddp.layers.blocks import (
+                hand_relu_to_batchnorm,  # imports torchvision, as _torchvision_model did
+            )
 
             model = hand_relu_to_batchnorm(model)
     return model
@@ -43,8 +44,9 @@ def _torchvision_model(arch: str, num_classes: int) -> nn.Module:
     return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
 
 
-def wrap_ddp(model: nn.Module, rank: RankInfo, sync_bn: bool,
-             stream: Optional[torch.cuda.Stream] = None) -> DistributedDataParallel:
+def wrap_ddp(
+    model: nn.Module, rank: RankInfo, sync_bn: bool, stream: Optional[torch.cuda.Stream] = None
+) -> DistributedDataParallel:
     """DDP over the job's process group, built on `stream` when the step will be graph-captured.
 
     DDP keeps the gradient-accumulation nodes it makes here; the warm-up steps
@@ -97,8 +99,7 @@ def _ddp(model: nn.Module, rank: RankInfo, sync_bn: bool) -> DistributedDataPara
     name = "forward_sync_buffers" if "forward_sync_buffers" in _DDP_PARAMETERS else "broadcast_buffers"
     # Gradients as views into DDP's all-reduce buckets: DDP then does not copy every gradient back out of
     # its bucket after each all-reduce (161 copies a ResNet-50 step).
-    return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True,
-                                   **{name: not sync_bn})
+    return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True, **{name: not sync_bn})
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -37,7 +37,7 @@ class NonFiniteWatch:
         self.state = torch.zeros(5, dtype=torch.int64, device=device)
         self._step, self._first_bad, self._bad_steps, self._skipped, self._last_skipped = self.state.unbind()
         # The host's view: a pinned copy refreshed after every step, read without waiting.
-        self._host = (torch.zeros(5, dtype=torch.int64, pin_memory=True) if device.type == "cuda" else self.state)
+        self._host = torch.zeros(5, dtype=torch.int64, pin_memory=True) if device.type == "cuda" else self.state
         self._saved: Dict[int, torch.Tensor] = {}
         self.seen = [0] * 5  # what the host has reported so far
 
@@ -120,8 +120,12 @@ class NonFiniteWatch:
         self.seen = [max(a, b) for a, b in zip(self.seen, now)]
         if not first_bad and skipped <= 0:
             return None
-        return {"first_bad_step": first_bad, "skipped": max(0, skipped), "skipped_total": self.seen[self.SKIPPED],
-                "last_skipped_step": self.seen[self.LAST_SKIPPED]}
+        return {
+            "first_bad_step": first_bad,
+            "skipped": max(0, skipped),
+            "skipped_total": self.seen[self.SKIPPED],
+            "last_skipped_step": self.seen[self.LAST_SKIPPED],
+        }
 
 
 class NonFiniteReport(Callback):
@@ -145,13 +149,17 @@ class NonFiniteReport(Callback):
             return
         step = news["first_bad_step"]
         if step:
-            outcome = {"stop": "stopping the job", "skip": "its update is skipped", "ignore": "training on"}[self.policy]
+            outcome = {"stop": "stopping the job", "skip": "its update is skipped", "ignore": "training on"}[
+                self.policy
+            ]
             log.warning(f"loss is not finite at step {step} (--nan-policy {self.policy}: {outcome})")
             if self.policy == "stop":
                 self.stop.nonfinite_at(step)
         if news["skipped"]:
-            log.warning(f"skipped the update of step {news['last_skipped_step']}: gradients not finite "
-                        f"({news['skipped_total']} skipped so far, --nan-policy skip)")
+            log.warning(
+                f"skipped the update of step {news['last_skipped_step']}: gradients not finite "
+                f"({news['skipped_total']} skipped so far, --nan-policy skip)"
+            )
 
 
 def _norms(tensors: List[torch.Tensor]) -> List[torch.Tensor]:

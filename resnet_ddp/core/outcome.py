@@ -9,8 +9,13 @@ from typing import Optional, Tuple
 from resnet_ddp.core.stopping import StopReason
 
 # exit_reason in summary.json, by kind of ending: dashboards and tests read these words.
-FINISHED, DURATION, SIGNAL, NONFINITE, FAILED = ("finished", "duration reached", "stopped by signal",
-                                                 "loss not finite", "failed")
+FINISHED, DURATION, SIGNAL, NONFINITE, FAILED = (
+    "finished",
+    "duration reached",
+    "stopped by signal",
+    "loss not finite",
+    "failed",
+)
 EXIT_FAILED = 1
 
 
@@ -42,6 +47,13 @@ class RunOutcome:
     def failed(cls, error: str, rank: Optional[int], host: Optional[str] = None) -> "RunOutcome":
         return cls(FAILED, EXIT_FAILED, error=error, failed_rank=rank, failed_host=host)
 
+    def stopped_late(self, signum: int) -> "RunOutcome":
+        """A stop signal that came after the last step: the run's work is done, and the job was stopped all the
+        same (its exit code says so)."""
+        if self.exit_code:
+            return self
+        return RunOutcome(self.exit_reason, 128 + signum, signum=signum)
+
     @property
     def exports_model(self) -> bool:
         """model_final.pth is written for a run that ended as planned, not for a stopped or failed one."""
@@ -52,8 +64,9 @@ class RunOutcome:
         fields = {"exit_reason": self.exit_reason, "exit_code": self.exit_code}
         if self.signum is not None:
             fields["signal"] = signal.Signals(self.signum).name
-        fields["first_nonfinite_loss"] = ({"step": self.first_nonfinite[0], "rank": self.first_nonfinite[1]}
-                                          if self.first_nonfinite else None)
+        fields["first_nonfinite_loss"] = (
+            {"step": self.first_nonfinite[0], "rank": self.first_nonfinite[1]} if self.first_nonfinite else None
+        )
         if self.exit_reason == FAILED:
             fields["error"] = self.error
             fields["first_failure"] = {"rank": self.failed_rank, "host": self.failed_host, "error": self.error}
@@ -63,6 +76,8 @@ class RunOutcome:
         """The line on stderr that says why the run failed, where the run's own loop found it."""
         if self.first_nonfinite is not None:
             step, rank = self.first_nonfinite
-            return (f"error: the loss was not finite at step {step} on rank {rank} (--nan-policy stop); "
-                    "no checkpoint was written after it")
+            return (
+                f"error: the loss was not finite at step {step} on rank {rank} (--nan-policy stop); "
+                "no checkpoint was written after it"
+            )
         return None

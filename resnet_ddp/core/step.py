@@ -23,10 +23,18 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class EagerStep:
-    def __init__(self, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-                 device: torch.device, amp: str = "off", channels_last: bool = False,
-                 nonfinite: Optional[NonFiniteWatch] = None, loss_poison: Optional[torch.Tensor] = None,
-                 scaler=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        amp: str = "off",
+        channels_last: bool = False,
+        nonfinite: Optional[NonFiniteWatch] = None,
+        loss_poison: Optional[torch.Tensor] = None,
+        scaler=None,
+    ):
         """`scaler`: fp16's gradient scaler (one is made for --amp fp16 if none is given)."""
         self.model = model
         self.criterion = criterion
@@ -41,8 +49,9 @@ class EagerStep:
     def compute(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The step on device tensors: everything here can be captured in a CUDA graph (but the scaler)."""
         x = normalise(images, self.channels_last)
-        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
-                    else contextlib.nullcontext())
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        )
         with autocast:
             loss = self.criterion(self.model(x), labels)
         if self.loss_poison is not None:

@@ -39,6 +39,10 @@ def signal_received() -> bool:
     return bool(_received)
 
 
+def first_signal() -> Optional[int]:
+    return _received[0] if _received else None
+
+
 @dataclass(frozen=True)
 class StopReason:
     """Why the loop ends. `kind` is one of the names below; a signal and a non-finite loss say more."""
@@ -87,8 +91,16 @@ class RunLength:
         self.started = time.perf_counter()
 
     @classmethod
-    def of(cls, epochs: int, max_steps: Optional[int], duration_s: Optional[float], global_step: int,
-           epoch: int, step_in_epoch: int, steps_per_epoch: int) -> "RunLength":
+    def of(
+        cls,
+        epochs: int,
+        max_steps: Optional[int],
+        duration_s: Optional[float],
+        global_step: int,
+        epoch: int,
+        step_in_epoch: int,
+        steps_per_epoch: int,
+    ) -> "RunLength":
         """From where this process starts: steps already done count, and so do the steps still to come."""
         by_epochs = global_step + (epochs - epoch + 1) * steps_per_epoch - step_in_epoch
         ends_by_max_steps = max_steps is not None and max_steps < by_epochs

@@ -22,8 +22,16 @@ from resnet_ddp.core.stopping import StopAgreement, StopReason
 
 
 class Trainer:
-    def __init__(self, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batches, state: TrainState,
-                 stop: StopAgreement, checkpoints: CheckpointManager, callbacks: Callbacks, rank: int):
+    def __init__(
+        self,
+        step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        batches,
+        state: TrainState,
+        stop: StopAgreement,
+        checkpoints: CheckpointManager,
+        callbacks: Callbacks,
+        rank: int,
+    ):
         """`step(images, labels)` trains on one batch and returns its loss on the device; `batches.epoch(epoch,
         start_step)` yields an epoch's batches from a step on."""
         self.step, self.batches, self.state = step, batches, state

@@ -36,8 +36,16 @@ from resnet_ddp.config import Config
 from resnet_ddp.core import checkpoint, distributed, phases
 from resnet_ddp.core.callbacks import Callback, Callbacks
 from resnet_ddp.core.checkpoint import CheckpointManager
-from resnet_ddp.core.data import (SHM_MARGIN, DeviceBatches, HostBatches, LazyFakeDataset, ShardedPermutationSampler,
-                                  fit_workers_to_shm, host_batch_bytes, shm_free_bytes)
+from resnet_ddp.core.data import (
+    SHM_MARGIN,
+    DeviceBatches,
+    HostBatches,
+    LazyFakeDataset,
+    ShardedPermutationSampler,
+    fit_workers_to_shm,
+    host_batch_bytes,
+    shm_free_bytes,
+)
 from resnet_ddp.core.model import build_model, compile_model, export_state_dict, train_flops_per_image, wrap_ddp
 from resnet_ddp.core.nonfinite import NonFiniteReport, NonFiniteWatch
 from resnet_ddp.core.progress import TrainState
@@ -73,8 +81,14 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def build_trainer(config: Config, rank: distributed.RankInfo, console: Console, metrics: MetricsLog,
-                  facts: RunFacts, stack: contextlib.ExitStack) -> Trainer:
+def build_trainer(
+    config: Config,
+    rank: distributed.RankInfo,
+    console: Console,
+    metrics: MetricsLog,
+    facts: RunFacts,
+    stack: contextlib.ExitStack,
+) -> Trainer:
     """Every part of this process's training; what must be closed on any ending is registered on `stack`."""
     if rank.device.type == "cpu":
         distributed.share_host_cores(rank)
@@ -92,14 +106,27 @@ def build_trainer(config: Config, rank: distributed.RankInfo, console: Console, 
     module = model.module
     speed, training = config.speed, config.training
     scaler = make_scaler(speed.amp, rank.device)
-    layout = {"world_size": rank.world_size, "batch_size": training.batch_size, "dataset_size": training.dataset_size,
-              "seed": training.seed, "data": training.data}
-    resumed = checkpoint.resume(config.checkpoint, config.save_dir, rank, config.fingerprint(), layout, module,
-                                optimizer, scaler)
+    layout = {
+        "world_size": rank.world_size,
+        "batch_size": training.batch_size,
+        "dataset_size": training.dataset_size,
+        "seed": training.seed,
+        "data": training.data,
+    }
+    resumed = checkpoint.resume(
+        config.checkpoint, config.save_dir, rank, config.fingerprint(), layout, module, optimizer, scaler
+    )
     progress = resumed.progress
     state = TrainState(progress, batches.steps_per_epoch, rank.device)
-    length = RunLength.of(training.epochs, config.length.max_steps, config.length.duration_s, progress.global_step,
-                          progress.epoch, progress.step_in_epoch, batches.steps_per_epoch)
+    length = RunLength.of(
+        training.epochs,
+        config.length.max_steps,
+        config.length.duration_s,
+        progress.global_step,
+        progress.epoch,
+        progress.step_in_epoch,
+        batches.steps_per_epoch,
+    )
     # The first step that runs as every later one will: after cuDNN's autotuning and, with CUDA graphs, the eager
     # warm-up and the capture.
     first_steady_step = progress.global_step + (GraphedStep.WARMUP_STEPS + 2 if speed.cuda_graphs else 2)
@@ -109,26 +136,47 @@ def build_trainer(config: Config, rank: distributed.RankInfo, console: Console, 
         metrics.add_sink(sink)
     exporter = next((s for s in metrics.sinks if hasattr(s, "gpu_sample")), None)
 
-    watch = NonFiniteWatch(rank.device, optimizer, undo_updates=config.scenario.nan_policy == "skip"
-                           and speed.amp != "fp16")  # fp16's scaler already skips non-finite updates
+    watch = NonFiniteWatch(
+        rank.device, optimizer, undo_updates=config.scenario.nan_policy == "skip" and speed.amp != "fp16"
+    )  # fp16's scaler already skips non-finite updates
     watch.start_at(progress.global_step)
-    checkpoints = CheckpointManager(config.checkpoint, config.save_dir, rank, resumed, config.fingerprint(), layout,
-                                    module, optimizer, scaler, lambda: export_state_dict(model),
-                                    watch.first_bad_step_on_device, config.scenario.nan_policy == "stop",
-                                    metrics.record)
+    checkpoints = CheckpointManager(
+        config.checkpoint,
+        config.save_dir,
+        rank,
+        resumed,
+        config.fingerprint(),
+        layout,
+        module,
+        optimizer,
+        scaler,
+        lambda: export_state_dict(model),
+        watch.first_bad_step_on_device,
+        config.scenario.nan_policy == "stop",
+        metrics.record,
+    )
     stack.callback(_quietly, checkpoints.wait_for_writes)  # a failing run still finishes the write under way
     faults = FaultInjector(config.scenario, rank.rank, rank.device, before_failing=checkpoints.wait_for_writes)
-    step = EagerStep(compile_model(model) if speed.compile else model, torch.nn.CrossEntropyLoss(), optimizer,
-                     rank.device, amp=speed.amp, channels_last=speed.channels_last, nonfinite=watch,
-                     loss_poison=faults.loss_poison, scaler=scaler)
+    step = EagerStep(
+        compile_model(model) if speed.compile else model,
+        torch.nn.CrossEntropyLoss(),
+        optimizer,
+        rank.device,
+        amp=speed.amp,
+        channels_last=speed.channels_last,
+        nonfinite=watch,
+        loss_poison=faults.loss_poison,
+        scaler=scaler,
+    )
     if speed.cuda_graphs:
         step = GraphedStep(step, side_stream)
 
     watchdog = ProgressWatchdog(rank.rank, config.process.dist_timeout)
     stack.callback(watchdog.stop)
     stop = StopAgreement(rank.rank, length, control, heartbeat=watchdog.beat)
-    gpu = GpuMonitor.start(rank.device, counting=lambda: timer.steady,
-                           on_sample=exporter.gpu_sample if exporter is not None else None)
+    gpu = GpuMonitor.start(
+        rank.device, counting=lambda: timer.steady, on_sample=exporter.gpu_sample if exporter is not None else None
+    )
     if gpu is not None:
         stack.callback(gpu.stop)
     flops = train_flops_per_image(config.model.arch, training.num_classes, config.model.image_size)
@@ -138,21 +186,51 @@ def build_trainer(config: Config, rank: distributed.RankInfo, console: Console, 
 
     reporting = config.reporting
     bar = console.start_bar(length.last_step, progress.global_step) if rank.is_main else None
-    logger = StepLogger(metrics, rank.rank, rank.world_size, rank.device, training.batch_size, length,
-                        reporting.log_interval, LOG_EVERY_S, flops, peak, lambda: batches.data_wait_s,
-                        fields=[f.fields for f in (gpu, stragglers) if f is not None], bar=bar)
-    summary = RunSummary(facts, config.save_dir, rank, metrics, timer, training.batch_size,
-                         lambda: state.epoch - 1, flops, peak,
-                         gpu.mean_utilisation_pct if gpu is not None else lambda: None,
-                         lambda: watch.seen[NonFiniteWatch.SKIPPED])
+    logger = StepLogger(
+        metrics,
+        rank.rank,
+        rank.world_size,
+        rank.device,
+        training.batch_size,
+        length,
+        reporting.log_interval,
+        LOG_EVERY_S,
+        flops,
+        peak,
+        lambda: batches.data_wait_s,
+        fields=[f.fields for f in (gpu, stragglers) if f is not None],
+        bar=bar,
+    )
+    summary = RunSummary(
+        facts,
+        config.save_dir,
+        rank,
+        metrics,
+        timer,
+        training.batch_size,
+        lambda: state.epoch - 1,
+        flops,
+        peak,
+        gpu.mean_utilisation_pct if gpu is not None else lambda: None,
+        lambda: watch.seen[NonFiniteWatch.SKIPPED],
+    )
     callbacks: List[Optional[Callback]] = [
         timer,
         gpu,
-        LoadPacer(config.scenario, rank, stop, metrics.record, reporting.log_interval, LOG_EVERY_S,
-                  first_steady_step, lambda: batches.data_wait_s),
+        LoadPacer(
+            config.scenario,
+            rank,
+            stop,
+            metrics.record,
+            reporting.log_interval,
+            LOG_EVERY_S,
+            first_steady_step,
+            lambda: batches.data_wait_s,
+        ),
         GpuMemoryBallast(ballast_size, rank, control, first_steady_step) if ballast_size is not None else None,
         StepProfiler(reporting.profile_steps, rank, config.save_dir, first_steady_step)
-        if reporting.profile_steps else None,
+        if reporting.profile_steps
+        else None,
         stragglers,
         NonFiniteReport(watch, config.scenario.nan_policy, stop),
         faults,
@@ -165,8 +243,9 @@ def build_trainer(config: Config, rank: distributed.RankInfo, console: Console, 
     ]
     if rank.is_main:
         log.info(_start_line(config, rank, batches.steps_per_epoch))
-    return Trainer(step, batches, state, stop, checkpoints, Callbacks([c for c in callbacks if c is not None]),
-                   rank.rank)
+    return Trainer(
+        step, batches, state, stop, checkpoints, Callbacks([c for c in callbacks if c is not None]), rank.rank
+    )
 
 
 def _quietly(close) -> None:
@@ -186,22 +265,24 @@ def _build_batches(config: Config, rank: distributed.RankInfo):
     workers, prefetch = fit_workers_to_shm(training.num_workers, batch_bytes, rank.local_world_size, free)
     if workers < training.num_workers and rank.local_rank == 0:
         need = rank.local_world_size * (training.num_workers * 2 + 1) * batch_bytes * SHM_MARGIN
-        log.warning(f"/dev/shm has {free / 2**20:.0f} MiB free; {training.num_workers} DataLoader workers in each of "
-                    f"{rank.local_world_size} processes need about {need / 2**20:.0f} MiB: using {workers} worker(s) "
-                    f"with {prefetch} batch(es) prefetched (mount a larger memory-backed /dev/shm for more)")
+        log.warning(
+            f"/dev/shm has {free / 2**20:.0f} MiB free; {training.num_workers} DataLoader workers in each of "
+            f"{rank.local_world_size} processes need about {need / 2**20:.0f} MiB: using {workers} worker(s) "
+            f"with {prefetch} batch(es) prefetched (mount a larger memory-backed /dev/shm for more)"
+        )
     return HostBatches(dataset, sampler, training.batch_size, workers, rank.device, prefetch=prefetch)
 
 
 def _build_model_and_optimizer(config: Config, rank: distributed.RankInfo):
-    model = build_model(config.model.arch, config.training.num_classes, config.model.sync_bn,
-                        config.model.fuse_bn_relu)
+    model = build_model(config.model.arch, config.training.num_classes, config.model.sync_bn, config.model.fuse_bn_relu)
     if config.speed.channels_last:
         model = model.to(memory_format=torch.channels_last)
     side_stream = torch.cuda.Stream(rank.device) if config.speed.cuda_graphs else None
     model = wrap_ddp(model, rank, config.model.sync_bn, stream=side_stream)
     training = config.training
-    optimizer = torch.optim.SGD(model.parameters(), lr=training.lr, momentum=training.momentum,
-                                weight_decay=training.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=training.lr, momentum=training.momentum, weight_decay=training.weight_decay
+    )
     return model, optimizer, side_stream
 
 
@@ -221,21 +302,42 @@ def _settle_symmetric_memory(config: Config, rank: distributed.RankInfo, model) 
     return replace(config, speed=replace(config.speed, syncbn_symm_mem=False))
 
 
-def _sinks(config: Config, rank: distributed.RankInfo, control, steps_done: int, length: RunLength,
-           facts: RunFacts, timer: StepTimer) -> list:
+def _sinks(
+    config: Config,
+    rank: distributed.RankInfo,
+    control,
+    steps_done: int,
+    length: RunLength,
+    facts: RunFacts,
+    timer: StepTimer,
+) -> list:
     """Where records go besides metrics.jsonl: the Prometheus endpoint (every rank), TensorBoard (rank 0)."""
     sinks = []
     if config.reporting.metrics_port is not None:
         from resnet_ddp.observe.prometheus import PrometheusExporter
 
-        info = {"version": __version__, "arch": config.model.arch, "world_size": str(rank.world_size),
-                "amp": config.speed.amp, "data": config.training.data, "compile": str(config.speed.compile).lower(),
-                "batch_size": str(config.training.batch_size), "scenario": config.scenario.name or "",
-                "device": facts.device_name}
-        exporter = PrometheusExporter(config.reporting.metrics_port, rank.rank, rank.local_rank,
-                                      config.training.batch_size, barrier=lambda: dist.barrier(group=control),
-                                      info=info, step_times_ms=lambda: timer.step_ms,
-                                      linger_s=config.reporting.metrics_linger_s, signalled=signal_received)
+        info = {
+            "version": __version__,
+            "arch": config.model.arch,
+            "world_size": str(rank.world_size),
+            "amp": config.speed.amp,
+            "data": config.training.data,
+            "compile": str(config.speed.compile).lower(),
+            "batch_size": str(config.training.batch_size),
+            "scenario": config.scenario.name or "",
+            "device": facts.device_name,
+        }
+        exporter = PrometheusExporter(
+            config.reporting.metrics_port,
+            rank.rank,
+            rank.local_rank,
+            config.training.batch_size,
+            barrier=lambda: dist.barrier(group=control),
+            info=info,
+            step_times_ms=lambda: timer.step_ms,
+            linger_s=config.reporting.metrics_linger_s,
+            signalled=signal_received,
+        )
         exporter.starting_at(steps_done, length.fraction_done(steps_done))
         sinks.append(exporter)
     if config.reporting.tensorboard and rank.is_main:
@@ -245,8 +347,9 @@ def _sinks(config: Config, rank: distributed.RankInfo, control, steps_done: int,
     return sinks
 
 
-def _straggler_detector(config: Config, rank: distributed.RankInfo, module, metrics: MetricsLog,
-                        first_steady_step: int, start_step: int) -> Optional[StragglerDetector]:
+def _straggler_detector(
+    config: Config, rank: distributed.RankInfo, module, metrics: MetricsLog, first_steady_step: int, start_step: int
+) -> Optional[StragglerDetector]:
     """The detector, or None (with a line saying why, where the user could expect one)."""
     window_s = config.health.straggler_window_s
     why = StragglerDetector.unavailable(window_s, rank.world_size, config.speed.compile, config.speed.cuda_graphs)
@@ -272,9 +375,11 @@ def _syncbn_description(config: Config, device: torch.device) -> str:
 
 def _start_line(config: Config, rank: distributed.RankInfo, steps: int) -> str:
     speed, training = config.speed, config.training
-    return (f"{config.model.arch} on {rank.world_size} x {rank.device.type}, batch {training.batch_size} per process, "
-            f"{steps} steps per epoch, {training.epochs} epochs, "
-            f"SyncBatchNorm {_syncbn_description(config, rank.device)}, amp {speed.amp}, "
-            f"channels_last {'on' if speed.channels_last else 'off'}, compile {'on' if speed.compile else 'off'}, "
-            f"data {training.data}, CUDA graphs {'on' if speed.cuda_graphs else 'off'}, save dir {config.save_dir}"
-            + (f", scenario {config.scenario.name}" if config.scenario.name else ""))
+    return (
+        f"{config.model.arch} on {rank.world_size} x {rank.device.type}, batch {training.batch_size} per process, "
+        f"{steps} steps per epoch, {training.epochs} epochs, "
+        f"SyncBatchNorm {_syncbn_description(config, rank.device)}, amp {speed.amp}, "
+        f"channels_last {'on' if speed.channels_last else 'off'}, compile {'on' if speed.compile else 'off'}, "
+        f"data {training.data}, CUDA graphs {'on' if speed.cuda_graphs else 'off'}, save dir {config.save_dir}"
+        + (f", scenario {config.scenario.name}" if config.scenario.name else "")
+    )

@@ -16,17 +16,43 @@ import sys
 from typing import List, Mapping, NoReturn, Optional, Sequence, Tuple
 
 from resnet_ddp import __version__
-from resnet_ddp.config import (ALL_RANKS, AMP_MODES, ARCHITECTURES, DATA_SOURCES, FAIL_MODES, LOG_FORMATS, NAN_POLICIES,
-                               PREFLIGHT_MODES, CheckpointConfig, Config, HealthConfig, ModelConfig, ProcessConfig,
-                               ReportingConfig, RunLengthConfig, ScenarioConfig, SpeedConfig, TrainingConfig)
+from resnet_ddp.config import (
+    ALL_RANKS,
+    AMP_MODES,
+    ARCHITECTURES,
+    DATA_SOURCES,
+    FAIL_MODES,
+    LOG_FORMATS,
+    NAN_POLICIES,
+    PREFLIGHT_MODES,
+    CheckpointConfig,
+    Config,
+    HealthConfig,
+    ModelConfig,
+    ProcessConfig,
+    ReportingConfig,
+    RunLengthConfig,
+    ScenarioConfig,
+    SpeedConfig,
+    TrainingConfig,
+)
 from resnet_ddp.core import phases
 from resnet_ddp.entry.process import exit_on_stop_signals, exit_process
-from resnet_ddp.observe import console
+from resnet_ddp.entry.values import (
+    parse_bool,
+    parse_duration,
+    parse_duration_or_zero,
+    parse_duty_cycle,
+    parse_fail_rank,
+    parse_load_profile,
+    parse_memory_size,
+    parse_preflight_mode,
+    parse_profile_steps,
+    parse_slow_rank,
+    parse_straggler_window,
+)
 from resnet_ddp.errors import UsageError
-from resnet_ddp.entry.values import (parse_bool, parse_duration, parse_duration_or_zero, parse_duty_cycle,
-                                     parse_fail_rank,
-                                     parse_load_profile, parse_memory_size, parse_preflight_mode,
-                                     parse_profile_steps, parse_slow_rank, parse_straggler_window)
+from resnet_ddp.observe import console
 from resnet_ddp.scenarios import presets
 
 log = logging.getLogger(__name__)
@@ -64,7 +90,7 @@ class _HelpFormatter(argparse.HelpFormatter):
         shown = getattr(action, "shown_default", None)
         if shown is not None:
             parts.append(f"default: {shown}")
-        elif action.default not in (None, False):
+        elif action.default is not None and action.default is not False:
             parts.append(f"default: {action.default}")
         parts.append(f"env {env_name(action)}")
         return f"{text} ({'; '.join(parts)})".replace("%", "%%")  # argparse %-formats help
@@ -83,151 +109,354 @@ def build_parser(environ: Mapping[str, str] = os.environ, scenario: Optional[str
         prog="resnet-ddp",
         usage=USAGE,
         description="Train torchvision ResNet with DDP and SyncBatchNorm on a lazily generated fake dataset: a "
-                    "real distributed training job for testing GPU clusters. `resnet-ddp report SAVE_DIR` draws a "
-                    "finished or running job's metrics into SAVE_DIR/report.png and report.html.",
+        "real distributed training job for testing GPU clusters. `resnet-ddp report SAVE_DIR` draws a "
+        "finished or running job's metrics into SAVE_DIR/report.png and report.html.",
         epilog="Every option can also be set in its environment variable, named in its help "
-               f"(e.g. {ENV_PREFIX}BATCH_SIZE=128, {ENV_PREFIX}CPU=1); the command line wins over the environment, "
-               "the environment over a --scenario preset. OUTPUT_DIR sets the save dir when neither names one. "
-               "Exit codes: 0 finished, 1 failed during the run, 2 bad input or unusable setup (refused before "
-               "training), 130/143 stopped by SIGINT/SIGTERM. All options: docs/options.md.",
+        f"(e.g. {ENV_PREFIX}BATCH_SIZE=128, {ENV_PREFIX}CPU=1); the command line wins over the environment, "
+        "the environment over a --scenario preset. OUTPUT_DIR sets the save dir when neither names one. "
+        "Exit codes: 0 finished, 1 failed during the run, 2 bad input or unusable setup (refused before "
+        "training), 130/143 stopped by SIGINT/SIGTERM. All options: docs/options.md.",
         formatter_class=_HelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"resnet-ddp {__version__}")
-    training, model, speed = TrainingConfig(), ModelConfig(), SpeedConfig()
+    training, model = TrainingConfig(), ModelConfig()
     length, reporting, ckpt_defaults = RunLengthConfig(), ReportingConfig(), CheckpointConfig()
     process, scenario_defaults, health = ProcessConfig(), ScenarioConfig(), HealthConfig()
 
     g = p.add_argument_group("training (the original example's options)")
     _option(g, "--epochs", type=int, default=training.epochs, help="epochs to train")
-    _option(g, "--batch-size", type=int, default=None, shown_default=f"{training.batch_size}; {FAST_BATCH_SIZE} "
-            "with --fast", help="batch size per process")
+    _option(
+        g,
+        "--batch-size",
+        type=int,
+        default=None,
+        shown_default=f"{training.batch_size}; {FAST_BATCH_SIZE} with --fast",
+        help="batch size per process",
+    )
     _option(g, "--dataset-size", type=int, default=training.dataset_size, help="samples in the fake dataset")
-    _option(g, "--lr", type=float, default=training.lr,
-            help="SGD learning rate (on a resume, this run's value applies, and a line says so when it changes)")
+    _option(
+        g,
+        "--lr",
+        type=float,
+        default=training.lr,
+        help="SGD learning rate (on a resume, this run's value applies, and a line says so when it changes)",
+    )
     _option(g, "--num-workers", type=int, default=training.num_workers, help="DataLoader workers per process")
-    _option(g, "--save-dir", default=None, shown_default=f"$OUTPUT_DIR, else {Config.save_dir}",
-            help="where checkpoints, logs, summary.json and model_final.pth go")
-    _option(g, "--num-classes", type=int, default=training.num_classes,
-            help="classes in the fake dataset and the model head")
+    _option(
+        g,
+        "--save-dir",
+        default=None,
+        shown_default=f"$OUTPUT_DIR, else {Config.save_dir}",
+        help="where checkpoints, logs, summary.json and model_final.pth go",
+    )
+    _option(
+        g,
+        "--num-classes",
+        type=int,
+        default=training.num_classes,
+        help="classes in the fake dataset and the model head",
+    )
 
     g = p.add_argument_group("model and data")
-    _option(g, "--arch", default=model.arch, choices=ARCHITECTURES, help="torchvision architecture (no pretrained weights)")
+    _option(
+        g, "--arch", default=model.arch, choices=ARCHITECTURES, help="torchvision architecture (no pretrained weights)"
+    )
     _option(g, "--image-size", type=int, default=model.image_size, help="height and width of the fake images")
     _option(g, "--seed", type=int, default=training.seed, help="seed for data, weights and shuffling")
     _option(g, "--no-sync-bn", action="store_true", help="keep plain BatchNorm instead of SyncBatchNorm")
-    _option(g, "--momentum", type=float, default=training.momentum,
-            help="SGD momentum (on a resume, this run's value applies)")
-    _option(g, "--weight-decay", type=float, default=training.weight_decay,
-            help="SGD weight decay (on a resume, this run's value applies)")
+    _option(
+        g,
+        "--momentum",
+        type=float,
+        default=training.momentum,
+        help="SGD momentum (on a resume, this run's value applies)",
+    )
+    _option(
+        g,
+        "--weight-decay",
+        type=float,
+        default=training.weight_decay,
+        help="SGD weight decay (on a resume, this run's value applies)",
+    )
 
     g = p.add_argument_group("speed (only --amp changes the arithmetic)")
-    _option(g, "--fast", action="store_true",
-            help="maximum load: --amp bf16 --data gpu --batch-size 256, and --compile on GPUs where Triton and a C "
-                 "compiler are present, unless those are given")
-    _option(g, "--amp", default=None, choices=AMP_MODES, shown_default="off; bf16 with --fast",
-            help="mixed precision: bf16 autocast, or fp16 autocast with a gradient scaler")
-    _option(g, "--channels-last", action=argparse.BooleanOptionalAction, default=None, shown_default="on for GPUs",
-            help="NHWC memory layout")
-    _option(g, "--compile", action=argparse.BooleanOptionalAction, default=None,
-            shown_default="off; on with --fast where it can build its kernels", help="torch.compile the model")
-    _option(g, "--data", default=None, choices=DATA_SOURCES, shown_default="cpu; gpu with --fast",
-            help="cpu: LazyFakeDataset in DataLoader workers; gpu: fake batches made on the device")
-    _option(g, "--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-            shown_default="on for GPUs, except --amp fp16", help="capture the whole training step in one CUDA graph")
-    _option(g, "--syncbn-symm-mem", action=argparse.BooleanOptionalAction, default=None,
-            shown_default="on where it can run; otherwise NCCL, and one line says why",
-            help="SyncBatchNorm exchanges its statistics through symmetric memory (one-shot kernels over NVLink) "
-                 "instead of NCCL: needs a job on one node whose GPUs have peer access")
-    _option(g, "--fuse-bn-relu", action=argparse.BooleanOptionalAction, default=None, shown_default="on",
-            help="each SyncBatchNorm applies the residual add and ReLU after it, in one pass over the activation "
-                 "on fp32 GPUs (same maths)")
+    _option(
+        g,
+        "--fast",
+        action="store_true",
+        help="maximum load: --amp bf16 --data gpu --batch-size 256, and --compile on GPUs where Triton and a C "
+        "compiler are present, unless those are given",
+    )
+    _option(
+        g,
+        "--amp",
+        default=None,
+        choices=AMP_MODES,
+        shown_default="off; bf16 with --fast",
+        help="mixed precision: bf16 autocast, or fp16 autocast with a gradient scaler",
+    )
+    _option(
+        g,
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        shown_default="on for GPUs",
+        help="NHWC memory layout",
+    )
+    _option(
+        g,
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        shown_default="off; on with --fast where it can build its kernels",
+        help="torch.compile the model",
+    )
+    _option(
+        g,
+        "--data",
+        default=None,
+        choices=DATA_SOURCES,
+        shown_default="cpu; gpu with --fast",
+        help="cpu: LazyFakeDataset in DataLoader workers; gpu: fake batches made on the device",
+    )
+    _option(
+        g,
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        shown_default="on for GPUs, except --amp fp16",
+        help="capture the whole training step in one CUDA graph",
+    )
+    _option(
+        g,
+        "--syncbn-symm-mem",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        shown_default="on where it can run; otherwise NCCL, and one line says why",
+        help="SyncBatchNorm exchanges its statistics through symmetric memory (one-shot kernels over NVLink) "
+        "instead of NCCL: needs a job on one node whose GPUs have peer access",
+    )
+    _option(
+        g,
+        "--fuse-bn-relu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        shown_default="on",
+        help="each SyncBatchNorm applies the residual add and ReLU after it, in one pass over the activation "
+        "on fp32 GPUs (same maths)",
+    )
 
     g = p.add_argument_group("run length and measurement")
-    _option(g, "--duration", type=parse_duration, default=None, dest="duration_s",
-            help="stop cleanly once training has run this long (90s, 10m, 1h30m, or seconds), whatever --epochs "
-                 "says: every rank stops after the same step, the final model is saved, exit 0")
+    _option(
+        g,
+        "--duration",
+        type=parse_duration,
+        default=None,
+        dest="duration_s",
+        metavar="DURATION",
+        help="stop cleanly once training has run this long (90s, 10m, 1h30m, or seconds), whatever --epochs "
+        "says: every rank stops after the same step, the final model is saved, exit 0",
+    )
     _option(g, "--max-steps", type=int, default=None, help="stop after this many steps in all, whatever --epochs says")
-    _option(g, "--warmup-steps", type=int, default=length.warmup_steps,
-            help="steps left out of the summary's throughput and step times (start-up, autotuning, capture)")
+    _option(
+        g,
+        "--warmup-steps",
+        type=int,
+        default=length.warmup_steps,
+        help="steps left out of the summary's throughput and step times (start-up, autotuning, capture)",
+    )
 
     g = p.add_argument_group("reporting")
-    _option(g, "--log-interval", type=int, default=None, shown_default="about every 10 seconds of work",
-            help="a step line (and a record in <save-dir>/logs/metrics.jsonl) every N steps")
-    _option(g, "--quiet", action="store_true",
-            help="print only the original example's per-epoch lines, events and errors (no step lines, progress "
-                 "bar or summary table)")
-    _option(g, "--metrics-port", type=int, default=None,
-            help="serve Prometheus metrics on this port from each node's local rank 0, with every local rank's "
-                 "figures labelled rank and local_rank (http://<node>:PORT/metrics)")
-    _option(g, "--metrics-linger", type=parse_duration_or_zero, default=reporting.metrics_linger_s,
-            dest="metrics_linger_s", shown_default=f"{reporting.metrics_linger_s:g}s",
-            help="after the run, keep serving the last values (its state and exit code included) this long, so that "
-                 "Prometheus scrapes how it ended; at most 5 s after a stop signal; 0 to end at once")
-    _option(g, "--log-format", default=reporting.log_format, choices=LOG_FORMATS,
-            help="text: the lines as shown here; json: one JSON object per line (UTC time, level, rank, host, "
-                 "message and the step's figures), for Fluent Bit, Loki or Elastic reading the container's output")
+    _option(
+        g,
+        "--log-interval",
+        type=int,
+        default=None,
+        shown_default="about every 10 seconds of work",
+        help="a step line (and a record in <save-dir>/logs/metrics.jsonl) every N steps",
+    )
+    _option(
+        g,
+        "--quiet",
+        action="store_true",
+        help="print only the original example's per-epoch lines, events and errors (no step lines, progress "
+        "bar or summary table)",
+    )
+    _option(
+        g,
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on this port from each node's local rank 0, with every local rank's "
+        "figures labelled rank and local_rank (http://<node>:PORT/metrics)",
+    )
+    _option(
+        g,
+        "--metrics-linger",
+        type=parse_duration_or_zero,
+        default=reporting.metrics_linger_s,
+        dest="metrics_linger_s",
+        metavar="DURATION",
+        shown_default=f"{reporting.metrics_linger_s:g}s",
+        help="after the run, keep serving the last values (its state and exit code included) this long, so that "
+        "Prometheus scrapes how it ended; at most 5 s after a stop signal; 0 to end at once",
+    )
+    _option(
+        g,
+        "--log-format",
+        default=reporting.log_format,
+        choices=LOG_FORMATS,
+        help="text: the lines as shown here; json: one JSON object per line (UTC time, level, rank, host, "
+        "message and the step's figures), for Fluent Bit, Loki or Elastic reading the container's output",
+    )
     _option(g, "--log-timestamps", action="store_true", help="start each text line with its UTC time")
-    _option(g, "--tensorboard", action="store_true",
-            help="also write scalars to <save-dir>/tensorboard (pip install 'resnet-ddp[tensorboard]')")
-    _option(g, "--profile-steps", type=parse_profile_steps, default=None, metavar="FIRST:LAST",
-            help="record these global steps with torch.profiler (e.g. 200:204; start-up steps are skipped): each "
-                 "rank writes <save-dir>/profile/rank<R>.trace.json and rank<R>-ops.txt")
+    _option(
+        g,
+        "--tensorboard",
+        action="store_true",
+        help="also write scalars to <save-dir>/tensorboard (pip install 'resnet-ddp[tensorboard]')",
+    )
+    _option(
+        g,
+        "--profile-steps",
+        type=parse_profile_steps,
+        default=None,
+        metavar="FIRST:LAST",
+        help="record these global steps with torch.profiler (e.g. 200:204; start-up steps are skipped): each "
+        "rank writes <save-dir>/profile/rank<R>.trace.json and rank<R>-ops.txt",
+    )
 
     g = p.add_argument_group("checkpoints and resume")
-    _option(g, "--checkpoint-every", type=int, default=ckpt_defaults.every,
-            help="also write <save-dir>/checkpoint-*.pt every N steps (0: at epoch ends and on stop only)")
-    _option(g, "--keep-checkpoints", type=int, default=ckpt_defaults.keep,
-            help="keep this many newest checkpoints; older ones go after a good write")
-    _option(g, "--resume", default=ckpt_defaults.resume,
-            help="auto: continue from the newest good checkpoint in the save dir, if any; never; or a path")
+    _option(
+        g,
+        "--checkpoint-every",
+        type=int,
+        default=ckpt_defaults.every,
+        help="also write <save-dir>/checkpoint-*.pt every N steps (0: at epoch ends and on stop only)",
+    )
+    _option(
+        g,
+        "--keep-checkpoints",
+        type=int,
+        default=ckpt_defaults.keep,
+        help="keep this many newest checkpoints; older ones go after a good write",
+    )
+    _option(
+        g,
+        "--resume",
+        default=ckpt_defaults.resume,
+        help="auto: continue from the newest good checkpoint in the save dir, if any; never; or a path",
+    )
 
     g = p.add_argument_group("processes and devices")
     _option(g, "--cpu", action="store_true", help="run on CPU processes over gloo instead of GPUs")
-    _option(g, "--nproc-per-node", type=int, default=None, shown_default="every visible GPU; 2 with --cpu",
-            help="processes on this node")
+    _option(
+        g,
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        shown_default="every visible GPU; 2 with --cpu",
+        help="processes on this node",
+    )
     _option(g, "--min-gpus", type=int, default=process.min_gpus, help="refuse to start with fewer GPUs than this")
-    _option(g, "--master-port", type=int, default=None, shown_default="$MASTER_PORT, else a free port",
-            help="rendezvous port when this launcher starts the job")
-    _option(g, "--dist-timeout", type=float, default=process.dist_timeout,
-            help="seconds a collective may wait before the job is declared failed")
+    _option(
+        g,
+        "--master-port",
+        type=int,
+        default=None,
+        shown_default="$MASTER_PORT, else a free port",
+        help="rendezvous port when this launcher starts the job",
+    )
+    _option(
+        g,
+        "--dist-timeout",
+        type=float,
+        default=process.dist_timeout,
+        help="seconds a collective may wait before the job is declared failed",
+    )
 
     g = p.add_argument_group("scenarios and load shaping (for platform tests; SCENARIOS.md)")
     _option(g, "--scenario", default=None, choices=(*presets.NAMES, presets.LIST), help=presets.summary_line())
-    _option(g, "--duty-cycle", type=parse_duty_cycle, default=scenario_defaults.duty_cycle,
-            help="keep the GPUs busy about this fraction of the time (0.5 or 50%): after each step, wait for it "
-                 "to finish and sleep busy * (1 - F) / F; 1 adds nothing to the step")
-    _option(g, "--load-profile", type=parse_load_profile, default=None,
-            help="phases of load, duration@percent, in order and repeating until the run ends, e.g. "
-                 "2m@100,1m@0,2m@50; 0 is idle with memory and process group held; every rank switches at the "
-                 "same step")
-    _option(g, "--gpu-memory-ballast", type=parse_memory_size, default=None,
-            help="also hold this much memory on each GPU for the run, written so it is resident: 20GiB, 512MiB, "
-                 "or a fraction of the card such as 0.5; refused (exit 2) if it cannot fit beside the job")
+    _option(
+        g,
+        "--duty-cycle",
+        type=parse_duty_cycle,
+        default=scenario_defaults.duty_cycle,
+        help="keep the GPUs busy about this fraction of the time (0.5 or 50%): after each step, wait for it "
+        "to finish and sleep busy * (1 - F) / F; 1 adds nothing to the step",
+    )
+    _option(
+        g,
+        "--load-profile",
+        type=parse_load_profile,
+        default=None,
+        help="phases of load, duration@percent, in order and repeating until the run ends, e.g. "
+        "2m@100,1m@0,2m@50; 0 is idle with memory and process group held; every rank switches at the "
+        "same step",
+    )
+    _option(
+        g,
+        "--gpu-memory-ballast",
+        type=parse_memory_size,
+        default=None,
+        help="also hold this much memory on each GPU for the run, written so it is resident: 20GiB, 512MiB, "
+        "or a fraction of the card such as 0.5; refused (exit 2) if it cannot fit beside the job",
+    )
 
     g = p.add_argument_group("fault injection (for platform tests)")
     _option(g, "--fail-at-step", type=int, default=None, help="inject a fault when this global step (1-based) starts")
-    _option(g, "--fail-rank", type=parse_fail_rank, default=scenario_defaults.fail_rank, help="rank that fails, or 'all'")
-    _option(g, "--fail-mode", default=scenario_defaults.fail_mode, choices=FAIL_MODES,
-            help="exception: Python error (exit 1); exit: exit code 3; kill: SIGKILL itself; hang: stop taking "
-                 "part in collectives (the job ends through --dist-timeout); oom: the allocator's out-of-memory "
-                 "error (exit 1); nan: that step's loss is NaN (then --nan-policy decides)")
-    _option(g, "--nan-policy", default=scenario_defaults.nan_policy, choices=NAN_POLICIES,
-            help="when a loss is not finite: stop (exit 1, naming the step and rank), skip (that step's update is "
-                 "undone on every rank; training goes on) or ignore (train on)")
+    _option(
+        g, "--fail-rank", type=parse_fail_rank, default=scenario_defaults.fail_rank, help="rank that fails, or 'all'"
+    )
+    _option(
+        g,
+        "--fail-mode",
+        default=scenario_defaults.fail_mode,
+        choices=FAIL_MODES,
+        help="exception: Python error (exit 1); exit: exit code 3; kill: SIGKILL itself; hang: stop taking "
+        "part in collectives (the job ends through --dist-timeout); oom: the allocator's out-of-memory "
+        "error (exit 1); nan: that step's loss is NaN (then --nan-policy decides)",
+    )
+    _option(
+        g,
+        "--nan-policy",
+        default=scenario_defaults.nan_policy,
+        choices=NAN_POLICIES,
+        help="when a loss is not finite: stop (exit 1, naming the step and rank), skip (that step's update is "
+        "undone on every rank; training goes on) or ignore (train on)",
+    )
 
     g = p.add_argument_group("preflight checks (PREFLIGHT.md)")
-    _option(g, "--preflight", nargs="?", const="warn", default=health.preflight, type=parse_preflight_mode,
-            choices=PREFLIGHT_MODES, metavar="MODE",
-            help="before training, measure every GPU's matmul rate and host-to-device copies, all-reduce bandwidth "
-                 "and latency, /dev/shm and the save dir's write speed; print a table, write "
-                 "<save-dir>/preflight.json and name slow GPUs and links in WARNING lines. MODE: warn (train "
-                 "anyway; what --preflight alone means), strict (exit 1 before training on any finding) or off")
-    _option(g, "--preflight-only", action="store_true",
-            help="run the preflight checks (warn unless --preflight strict) and exit without training: 0, or 1 on "
-                 "a finding with strict")
+    _option(
+        g,
+        "--preflight",
+        nargs="?",
+        const="warn",
+        default=health.preflight,
+        type=parse_preflight_mode,
+        choices=PREFLIGHT_MODES,
+        metavar="MODE",
+        help="before training, measure every GPU's matmul rate and host-to-device copies, all-reduce bandwidth "
+        "and latency, /dev/shm and the save dir's write speed; print a table, write "
+        "<save-dir>/preflight.json and name slow GPUs and links in WARNING lines. MODE: warn (train "
+        "anyway; what --preflight alone means), strict (exit 1 before training on any finding) or off",
+    )
+    _option(
+        g,
+        "--preflight-only",
+        action="store_true",
+        help="run the preflight checks (warn unless --preflight strict) and exit without training: 0, or 1 on "
+        "a finding with strict",
+    )
     # For tests and short GPU checks (PREFLIGHT.md): how long a rank must stay slow to be named a straggler.
-    _option(g, "--straggler-window", type=parse_straggler_window, default=health.straggler_window_s,
-            dest="straggler_window_s", help=argparse.SUPPRESS)
+    _option(
+        g,
+        "--straggler-window",
+        type=parse_straggler_window,
+        default=health.straggler_window_s,
+        dest="straggler_window_s",
+        help=argparse.SUPPRESS,
+    )
     # Tests only (PREFLIGHT.md), as RESNET_DDP_TEST_SLOW_RANK=RANK:SECONDS: that rank does SECONDS of extra
     # work in every training step and every timed preflight matmul.
     _option(g, "--test-slow-rank", type=parse_slow_rank, default=None, help=argparse.SUPPRESS)
@@ -303,35 +532,66 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.e
     return Config(
         save_dir=save_dir,
         training=TrainingConfig(
-            epochs=args.epochs, batch_size=_given(args.batch_size, FAST_BATCH_SIZE if fast else None,
-                                                  TrainingConfig.batch_size),
-            dataset_size=args.dataset_size, lr=args.lr, num_workers=args.num_workers, num_classes=args.num_classes,
-            momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed,
-            data=_given(args.data, "gpu" if fast else None, TrainingConfig.data)),
-        model=ModelConfig(arch=args.arch, image_size=args.image_size, sync_bn=not args.no_sync_bn,
-                          fuse_bn_relu=args.fuse_bn_relu is not False),
+            epochs=args.epochs,
+            batch_size=_given(args.batch_size, FAST_BATCH_SIZE if fast else None, TrainingConfig.batch_size),
+            dataset_size=args.dataset_size,
+            lr=args.lr,
+            num_workers=args.num_workers,
+            num_classes=args.num_classes,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            seed=args.seed,
+            data=_given(args.data, "gpu" if fast else None, TrainingConfig.data),
+        ),
+        model=ModelConfig(
+            arch=args.arch,
+            image_size=args.image_size,
+            sync_bn=not args.no_sync_bn,
+            fuse_bn_relu=args.fuse_bn_relu is not False,
+        ),
         speed=SpeedConfig(
             amp=_given(args.amp, "bf16" if fast else None, SpeedConfig.amp),
             channels_last=args.channels_last,
             # None: --fast's "where it can", settled by the launcher once the device is known (resolve.py)
             compile=args.compile if args.compile is not None else (None if fast else False),
-            cuda_graphs=args.cuda_graphs, syncbn_symm_mem=args.syncbn_symm_mem),
+            cuda_graphs=args.cuda_graphs,
+            syncbn_symm_mem=args.syncbn_symm_mem,
+        ),
         length=RunLengthConfig(duration_s=args.duration_s, max_steps=args.max_steps, warmup_steps=args.warmup_steps),
-        reporting=ReportingConfig(log_interval=args.log_interval, quiet=args.quiet, metrics_port=args.metrics_port,
-                                  metrics_linger_s=args.metrics_linger_s, tensorboard=args.tensorboard,
-                                  profile_steps=args.profile_steps, log_format=args.log_format,
-                                  log_timestamps=args.log_timestamps),
+        reporting=ReportingConfig(
+            log_interval=args.log_interval,
+            quiet=args.quiet,
+            metrics_port=args.metrics_port,
+            metrics_linger_s=args.metrics_linger_s,
+            tensorboard=args.tensorboard,
+            profile_steps=args.profile_steps,
+            log_format=args.log_format,
+            log_timestamps=args.log_timestamps,
+        ),
         checkpoint=CheckpointConfig(every=args.checkpoint_every, keep=args.keep_checkpoints, resume=args.resume),
-        process=ProcessConfig(cpu=args.cpu, nproc_per_node=args.nproc_per_node, min_gpus=args.min_gpus,
-                              master_port=args.master_port, dist_timeout=args.dist_timeout),
+        process=ProcessConfig(
+            cpu=args.cpu,
+            nproc_per_node=args.nproc_per_node,
+            min_gpus=args.min_gpus,
+            master_port=args.master_port,
+            dist_timeout=args.dist_timeout,
+        ),
         scenario=ScenarioConfig(
-            name=args.scenario, duty_cycle=args.duty_cycle, load_profile=args.load_profile,
-            gpu_memory_ballast=args.gpu_memory_ballast, fail_at_step=args.fail_at_step, fail_rank=args.fail_rank,
-            fail_mode=args.fail_mode, nan_policy=args.nan_policy),
+            name=args.scenario,
+            duty_cycle=args.duty_cycle,
+            load_profile=args.load_profile,
+            gpu_memory_ballast=args.gpu_memory_ballast,
+            fail_at_step=args.fail_at_step,
+            fail_rank=args.fail_rank,
+            fail_mode=args.fail_mode,
+            nan_policy=args.nan_policy,
+        ),
         health=HealthConfig(
             preflight="warn" if args.preflight_only and args.preflight == "off" else args.preflight,
-            preflight_only=args.preflight_only, straggler_window_s=args.straggler_window_s,
-            test_slow_rank=args.test_slow_rank),
+            preflight_only=args.preflight_only,
+            straggler_window_s=args.straggler_window_s,
+            test_slow_rank=args.test_slow_rank,
+        ),
     )
 
 
@@ -361,28 +621,38 @@ def _given(value, fast_value, default):
 def validate(config: Config) -> None:
     """Refuse values that could only fail later, or that would run without meaning; each message names the option."""
     training, process, scenario = config.training, config.process, config.scenario
-    for option, value, least in (("--epochs", training.epochs, 1), ("--batch-size", training.batch_size, 1),
-                                 ("--dataset-size", training.dataset_size, 1),
-                                 ("--num-workers", training.num_workers, 0),
-                                 ("--warmup-steps", config.length.warmup_steps, 0),
-                                 ("--checkpoint-every", config.checkpoint.every, 0),
-                                 ("--keep-checkpoints", config.checkpoint.keep, 1),
-                                 ("--min-gpus", process.min_gpus, 0)):
+    for option, value, least in (
+        ("--epochs", training.epochs, 1),
+        ("--batch-size", training.batch_size, 1),
+        ("--dataset-size", training.dataset_size, 1),
+        ("--num-workers", training.num_workers, 0),
+        ("--warmup-steps", config.length.warmup_steps, 0),
+        ("--checkpoint-every", config.checkpoint.every, 0),
+        ("--keep-checkpoints", config.checkpoint.keep, 1),
+        ("--min-gpus", process.min_gpus, 0),
+    ):
         if value < least:
             raise UsageError(f"{option} must be at least {least}, got {value}")
     if training.num_classes < 2:
-        raise UsageError(f"--num-classes must be at least 2 (with one class the loss is 0 at every step), "
-                         f"got {training.num_classes}")
-    for option, value in (("--nproc-per-node", process.nproc_per_node), ("--fail-at-step", scenario.fail_at_step),
-                          ("--max-steps", config.length.max_steps), ("--log-interval", config.reporting.log_interval)):
+        raise UsageError(
+            f"--num-classes must be at least 2 (with one class the loss is 0 at every step), got {training.num_classes}"
+        )
+    for option, value in (
+        ("--nproc-per-node", process.nproc_per_node),
+        ("--fail-at-step", scenario.fail_at_step),
+        ("--max-steps", config.length.max_steps),
+        ("--log-interval", config.reporting.log_interval),
+    ):
         if value is not None and value < 1:
             raise UsageError(f"{option} must be at least 1, got {value}")
     if not config.save_dir.strip():
-        raise UsageError("--save-dir is empty: name a directory (or leave it out for $OUTPUT_DIR, else "
-                         f"{Config.save_dir})")
+        raise UsageError(
+            f"--save-dir is empty: name a directory (or leave it out for $OUTPUT_DIR, else {Config.save_dir})"
+        )
     if config.model.image_size < MIN_IMAGE_SIZE:
-        raise UsageError(f"--image-size must be at least {MIN_IMAGE_SIZE} for {config.model.arch}, "
-                         f"got {config.model.image_size}")
+        raise UsageError(
+            f"--image-size must be at least {MIN_IMAGE_SIZE} for {config.model.arch}, got {config.model.image_size}"
+        )
     if not (math.isfinite(training.lr) and training.lr > 0):
         raise UsageError(f"--lr must be a positive finite number, got {training.lr}")
     for option, value in (("--momentum", training.momentum), ("--weight-decay", training.weight_decay)):
@@ -402,8 +672,9 @@ def validate(config: Config) -> None:
     if scenario.fail_rank < ALL_RANKS:
         raise UsageError(f"--fail-rank must be a rank (0 or more) or 'all', got {scenario.fail_rank}")
     if scenario.load_profile is not None and scenario.duty_cycle != 1.0:
-        raise UsageError("--duty-cycle and --load-profile both given: the profile sets each phase's duty cycle; "
-                         "give one of them")
+        raise UsageError(
+            "--duty-cycle and --load-profile both given: the profile sets each phase's duty cycle; give one of them"
+        )
     if scenario.gpu_memory_ballast is not None and process.cpu:
         raise UsageError("--gpu-memory-ballast holds GPU memory, and a --cpu run has none: drop one of them")
 
@@ -446,7 +717,11 @@ def _log_format_asked(argv: Sequence[str], environ: Mapping[str, str]) -> Tuple[
         elif arg.startswith("--log-format="):
             log_format = arg.split("=", 1)[1]
     timestamps = "--log-timestamps" in argv or environ.get(ENV_PREFIX + "LOG_TIMESTAMPS", "").lower() in (
-        "1", "true", "yes", "on")
+        "1",
+        "true",
+        "yes",
+        "on",
+    )
     return ("json" if log_format == "json" else "text"), timestamps
 
 
@@ -480,10 +755,13 @@ def describe_options() -> List[Tuple[str, List[Tuple[str, str, str, str]]]]:
             flags = ", ".join(action.option_strings)
             if action.metavar or (action.nargs != 0 and not isinstance(action, argparse.BooleanOptionalAction)):
                 if not isinstance(action, (argparse._StoreTrueAction,)):
-                    flags += " " + (action.metavar or (("{" + ",".join(map(str, action.choices)) + "}")
-                                                       if action.choices else action.dest.upper()))
+                    flags += " " + (
+                        action.metavar
+                        or (("{" + ",".join(map(str, action.choices)) + "}") if action.choices else action.dest.upper())
+                    )
             shown = getattr(action, "shown_default", None)
-            default = shown if shown is not None else ("" if action.default in (None, False) else str(action.default))
+            plain = action.default is None or action.default is False
+            default = shown if shown is not None else ("" if plain else str(action.default))
             rows.append((flags, env_name(action), default, action.help))
         if rows:
             groups.append((group.title, rows))

@@ -178,8 +178,9 @@ def plan_launch(config: Config, environ: Mapping[str, str]) -> LaunchPlan:
         raise UsageError(f"--fail-rank {config.scenario.fail_rank} is not a rank of this {plan.world_size}-process job")
     slow = config.health.test_slow_rank
     if slow is not None and slow[0] >= plan.world_size:
-        raise UsageError(f"RESNET_DDP_TEST_SLOW_RANK: rank {slow[0]} is not a rank of this "
-                         f"{plan.world_size}-process job")
+        raise UsageError(
+            f"RESNET_DDP_TEST_SLOW_RANK: rank {slow[0]} is not a rank of this {plan.world_size}-process job"
+        )
     return plan
 
 
@@ -202,7 +203,7 @@ def _run_torchrun_worker(config: Config) -> int:
         return record(worker.run_process)(config)
     except (UsageError, ReportedElsewhere) as exc:  # refused by the job itself (e.g. a ballast that cannot fit)
         if isinstance(exc, UsageError):
-            print(f"resnet-ddp: error: {exc}", file=sys.stderr)
+            _say(config, f"error: {exc}")
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(2)  # the process group is up: skip a teardown that could wait on it
@@ -219,12 +220,12 @@ def _worker_main(local_rank: int, config: Config, plan: LaunchPlan, launcher_pid
 
         code = worker.run_process(config)
     except UsageError as exc:
-        print(f"resnet-ddp: error: {exc}", file=sys.stderr, flush=True)
+        _say(config, f"error: {exc}")
         code = 2
     except ReportedElsewhere as exc:
         code = exc.code
     except Exception:  # outside the training (worker.py reports failures in it once, itself)
-        print(f"[Rank {rank}] failed:\n{traceback.format_exc()}", file=sys.stderr, end="", flush=True)
+        _say(config, f"rank {rank} failed:\n{traceback.format_exc().rstrip()}")
         code = 1
     sys.stdout.flush()
     if code != 0:
@@ -233,11 +234,20 @@ def _worker_main(local_rank: int, config: Config, plan: LaunchPlan, launcher_pid
     exit_process(0)
 
 
+def _say(config: Config, message: str) -> None:
+    """An error of a rank outside its training (its own console is closed by then), in the job's log format."""
+    from resnet_ddp.observe import console
+
+    console.setup_launcher(config.reporting.log_format, config.reporting.log_timestamps)
+    log.error(message)
+
+
 def _spawn_and_supervise(config: Config, plan: LaunchPlan) -> int:
     context = multiprocessing.get_context("spawn")
     processes = [
-        context.Process(target=_worker_main, args=(local_rank, config, plan, os.getpid()),
-                        name=f"resnet-ddp-rank{local_rank}")
+        context.Process(
+            target=_worker_main, args=(local_rank, config, plan, os.getpid()), name=f"resnet-ddp-rank{local_rank}"
+        )
         for local_rank in range(plan.nproc)
     ]
     received: List[int] = []
@@ -293,8 +303,11 @@ def _supervise(processes, plan: LaunchPlan, received: List[int]) -> int:
             break
         if stopped_since is None and (received or any(code in STOP_CODES for code in codes)):
             stopped_since = time.monotonic()
-        if stopped_since is not None and time.monotonic() - stopped_since > TERMINATE_GRACE_S and (
-                never_started or any(code is not None for code in codes)):
+        if (
+            stopped_since is not None
+            and time.monotonic() - stopped_since > TERMINATE_GRACE_S
+            and (never_started or any(code is not None for code in codes))
+        ):
             _terminate(running)
             break
         multiprocessing.connection.wait([p.sentinel for p in running], timeout=1.0)

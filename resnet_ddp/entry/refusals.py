@@ -20,8 +20,9 @@ def refuse_what_cannot_run(config: Config, plan) -> None:
 
     check_save_dir_can_be_made(config.save_dir)
     resume = config.checkpoint.resume
-    if plan.holds_rank_zero and (resume not in ("auto", "never") or (resume == "auto"
-                                                                     and resume_candidates(config.save_dir))):
+    if plan.holds_rank_zero and (
+        resume not in ("auto", "never") or (resume == "auto" and resume_candidates(config.save_dir))
+    ):
         # A checkpoint that cannot be resumed is refused here, not found out by a training process (the only
         # check that loads torch here: a fresh job's launcher starts its processes without it).
         from resnet_ddp.core import checkpoint
@@ -73,14 +74,22 @@ def check_port_is_free(port: int, option: str) -> None:
         try:
             sock.bind(("", port))
         except OSError as exc:
-            raise UsageError(f"{option} {port} cannot be used for the rendezvous on this node "
-                             f"({exc.strerror or exc}): choose a free port, or leave it out for one") from None
+            raise UsageError(
+                f"{option} {port} cannot be used for the rendezvous on this node "
+                f"({exc.strerror or exc}): choose a free port, or leave it out for one"
+            ) from None
 
 
 # Parameters of each architecture without its classifier, and the width of the features the classifier takes.
-_BACKBONE_PARAMS = {"resnet18": 11_176_512, "resnet34": 21_284_672, "resnet50": 23_508_032,
-                    "resnet101": 42_500_160, "resnet152": 58_143_808, "wide_resnet50_2": 66_834_240,
-                    "resnext50_32x4d": 22_979_904}
+_BACKBONE_PARAMS = {
+    "resnet18": 11_176_512,
+    "resnet34": 21_284_672,
+    "resnet50": 23_508_032,
+    "resnet101": 42_500_160,
+    "resnet152": 58_143_808,
+    "wide_resnet50_2": 66_834_240,
+    "resnext50_32x4d": 22_979_904,
+}
 _FEATURES = {"resnet18": 512, "resnet34": 512}  # 2048 for the others
 
 
@@ -112,7 +121,8 @@ def check_memory_fits(config: Config, plan) -> None:
         raise UsageError(
             f"--arch {config.model.arch} with --batch-size {config.training.batch_size}, --image-size "
             f"{config.model.image_size} and --num-classes {config.training.num_classes} needs at least "
-            f"{_gib(need)} per process, more than {where}: make them smaller")
+            f"{_gib(need)} per process, more than {where}: make them smaller"
+        )
 
 
 def _host_memory_bytes() -> int:

@@ -28,10 +28,12 @@ def settle(config: Config, plan, announce: bool) -> Config:
     cpu = plan.device_type != "cuda"
     speed = config.speed
     capturable = not cpu and speed.amp != "fp16"  # fp16's gradient scaler reads the host every step
-    speed = replace(speed,
-                    channels_last=(not cpu) if speed.channels_last is None else speed.channels_last,
-                    cuda_graphs=capturable if speed.cuda_graphs is None else (speed.cuda_graphs and capturable),
-                    compile=_settle_compile(config, plan.device_type, announce))
+    speed = replace(
+        speed,
+        channels_last=(not cpu) if speed.channels_last is None else speed.channels_last,
+        cuda_graphs=capturable if speed.cuda_graphs is None else (speed.cuda_graphs and capturable),
+        compile=_settle_compile(config, plan.device_type, announce),
+    )
     config = replace(config, speed=speed)
     return replace(config, speed=replace(speed, syncbn_symm_mem=_settle_symm_mem(config, plan, announce)))
 
@@ -57,8 +59,10 @@ def _settle_compile(config: Config, device_type: str, announce: bool) -> bool:
     if why is None and config.model.sync_bn and not syncbn.COMPILES_WHOLE:
         import torch
 
-        why = (f"torch {torch.__version__} splits the compiled graph at every SyncBatchNorm layer (2.5 or newer "
-               "compiles it whole); --compile asks for it anyway")
+        why = (
+            f"torch {torch.__version__} splits the compiled graph at every SyncBatchNorm layer (2.5 or newer "
+            "compiles it whole); --compile asks for it anyway"
+        )
     if why is not None and announce:
         log.info(f"--fast runs without --compile here: {why}")
     return why is None
@@ -88,8 +92,10 @@ def _symm_mem_unusable(config: Config, plan) -> Optional[str]:
     if plan.world_size == 1:
         return "a job of one process has no peers"
     if plan.world_size != plan.nproc:
-        return (f"this launcher starts {plan.nproc} of the job's {plan.world_size} processes, and symmetric memory "
-                "needs every process on one node, started together")
+        return (
+            f"this launcher starts {plan.nproc} of the job's {plan.world_size} processes, and symmetric memory "
+            "needs every process on one node, started together"
+        )
     from resnet_ddp.layers import syncbn, syncbn_symm
 
     # Compiled, inductor lowers the collectives to symmetric memory's kernels; uncompiled, the layer calls them.

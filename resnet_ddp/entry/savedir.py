@@ -29,8 +29,14 @@ LOCK_NAME = ".lock"
 LOCK_WAIT_S = 150.0  # longer than an NFSv4 lease (90 s by default), with room for the server's grace
 LOCK_RETRY_S = 2.0
 # Temporary files of interrupted atomic writes (core/files.py) and of the preflight's write test.
-STALE_PATTERNS = (".checkpoint-*.tmp", ".model_final.pth.*.tmp", ".summary.json.*.tmp", ".checkpoints.json.*.tmp",
-                  ".preflight.json.*.tmp", ".preflight-write-test-*")
+STALE_PATTERNS = (
+    ".checkpoint-*.tmp",
+    ".model_final.pth.*.tmp",
+    ".summary.json.*.tmp",
+    ".checkpoints.json.*.tmp",
+    ".preflight.json.*.tmp",
+    ".preflight-write-test-*",
+)
 
 _held: List[int] = []  # the lock's file descriptor, open for the life of the process
 
@@ -50,16 +56,23 @@ def lock(save_dir: str, wait_s: float = LOCK_WAIT_S) -> None:
             here = holder.get("host") == socket.gethostname()
             if here or time.monotonic() >= deadline:
                 os.close(fd)
-                raise UsageError(f"save dir {save_dir} is in use by another job ({_describe(holder)}): give each "
-                                 "job its own --save-dir, or stop the other one") from None
+                raise UsageError(
+                    f"save dir {save_dir} is in use by another job ({_describe(holder)}): give each "
+                    "job its own --save-dir, or stop the other one"
+                ) from None
             if not said:
-                log.warning(f"waiting up to {wait_s:.0f} s for the save dir {save_dir}, locked by "
-                            f"{_describe(holder)} (on a shared volume, a lock whose holder died is released "
-                            "within the server's lease)")
+                log.warning(
+                    f"waiting up to {wait_s:.0f} s for the save dir {save_dir}, locked by "
+                    f"{_describe(holder)} (on a shared volume, a lock whose holder died is released "
+                    "within the server's lease)"
+                )
                 said = True
             time.sleep(LOCK_RETRY_S)
-    holder = {"host": socket.gethostname(), "pid": os.getpid(),
-              "since_utc": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")}
+    holder = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "since_utc": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
     _held.append(fd)

@@ -53,7 +53,8 @@ def parse_duty_cycle(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a fraction like 0.5 (or a percentage like 50%)") from None
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(
-            f"{text!r} must be above 0 and at most 1 (for idle phases use --load-profile, e.g. 1m@0)")
+            f"{text!r} must be above 0 and at most 1 (for idle phases use --load-profile, e.g. 1m@0)"
+        )
     return value
 
 
@@ -70,21 +71,39 @@ def parse_load_profile(text: str) -> tuple:
         if seconds is None or load is None or not 0 <= load <= 100:
             where = f" in {text!r}" if "," in text else ""
             raise argparse.ArgumentTypeError(
-                f"{part.strip()!r}{where} is not a phase like 2m@100 (a duration, @, a load from 0 to 100 percent)")
+                f"{part.strip()!r}{where} is not a phase like 2m@100 (a duration, @, a load from 0 to 100 percent)"
+            )
         phases.append(LoadPhase(seconds, load / 100))
     return tuple(phases)
 
 
-_BYTE_UNITS = {"": None, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-               "t": 10**12, "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20,
-               "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40}
+_BYTE_UNITS = {
+    "": None,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "ki": 2**10,
+    "kib": 2**10,
+    "mi": 2**20,
+    "mib": 2**20,
+    "gi": 2**30,
+    "gib": 2**30,
+    "ti": 2**40,
+    "tib": 2**40,
+}
 
 
 def parse_memory_size(text: str) -> MemorySize:
     """'20GiB', '512MiB', '16G' (decimal, as in Kubernetes) or a fraction of the card such as '0.5'."""
     stripped = text.strip()
     number = stripped.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ").strip()
-    unit = stripped[len(number):].strip().lower() if number else None
+    unit = stripped[len(number) :].strip().lower() if number else None
     try:
         value = float(number)
     except ValueError:
@@ -94,7 +113,8 @@ def parse_memory_size(text: str) -> MemorySize:
     if _BYTE_UNITS[unit] is None:
         if value >= 1:
             raise argparse.ArgumentTypeError(
-                f"{text!r} needs a unit (e.g. 20GiB) or must be a fraction of the card below 1 (e.g. 0.5)")
+                f"{text!r} needs a unit (e.g. 20GiB) or must be a fraction of the card below 1 (e.g. 0.5)"
+            )
         return MemorySize(fraction=value)
     return MemorySize(bytes=int(value * _BYTE_UNITS[unit]))
 
@@ -150,8 +170,8 @@ def parse_profile_steps(text: str):
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not FIRST:LAST (global steps, e.g. 200:204)") from None
     if not 1 <= value[0] <= value[1] or value[1] - value[0] >= MAX_PROFILED_STEPS:
-        raise argparse.ArgumentTypeError(f"{text!r}: steps start at 1, FIRST <= LAST, and at most "
-                                         f"{MAX_PROFILED_STEPS} steps (a trace grows with every step)")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: steps start at 1, FIRST <= LAST, and at most "
+            f"{MAX_PROFILED_STEPS} steps (a trace grows with every step)"
+        )
     return value
-
-

@@ -19,6 +19,7 @@ from typing import Optional
 from resnet_ddp.config import Config
 from resnet_ddp.core import distributed, phases
 from resnet_ddp.core.outcome import RunOutcome
+from resnet_ddp.core.stopping import first_signal
 from resnet_ddp.errors import CheckpointWriteError, ReportedElsewhere, UsageError
 from resnet_ddp.observe import console as console_setup
 from resnet_ddp.observe.metrics import MetricsLog, metrics_path
@@ -34,8 +35,9 @@ def run_process(config: Config) -> int:
     phases.reached("rendezvous")
     rank = distributed.init_process_group(config.process.device_type, config.process.dist_timeout)
     log_file = os.path.join(config.save_dir, LOG_FILE.format(rank=rank.rank))
-    console = console_setup.setup(rank.rank, config.reporting.quiet, log_file, config.reporting.log_format,
-                                  config.reporting.log_timestamps)
+    console = console_setup.setup(
+        rank.rank, config.reporting.quiet, log_file, config.reporting.log_format, config.reporting.log_timestamps
+    )
     try:
         code = _preflight(config, rank) if config.health.preflight != "off" else None
         if code is None:
@@ -67,8 +69,8 @@ def _train(config: Config, rank: distributed.RankInfo, console, log_file: str) -
         try:
             trainer = build_trainer(config, rank, console, metrics, facts, stack)
             outcome = trainer.train()
-            late = trainer.stop.requested  # a signal during the end's work: the job was stopped all the same
-            return outcome.exit_code or (128 + late if late else 0)
+            late = first_signal()  # a signal during the end's work: the job was stopped all the same
+            return outcome.stopped_late(late).exit_code if late else outcome.exit_code
         except (UsageError, ReportedElsewhere):
             raise  # a refusal: the launcher says it in one line and exits 2
         except Exception as exc:
@@ -76,8 +78,15 @@ def _train(config: Config, rank: distributed.RankInfo, console, log_file: str) -
             return _failed(exc, config, rank, facts, trainer, metrics, log_file)
 
 
-def _failed(exc: Exception, config: Config, rank: distributed.RankInfo, facts: RunFacts, trainer,
-            metrics: MetricsLog, log_file: str) -> int:
+def _failed(
+    exc: Exception,
+    config: Config,
+    rank: distributed.RankInfo,
+    facts: RunFacts,
+    trainer,
+    metrics: MetricsLog,
+    log_file: str,
+) -> int:
     """Say why this rank failed, once, where it belongs; its `end` record says it too; rank 0 writes summary.json
     naming the first failure."""
     error = one_line(exc)
@@ -109,8 +118,10 @@ def _say_why(exc: Exception, error: str, log_file: str) -> None:
     if isinstance(exc, CheckpointWriteError):  # a full or read-only disk
         log.error(f"error: {exc}")
     elif out_of_memory(exc):
-        log.error(f"error: out of memory: {error} (a smaller --batch-size or --image-size needs less; the "
-                  f"traceback is in {log_file})")
+        log.error(
+            f"error: out of memory: {error} (a smaller --batch-size or --image-size needs less; the "
+            f"traceback is in {log_file})"
+        )
         log.debug(traceback.format_exc().rstrip())
     else:
         log.error(f"failed:\n{traceback.format_exc().rstrip()}")

@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import statistics
-import sys
 import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -56,8 +55,10 @@ MATMUL_WARMUP = 3
 MATMUL_BUDGET_S = 0.25
 COPY_BYTES = 64 * 2**20
 COPY_BUDGET_S = 0.2
-SWEEP_BYTES = {"cuda": [2**20 * 4**k for k in range(6)],  # 1 MiB .. 1 GiB, as nccl-tests -b 1M -e 1G -f 4
-               "cpu": [2**20 * 4**k for k in range(3)]}  # 1 MiB .. 16 MiB: gloo through host memory
+SWEEP_BYTES = {
+    "cuda": [2**20 * 4**k for k in range(6)],  # 1 MiB .. 1 GiB, as nccl-tests -b 1M -e 1G -f 4
+    "cpu": [2**20 * 4**k for k in range(3)],
+}  # 1 MiB .. 16 MiB: gloo through host memory
 SWEEP_WARMUP = 2
 SWEEP_SIZE_BUDGET_S = 0.25  # timed iterations per size, at least SWEEP_MIN_ITERS
 SWEEP_MIN_ITERS, SWEEP_MAX_ITERS = 3, 50
@@ -98,9 +99,15 @@ def run(config: Config, rank: distributed.RankInfo) -> List[dict]:
         "backend": dist.get_backend(),
         "torch": torch.__version__,
         "ranks": everyone,
-        "all_reduce": {"dtype": "float32", "op": "sum", "in_place": True, "sizes": sweep, "latency": latency,
-                       "time": "mean per all-reduce on the slowest rank",
-                       "busbw": "algbw * 2 * (n - 1) / n, nccl-tests' bus bandwidth for all-reduce"},
+        "all_reduce": {
+            "dtype": "float32",
+            "op": "sum",
+            "in_place": True,
+            "sizes": sweep,
+            "latency": latency,
+            "time": "mean per all-reduce on the slowest rank",
+            "busbw": "algbw * 2 * (n - 1) / n, nccl-tests' bus bandwidth for all-reduce",
+        },
         "save_dir_write": disk,
         "notes": sweep_notes + _shm_notes(config, everyone),
     }
@@ -115,11 +122,13 @@ def run(config: Config, rank: distributed.RankInfo) -> List[dict]:
         write_json(path, report)
         for line in format_report(report):
             log.log(NOTICE, line)
-        log.log(NOTICE, f"preflight: {_count(len(findings), 'finding')} in {report['elapsed_s']:.1f} s; "
-                        f"report in {path}")
+        log.log(
+            NOTICE, f"preflight: {_count(len(findings), 'finding')} in {report['elapsed_s']:.1f} s; report in {path}"
+        )
         if findings and config.health.preflight == "strict":
-            log.error(f"preflight: {_count(len(findings), 'finding')} with --preflight strict: not training "
-                      f"(see {path})")
+            log.error(
+                f"preflight: {_count(len(findings), 'finding')} with --preflight strict: not training (see {path})"
+            )
     return findings
 
 
@@ -173,8 +182,13 @@ def matmul_rate(device: torch.device, slowdown: Optional[TestSlowdown] = None) -
         product()
     iterations = _iterations(MATMUL_BUDGET_S, _timed(device, product, 1), 3, 10_000)
     seconds = _timed(device, product, iterations)
-    return {"tflops": 2 * n**3 * iterations / seconds / 1e12, "precision": label, "n": n,
-            "iterations": iterations, "seconds": seconds}
+    return {
+        "tflops": 2 * n**3 * iterations / seconds / 1e12,
+        "precision": label,
+        "n": n,
+        "iterations": iterations,
+        "seconds": seconds,
+    }
 
 
 def host_to_device_rate(device: torch.device) -> dict:
@@ -218,7 +232,7 @@ def all_reduce_sweep(rank: distributed.RankInfo) -> Tuple[List[dict], List[str]]
     for size in SWEEP_BYTES[device.type]:
         buffer = torch.zeros(size // 4, dtype=torch.float32, device=device)
 
-        def reduce():
+        def reduce(buffer=buffer):  # this size's buffer
             dist.all_reduce(buffer)
 
         for _ in range(SWEEP_WARMUP):
@@ -227,12 +241,21 @@ def all_reduce_sweep(rank: distributed.RankInfo) -> Tuple[List[dict], List[str]]
         iterations = _iterations(SWEEP_SIZE_BUDGET_S, one, SWEEP_MIN_ITERS, SWEEP_MAX_ITERS)
         seconds = _agreed_max(_timed(device, reduce, iterations) / iterations, device)
         algbw, busbw = bus_bandwidth(size, seconds, rank.world_size)
-        results.append({"bytes": size, "time_us": seconds * 1e6, "algbw_gb_s": algbw, "busbw_gb_s": busbw,
-                        "iterations": iterations})
+        results.append(
+            {
+                "bytes": size,
+                "time_us": seconds * 1e6,
+                "algbw_gb_s": algbw,
+                "busbw_gb_s": busbw,
+                "iterations": iterations,
+            }
+        )
         del buffer
         if size != SWEEP_BYTES[device.type][-1] and 4 * seconds > SWEEP_ITER_LIMIT_S:
-            notes.append(f"all-reduce sweep stopped after {_size(size)}: the next size would take about "
-                         f"{4 * seconds:.1f} s per all-reduce")
+            notes.append(
+                f"all-reduce sweep stopped after {_size(size)}: the next size would take about "
+                f"{4 * seconds:.1f} s per all-reduce"
+            )
             break
     return results, notes
 
@@ -265,8 +288,9 @@ def shm_facts(config: Config, local_processes: int) -> dict:
     training = config.training
     if training.data == "cpu" and training.num_workers > 0:
         batch_bytes = host_batch_bytes(training.batch_size, config.model.image_size)
-        facts["loader_workers_that_fit"] = fit_workers_to_shm(training.num_workers, batch_bytes, local_processes,
-                                                              free)[0]
+        facts["loader_workers_that_fit"] = fit_workers_to_shm(training.num_workers, batch_bytes, local_processes, free)[
+            0
+        ]
     return facts
 
 
@@ -304,8 +328,13 @@ def save_dir_write_rate(save_dir: str, size: int) -> dict:
             written += os.write(fd, chunk[: size - written])
         os.fsync(fd)
         seconds = time.perf_counter() - start
-        result = {"path": save_dir, "bytes": written, "seconds": seconds, "mb_s": written / seconds / 1e6,
-                  "fsync": True}
+        result = {
+            "path": save_dir,
+            "bytes": written,
+            "seconds": seconds,
+            "mb_s": written / seconds / 1e6,
+            "fsync": True,
+        }
     except OSError as exc:
         result = {"path": save_dir, "error": exc.strerror or str(exc)}
     except _Stopped:
@@ -380,25 +409,32 @@ def gpu_links(device: torch.device, mine: dict, peers: List[dict]) -> dict:
                 continue
         facts: Dict[str, object] = {"available": True, "nvlinks_active": active}
         try:
-            facts["pcie_max"] = [pynvml.nvmlDeviceGetMaxPcieLinkGeneration(handle),
-                                 pynvml.nvmlDeviceGetMaxPcieLinkWidth(handle)]
-            facts["pcie_now"] = [pynvml.nvmlDeviceGetCurrPcieLinkGeneration(handle),
-                                 pynvml.nvmlDeviceGetCurrPcieLinkWidth(handle)]
+            facts["pcie_max"] = [
+                pynvml.nvmlDeviceGetMaxPcieLinkGeneration(handle),
+                pynvml.nvmlDeviceGetMaxPcieLinkWidth(handle),
+            ]
+            facts["pcie_now"] = [
+                pynvml.nvmlDeviceGetCurrPcieLinkGeneration(handle),
+                pynvml.nvmlDeviceGetCurrPcieLinkWidth(handle),
+            ]
         except pynvml.NVMLError:
             pass
         p2p = {}
         for peer in peers:
             try:
-                status = pynvml.nvmlDeviceGetP2PStatus(handle, _nvml_handle(pynvml, peer),
-                                                       pynvml.NVML_P2P_CAPS_INDEX_NVLINK)
+                status = pynvml.nvmlDeviceGetP2PStatus(
+                    handle, _nvml_handle(pynvml, peer), pynvml.NVML_P2P_CAPS_INDEX_NVLINK
+                )
                 p2p[str(peer["place"]["rank"])] = status == pynvml.NVML_P2P_STATUS_OK
             except (pynvml.NVMLError, LookupError):
                 continue
         facts["nvlink_p2p"] = p2p
         return facts
     except Exception as exc:
-        return {"available": False, "note": f"NVML could not describe GPU {mine['place'].get('gpu')} "
-                                            f"({_short(exc)}): link check skipped"}
+        return {
+            "available": False,
+            "note": f"NVML could not describe GPU {mine['place'].get('gpu')} ({_short(exc)}): link check skipped",
+        }
     finally:
         try:
             pynvml.nvmlShutdown()
@@ -414,8 +450,10 @@ def link_expectation(ranks: List[dict]) -> dict:
         return {"note": "one GPU: no links to judge"}
     hosts = sorted({r["place"]["host"] for r in ranks})
     if len(hosts) > 1:
-        return {"note": f"ranks on {len(hosts)} hosts: the all-reduce crosses the network, whose bandwidth NVML "
-                        "cannot tell: no bus bandwidth verdict"}
+        return {
+            "note": f"ranks on {len(hosts)} hosts: the all-reduce crosses the network, whose bandwidth NVML "
+            "cannot tell: no bus bandwidth verdict"
+        }
     links = [r.get("links") or {} for r in ranks]
     missing = [l for l in links if not l.get("available")]
     if missing:
@@ -436,8 +474,12 @@ def link_expectation(ranks: List[dict]) -> dict:
         generation, width = min(pcie, key=lambda p: PCIE_GB_S_PER_LANE[p[0]] * p[1])
         nominal = PCIE_GB_S_PER_LANE[generation] * width
         basis = f"PCIe Gen{generation} x{width}, {PCIE_GB_S_PER_LANE[generation]:g} GB/s per lane each way"
-    return {"link": "NVLink" if nvlink else "PCIe", "nominal_gb_s": nominal,
-            "expected_busbw_gb_s": LINK_FRACTION * nominal, "basis": basis}
+    return {
+        "link": "NVLink" if nvlink else "PCIe",
+        "nominal_gb_s": nominal,
+        "expected_busbw_gb_s": LINK_FRACTION * nominal,
+        "basis": basis,
+    }
 
 
 # ---------------------------------------------------------------- verdicts and the report
@@ -455,18 +497,36 @@ def judge(report: dict) -> List[dict]:
         floor = (1 - MATMUL_SHORTFALL) * median
         measured = r["matmul"]["tflops"]
         if measured < floor:
-            findings.append(_finding("matmul", r, measured, floor, (
-                f"{distributed.describe(r['place'])}, {r['device']}: matmul {_rate(measured)} TFLOP/s "
-                f"{r['matmul']['precision']}, {100 * (1 - measured / median):.0f}% below the median of its "
-                f"{_count(len(peers), 'peer')} ({_rate(median)}; at least {_rate(floor)} expected)")))
+            findings.append(
+                _finding(
+                    "matmul",
+                    r,
+                    measured,
+                    floor,
+                    (
+                        f"{distributed.describe(r['place'])}, {r['device']}: matmul {_rate(measured)} TFLOP/s "
+                        f"{r['matmul']['precision']}, {100 * (1 - measured / median):.0f}% below the median of its "
+                        f"{_count(len(peers), 'peer')} ({_rate(median)}; at least {_rate(floor)} expected)"
+                    ),
+                )
+            )
     links = [r.get("links") or {} for r in ranks]
     if all(l.get("available") for l in links) and ranks[0]["device"] != "cpu":
         for r, l in zip(ranks, links):
             most = max(o["links"]["nvlinks_active"] for o in ranks if o["device"] == r["device"])
             if l["nvlinks_active"] < most:
-                findings.append(_finding("nvlinks", r, l["nvlinks_active"], most, (
-                    f"{distributed.describe(r['place'])}, {r['device']}: {l['nvlinks_active']} active NVLinks, "
-                    f"where its peers have {most}")))
+                findings.append(
+                    _finding(
+                        "nvlinks",
+                        r,
+                        l["nvlinks_active"],
+                        most,
+                        (
+                            f"{distributed.describe(r['place'])}, {r['device']}: {l['nvlinks_active']} active NVLinks, "
+                            f"where its peers have {most}"
+                        ),
+                    )
+                )
     expected = report.get("link_expectation", {})
     sizes = report["all_reduce"]["sizes"]
     if "expected_busbw_gb_s" in expected and sizes:
@@ -474,58 +534,88 @@ def judge(report: dict) -> List[dict]:
         floor = expected["expected_busbw_gb_s"]
         if largest["busbw_gb_s"] < floor:
             where = ", ".join(f"{r['place']['host']} GPU {r['place']['gpu']}" for r in ranks)
-            findings.append({"check": "all_reduce_busbw", "ranks": [r["place"]["rank"] for r in ranks],
-                             "measured": largest["busbw_gb_s"], "expected_at_least": floor, "message": (
-                f"all-reduce bus bandwidth {largest['busbw_gb_s']:.1f} GB/s at {_size(largest['bytes'])} over "
-                f"{_count(len(ranks), 'rank')} ({where}) is far below what {expected['link']} allows: at least "
-                f"{floor:.0f} GB/s expected ({100 * LINK_FRACTION:.0f}% of {expected['nominal_gb_s']:.0f} GB/s, "
-                f"{expected['basis']})")})
+            findings.append(
+                {
+                    "check": "all_reduce_busbw",
+                    "ranks": [r["place"]["rank"] for r in ranks],
+                    "measured": largest["busbw_gb_s"],
+                    "expected_at_least": floor,
+                    "message": (
+                        f"all-reduce bus bandwidth {largest['busbw_gb_s']:.1f} GB/s at {_size(largest['bytes'])} over "
+                        f"{_count(len(ranks), 'rank')} ({where}) is far below what {expected['link']} allows: at least "
+                        f"{floor:.0f} GB/s expected ({100 * LINK_FRACTION:.0f}% of "
+                        f"{expected['nominal_gb_s']:.0f} GB/s, "
+                        f"{expected['basis']})"
+                    ),
+                }
+            )
     return findings
 
 
 def _finding(check: str, r: dict, measured: float, expected: float, message: str) -> dict:
     place = r["place"]
-    return {"check": check, "rank": place["rank"], "host": place["host"], "gpu": place["gpu"],
-            "measured": measured, "expected_at_least": expected, "message": message}
+    return {
+        "check": check,
+        "rank": place["rank"],
+        "host": place["host"],
+        "gpu": place["gpu"],
+        "measured": measured,
+        "expected_at_least": expected,
+        "message": message,
+    }
 
 
 def format_report(report: dict) -> List[str]:
     """The table rank 0 prints, one line per string."""
     ranks = report["ranks"]
     hosts = sorted({r["place"]["host"] for r in ranks})
-    lines = [f"preflight: {_count(len(ranks), 'rank')} on {_count(len(hosts), 'host')}, {ranks[0]['device']}, "
-             f"{report['backend']}, torch {report['torch']}"]
+    lines = [
+        f"preflight: {_count(len(ranks), 'rank')} on {_count(len(hosts), 'host')}, {ranks[0]['device']}, "
+        f"{report['backend']}, torch {report['torch']}"
+    ]
     host_width = max(4, *(len(h) for h in hosts))
     lines.append(f"preflight: {'rank':>4}  {'host':<{host_width}}  {'GPU':>4}  {'matmul TFLOP/s':>19}  {'H2D GB/s':>8}")
     for r in ranks:
         h2d = f"{r['h2d']['gb_s']:.1f}" if r.get("h2d") else "-"
         matmul = f"{_rate(r['matmul']['tflops'])} {r['matmul']['precision']}"
-        lines.append(f"preflight: {r['place']['rank']:>4}  {r['place']['host']:<{host_width}}  "
-                     f"{str(r['place']['gpu'] if r['place']['gpu'] is not None else '-'):>4}  {matmul:>19}  {h2d:>8}")
+        lines.append(
+            f"preflight: {r['place']['rank']:>4}  {r['place']['host']:<{host_width}}  "
+            f"{str(r['place']['gpu'] if r['place']['gpu'] is not None else '-'):>4}  {matmul:>19}  {h2d:>8}"
+        )
     sweep = report["all_reduce"]
     if sweep["sizes"]:
-        lines.append(f"preflight: all-reduce, float32 sum in place over {_count(len(ranks), 'rank')}; time: the "
-                     "slowest rank's mean; algbw = bytes / time, busbw = algbw * 2(n-1)/n (nccl-tests')")
+        lines.append(
+            f"preflight: all-reduce, float32 sum in place over {_count(len(ranks), 'rank')}; time: the "
+            "slowest rank's mean; algbw = bytes / time, busbw = algbw * 2(n-1)/n (nccl-tests')"
+        )
         lines.append(f"preflight: {'size':>9}  {'time us':>10}  {'algbw GB/s':>10}  {'busbw GB/s':>10}")
         for s in sweep["sizes"]:
-            lines.append(f"preflight: {_size(s['bytes']):>9}  {s['time_us']:>10.1f}  {s['algbw_gb_s']:>10.2f}  "
-                         f"{s['busbw_gb_s']:>10.2f}")
+            lines.append(
+                f"preflight: {_size(s['bytes']):>9}  {s['time_us']:>10.1f}  {s['algbw_gb_s']:>10.2f}  "
+                f"{s['busbw_gb_s']:>10.2f}"
+            )
     if sweep["latency"]:
-        lines.append(f"preflight: all-reduce latency, {sweep['latency']['bytes']} B: "
-                     f"{sweep['latency']['time_us']:.1f} us")
+        lines.append(
+            f"preflight: all-reduce latency, {sweep['latency']['bytes']} B: {sweep['latency']['time_us']:.1f} us"
+        )
     expected = report.get("link_expectation", {})
     if "expected_busbw_gb_s" in expected:
-        lines.append(f"preflight: links: {expected['link']}, {expected['basis']}: {expected['nominal_gb_s']:.0f} "
-                     f"GB/s; busbw at least {expected['expected_busbw_gb_s']:.0f} GB/s expected")
+        lines.append(
+            f"preflight: links: {expected['link']}, {expected['basis']}: {expected['nominal_gb_s']:.0f} "
+            f"GB/s; busbw at least {expected['expected_busbw_gb_s']:.0f} GB/s expected"
+        )
     for r in ranks:
         shm = r.get("shm")
         if shm and "total_bytes" in shm:
-            lines.append(f"preflight: {shm['path']} on {r['place']['host']}: {shm['total_bytes'] / 2**30:.1f} GiB, "
-                         f"{shm['free_bytes'] / 2**30:.1f} GiB free")
+            lines.append(
+                f"preflight: {shm['path']} on {r['place']['host']}: {shm['total_bytes'] / 2**30:.1f} GiB, "
+                f"{shm['free_bytes'] / 2**30:.1f} GiB free"
+            )
     disk = report.get("save_dir_write")
     if disk and "mb_s" in disk:
-        lines.append(f"preflight: save dir {disk['path']}: {_size(disk['bytes'])} written and fsynced at "
-                     f"{disk['mb_s']:.0f} MB/s")
+        lines.append(
+            f"preflight: save dir {disk['path']}: {_size(disk['bytes'])} written and fsynced at {disk['mb_s']:.0f} MB/s"
+        )
     elif disk:
         lines.append(f"preflight: save dir {disk['path']}: write test failed: {disk['error']}")
     lines.extend(f"preflight: note: {note}" for note in report["notes"])
@@ -539,9 +629,11 @@ def _shm_notes(config: Config, ranks: List[dict]) -> List[str]:
         shm = r.get("shm") or {}
         fits = shm.get("loader_workers_that_fit")
         if fits is not None and fits < config.training.num_workers:
-            notes.append(f"{SHM_PATH} on {r['place']['host']} has {shm['free_bytes'] / 2**20:.0f} MiB free: the "
-                         f"DataLoader will use {fits} of the {config.training.num_workers} workers asked per process "
-                         "(mount a larger memory-backed /dev/shm for more)")
+            notes.append(
+                f"{SHM_PATH} on {r['place']['host']} has {shm['free_bytes'] / 2**20:.0f} MiB free: the "
+                f"DataLoader will use {fits} of the {config.training.num_workers} workers asked per process "
+                "(mount a larger memory-backed /dev/shm for more)"
+            )
         elif "error" in shm:
             notes.append(f"{SHM_PATH} on {r['place']['host']}: {shm['error']}")
     return notes

@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import collections
 import inspect
+import logging
 import math
 import statistics
 import time
 from fractions import Fraction
 from typing import Callable, Deque, List, Optional, Tuple
-
-import logging
 
 import torch
 import torch.distributed as dist
@@ -151,8 +150,10 @@ class ForwardComputeTimer:
         if self._handles:
             return
         # prepend: the start mark comes before any other pre-hook (such as the test knob's work)
-        handles = [self.model.register_forward_pre_hook(self._hook(0), prepend=True),
-                   self.model.register_forward_hook(self._hook(1))]
+        handles = [
+            self.model.register_forward_pre_hook(self._hook(0), prepend=True),
+            self.model.register_forward_hook(self._hook(1)),
+        ]
         for i, layer in enumerate(self.layers):
             handles.append(layer.register_forward_pre_hook(self._hook(2 + 2 * i), prepend=True))
             handles.append(layer.register_forward_hook(self._hook(3 + 2 * i)))
@@ -182,8 +183,16 @@ class ForwardComputeTimer:
 class StragglerDetector(Callback):
     """Checks compute times across ranks every few steps; names a rank slow for a whole window, once."""
 
-    def __init__(self, window_s: float, rank: distributed.RankInfo, module: torch.nn.Module, waiting_layers,
-                 in_graph: bool, record: Callable[[dict], None], first_check_step: int):
+    def __init__(
+        self,
+        window_s: float,
+        rank: distributed.RankInfo,
+        module: torch.nn.Module,
+        waiting_layers,
+        in_graph: bool,
+        record: Callable[[dict], None],
+        first_check_step: int,
+    ):
         """`first_check_step` samples a steady step: after the start-up steps and the summary's warm-up."""
         self.rank = rank
         self.window_s = window_s
@@ -207,11 +216,15 @@ class StragglerDetector(Callback):
         if window_s <= 0 or world_size < 2:
             return ""
         if compiled:
-            return ("--compile traces the model, and the timing marks would break its graphs "
-                    "(--no-compile keeps the detector, also with --fast)")
+            return (
+                "--compile traces the model, and the timing marks would break its graphs "
+                "(--no-compile keeps the detector, also with --fast)"
+            )
         if cuda_graphs and not _EVENTS_HAVE_EXTERNAL:
-            return (f"torch {torch.__version__} cannot time inside a CUDA graph (torch.cuda.Event has no "
-                    "external=True); --no-cuda-graphs turns it on")
+            return (
+                f"torch {torch.__version__} cannot time inside a CUDA graph (torch.cuda.Event has no "
+                "external=True); --no-cuda-graphs turns it on"
+            )
         return None
 
     def fields(self) -> dict:
@@ -246,20 +259,31 @@ class StragglerDetector(Callback):
         median = statistics.median(valid) if valid else math.nan
         self.scores = [v / median if math.isfinite(v) and median > 0 else math.nan for v in figures]
         if self.rank.is_main:
-            self.record({"kind": "straggler_check", "global_step": global_step,
-                         "forward_compute_ms": [v if math.isfinite(v) else None for v in figures],
-                         "median_ms": median, "straggler_ranks": list(self.straggler_ranks)})
+            self.record(
+                {
+                    "kind": "straggler_check",
+                    "global_step": global_step,
+                    "forward_compute_ms": [v if math.isfinite(v) else None for v in figures],
+                    "median_ms": median,
+                    "straggler_ranks": list(self.straggler_ranks),
+                }
+            )
             for r in newly:
                 slow, checks, its_median = self.tracker.window_figures(r)
-                log.warning((
-                    f"WARNING straggler: {distributed.describe(self.places[r])} spent more than "
-                    f"{100 * EXCESS:.0f}% longer in forward compute than the median of all {len(figures)} ranks "
-                    f"at {slow} of {checks} checks over {self.window_s:.0f} s ({its_median:.1f} ms per step at "
-                    f"its median check; all ranks' median now {median:.1f} ms): every rank waits for it at "
-                    "each collective"))
+                log.warning(
+                    (
+                        f"WARNING straggler: {distributed.describe(self.places[r])} spent more than "
+                        f"{100 * EXCESS:.0f}% longer in forward compute than the median of all {len(figures)} ranks "
+                        f"at {slow} of {checks} checks over {self.window_s:.0f} s ({its_median:.1f} ms per step at "
+                        f"its median check; all ranks' median now {median:.1f} ms): every rank waits for it at "
+                        "each collective"
+                    )
+                )
             for r in recovered:
-                log.warning(f"straggler: {distributed.describe(self.places[r])} is back within "
-                            f"{100 * EXCESS:.0f}% of the median at most checks over {self.window_s:.0f} s")
+                log.warning(
+                    f"straggler: {distributed.describe(self.places[r])} is back within "
+                    f"{100 * EXCESS:.0f}% of the median at most checks over {self.window_s:.0f} s"
+                )
         slowest_step_s = max(t[1].item() for t in everyone)
         every = max(1, round(self.check_every_s / slowest_step_s)) if slowest_step_s > 0 else 1
         self._next_check = global_step + every

@@ -48,7 +48,10 @@ class ProgressWatchdog(Callback):
             last = self._last_beat
             if last is not None and time.monotonic() - last > self.timeout_s:
                 # Printed, not logged: the last words of a process that may be stuck anywhere, logging included.
-                print(f"[Rank {self.rank}] error: no training step finished in {self.timeout_s:g} s "
-                      "(--dist-timeout): a peer rank hung or died, or a collective is stuck; exiting",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[Rank {self.rank}] error: no training step finished in {self.timeout_s:g} s "
+                    "(--dist-timeout): a peer rank hung or died, or a collective is stuck; exiting",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 os._exit(1)

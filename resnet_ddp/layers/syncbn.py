@@ -106,12 +106,17 @@ def symmetric_memory_missing() -> Optional[str]:
         from torch.distributed import _symmetric_memory
     except ImportError as exc:
         return f"torch {torch.__version__} lacks {exc.name}"
-    needs = {"torch._inductor.config._collective.auto_select": hasattr(getattr(inductor_config, "_collective", None),
-                                                                        "auto_select"),
-             "torch._functorch.config.force_non_lazy_backward_lowering": hasattr(functorch_config,
-                                                                                 "force_non_lazy_backward_lowering"),
-             "torch.distributed._symmetric_memory.enable_symm_mem_for_group": hasattr(_symmetric_memory,
-                                                                                     "enable_symm_mem_for_group")}
+    needs = {
+        "torch._inductor.config._collective.auto_select": hasattr(
+            getattr(inductor_config, "_collective", None), "auto_select"
+        ),
+        "torch._functorch.config.force_non_lazy_backward_lowering": hasattr(
+            functorch_config, "force_non_lazy_backward_lowering"
+        ),
+        "torch.distributed._symmetric_memory.enable_symm_mem_for_group": hasattr(
+            _symmetric_memory, "enable_symm_mem_for_group"
+        ),
+    }
     missing = [name for name, present in needs.items() if not present]
     return f"torch {torch.__version__} lacks {', '.join(missing)}" if missing else None
 
@@ -260,10 +265,14 @@ def _shape(v: torch.Tensor) -> torch.Tensor:
 # compiles at run time with NVRTC (no C compiler needed). Unfused, the add and the ReLU read and write the
 # activation again: the forward passes over a bottleneck's last activation fall from eight to four. Same
 # expression as torch.batch_norm_elemt's; the ReLU lets NaN through, as torch.relu does.
-_BN_RELU = ("template <typename T> T bn_relu(T x, T mean, T invstd, T w, T b) {"
-            " T y = w * (x - mean) * invstd + b; return y < T(0) ? T(0) : y; }")
-_BN_ADD_RELU = ("template <typename T> T bn_add_relu(T x, T residual, T mean, T invstd, T w, T b) {"
-                " T y = w * (x - mean) * invstd + b + residual; return y < T(0) ? T(0) : y; }")
+_BN_RELU = (
+    "template <typename T> T bn_relu(T x, T mean, T invstd, T w, T b) {"
+    " T y = w * (x - mean) * invstd + b; return y < T(0) ? T(0) : y; }"
+)
+_BN_ADD_RELU = (
+    "template <typename T> T bn_add_relu(T x, T residual, T mean, T invstd, T w, T b) {"
+    " T y = w * (x - mean) * invstd + b + residual; return y < T(0) ? T(0) : y; }"
+)
 # ReLU's backward of an output that forked (the next block's main path and its residual, blocks.py): the two
 # gradients summed where the output was positive, as threshold_backward(a + b, out, 0) gives, in one pass
 # instead of autograd's add and then ReLU's backward.
@@ -320,8 +329,13 @@ def fuses_in_one_kernel(device: torch.device, amp: str, compiled: bool) -> bool:
 def _one_kernel(x, residual, weight, bias) -> bool:
     """Whether the jitted kernel applies: float32 throughout (mixed dtypes take its slow casting path)."""
     tensors = [x, weight, bias] + ([residual] if residual is not None else [])
-    return (x.is_cuda and torch.version.hip is None and weight is not None and bias is not None
-            and all(t.dtype == torch.float32 for t in tensors))
+    return (
+        x.is_cuda
+        and torch.version.hip is None
+        and weight is not None
+        and bias is not None
+        and all(t.dtype == torch.float32 for t in tensors)
+    )
 
 
 def _normalise(x, weight, bias, mean, invstd, eps, residual, relu):
@@ -375,8 +389,22 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     """The layer, and the residual add and ReLU after it when given (ResNet's blocks hand them over)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group, world_size,
-                residual=None, relu=False, slots=None, fork=False):
+    def forward(
+        ctx,
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        eps,
+        momentum,
+        group,
+        world_size,
+        residual=None,
+        relu=False,
+        slots=None,
+        fork=False,
+    ):
         x = x.contiguous(memory_format=_memory_format(x))
         channels = x.shape[1]
         mean, invstd = _local_stats(x, eps)
@@ -457,8 +485,15 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     between the two.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, process_group=None):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+    ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats)
         self.process_group = process_group
         # Its slices of symmetric memory for uncompiled steps, where the job set them up (syncbn_symm.py).
@@ -468,8 +503,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, relu: bool = False,
-                fork: bool = False):
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, relu: bool = False, fork: bool = False):
         """The layer's output; with `residual` and `relu`, relu(output + residual) (ResNet's blocks, blocks.py).
 
         With `fork`, the output twice, as (main, residual) for the next block: the backward then takes the two
@@ -484,34 +518,74 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         world_size = dist.get_world_size(self.process_group) if dist.is_available() and dist.is_initialized() else 1
         # One GPU trains through the layer's own fused kernel too where it applies (fp32, a ReLU handed
         # over): it beats cuDNN's BatchNorm followed by a separate add and ReLU (PERFORMANCE.md).
-        one_gpu_fused = (world_size == 1 and self.training and relu and not _is_compiling()
-                         and _one_kernel(x, residual, self.weight, self.bias))
+        one_gpu_fused = (
+            world_size == 1
+            and self.training
+            and relu
+            and not _is_compiling()
+            and _one_kernel(x, residual, self.weight, self.bias)
+        )
         if not self.training or (world_size == 1 and not one_gpu_fused):
-            return _twice(_add_relu(F.batch_norm(
-                x, self.running_mean, self.running_var, self.weight, self.bias,
-                self.training or not self.track_running_stats, momentum, self.eps,
-            ), residual, relu), fork)
+            return _twice(
+                _add_relu(
+                    F.batch_norm(
+                        x,
+                        self.running_mean,
+                        self.running_var,
+                        self.weight,
+                        self.bias,
+                        self.training or not self.track_running_stats,
+                        momentum,
+                        self.eps,
+                    ),
+                    residual,
+                    relu,
+                ),
+                fork,
+            )
         group = (self.process_group or dist.group.WORLD) if world_size > 1 else None  # one GPU: nothing to exchange
         if _is_compiling() and _FC is not None:  # inductor fuses the add and ReLU itself (never at one GPU here)
-            return _twice(_add_relu(_traceable_sync_batch_norm(
-                x, self.weight, self.bias,
-                self.running_mean if self.track_running_stats else None,
-                self.running_var if self.track_running_stats else None,
-                self.eps, momentum, group, world_size,
-            ), residual, relu), fork)
+            return _twice(
+                _add_relu(
+                    _traceable_sync_batch_norm(
+                        x,
+                        self.weight,
+                        self.bias,
+                        self.running_mean if self.track_running_stats else None,
+                        self.running_var if self.track_running_stats else None,
+                        self.eps,
+                        momentum,
+                        group,
+                        world_size,
+                    ),
+                    residual,
+                    relu,
+                ),
+                fork,
+            )
         return _SyncBatchNormFunction.apply(
-            x, self.weight, self.bias,
+            x,
+            self.weight,
+            self.bias,
             self.running_mean if self.track_running_stats else None,
             self.running_var if self.track_running_stats else None,
-            self.eps, momentum, group, world_size, residual, relu, self.symmetric_slots, fork,
+            self.eps,
+            momentum,
+            group,
+            world_size,
+            residual,
+            relu,
+            self.symmetric_slots,
+            fork,
         )
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     """Replace every BatchNorm2d in a module tree by SyncBatchNorm, keeping its state."""
     if isinstance(module, nn.BatchNorm2d):
-        converted = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                  module.track_running_stats, process_group)
+        converted = SyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats, process_group
+        )
         if module.affine:
             with torch.no_grad():
                 converted.weight = module.weight

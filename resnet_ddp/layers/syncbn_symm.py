@@ -29,9 +29,11 @@ def missing() -> Optional[str]:
         from torch.distributed import _symmetric_memory as symm_mem
     except ImportError as exc:
         return f"torch {torch.__version__} lacks {exc.name}"
-    needs = {"torch.distributed._symmetric_memory.empty": hasattr(symm_mem, "empty"),
-             "torch.distributed._symmetric_memory.rendezvous": hasattr(symm_mem, "rendezvous"),
-             "torch.ops.symm_mem.one_shot_all_reduce": _has_op("one_shot_all_reduce")}
+    needs = {
+        "torch.distributed._symmetric_memory.empty": hasattr(symm_mem, "empty"),
+        "torch.distributed._symmetric_memory.rendezvous": hasattr(symm_mem, "rendezvous"),
+        "torch.ops.symm_mem.one_shot_all_reduce": _has_op("one_shot_all_reduce"),
+    }
     absent = [name for name, present in needs.items() if not present]
     return f"torch {torch.__version__} lacks {', '.join(absent)}" if absent else None
 
@@ -84,9 +86,9 @@ def share_statistics(model: nn.Module, group, device: torch.device) -> None:
     buffer.zero_()  # on this stream, before this rank's first collective lets any peer read it
     offset = 0
     for layer, row_length, sum_length in zip(layers, row_lengths, sum_lengths):
-        rows = buffer[offset:offset + world * row_length].view(world, row_length)
+        rows = buffer[offset : offset + world * row_length].view(world, row_length)
         offset += world * row_length
-        layer.symmetric_slots = LayerSlots(rows, buffer[offset:offset + sum_length], rank, group.group_name)
+        layer.symmetric_slots = LayerSlots(rows, buffer[offset : offset + sum_length], rank, group.group_name)
         offset += sum_length
 
 

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import socket
 import sys
 import time
 from typing import List, Optional
+
+from resnet_ddp.core.files import strict_json
 
 PACKAGE_LOGGER = "resnet_ddp"
 NOTICE = 25
@@ -60,8 +61,16 @@ class ProgressBar:
         from tqdm import tqdm
 
         self._tqdm = tqdm
-        self._bar = tqdm(total=total_steps, initial=steps_done, unit="step", file=sys.stderr,
-                         desc="[Rank 0] training", mininterval=0.5, smoothing=0.1, dynamic_ncols=True)
+        self._bar = tqdm(
+            total=total_steps,
+            initial=steps_done,
+            unit="step",
+            file=sys.stderr,
+            desc="[Rank 0] training",
+            mininterval=0.5,
+            smoothing=0.1,
+            dynamic_ncols=True,
+        )
         self._done = steps_done
 
     def advance(self, global_step: int) -> None:
@@ -78,8 +87,9 @@ class ProgressBar:
         sys.stdout.flush()
 
     def show(self, figures: dict) -> None:
-        self._bar.set_postfix_str(f"epoch {figures['epoch']}, loss {figures['loss']:.4f}, "
-                                  f"{figures['job_img_s']:.0f} img/s", refresh=False)
+        self._bar.set_postfix_str(
+            f"epoch {figures['epoch']}, loss {figures['loss']:.4f}, {figures['job_img_s']:.0f} img/s", refresh=False
+        )
 
     def close(self, complete: bool) -> None:
         if complete:  # a run that ended as planned ends the bar full, whatever the estimate said
@@ -114,16 +124,16 @@ class JsonFormatter(logging.Formatter):
         self.rank, self.host = rank, socket.gethostname()
 
     def format(self, record: logging.LogRecord) -> str:
-        line = {"time": utc_time(record.created), "level": record.levelname, "rank": self.rank, "host": self.host,
-                "message": record.getMessage()}
+        line = {
+            "time": utc_time(record.created),
+            "level": record.levelname,
+            "rank": self.rank,
+            "host": self.host,
+            "message": record.getMessage(),
+        }
         for key, value in getattr(record, "fields", {}).items():
-            line.setdefault(key, _finite(value))
-        return json.dumps(line)
-
-
-def _finite(value):
-    """NaN and infinities as null: every line stays strict JSON."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+            line.setdefault(key, value)
+        return json.dumps(strict_json(line), allow_nan=False)
 
 
 class ConsoleHandler(logging.Handler):
@@ -157,8 +167,9 @@ class FileFormatter(logging.Formatter):
     """The log file's lines: UTC time, level, rank, message, and any traceback in full."""
 
     def __init__(self, rank: int):
-        super().__init__(fmt=f"%(asctime)s.%(msecs)03dZ %(levelname)s [Rank {rank}] %(message)s",
-                         datefmt="%Y-%m-%dT%H:%M:%S")
+        super().__init__(
+            fmt=f"%(asctime)s.%(msecs)03dZ %(levelname)s [Rank {rank}] %(message)s", datefmt="%Y-%m-%dT%H:%M:%S"
+        )
         self.converter = time.gmtime
 
 
@@ -203,8 +214,9 @@ def _attach(handlers: List[logging.Handler]) -> None:
         log.addHandler(handler)
 
 
-def setup(rank: int, quiet: bool, log_file: Optional[str] = None, log_format: str = "text",
-          timestamps: bool = False) -> Console:
+def setup(
+    rank: int, quiet: bool, log_file: Optional[str] = None, log_format: str = "text", timestamps: bool = False
+) -> Console:
     """Attach a training process's console (and log file) to the package's logger."""
     console = ConsoleHandler(clear_line=interactive_terminal() and log_format == "text")
     console.setLevel(NOTICE if quiet else logging.INFO)

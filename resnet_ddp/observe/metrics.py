@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import math
 import os
 import resource
 import statistics
@@ -21,6 +20,7 @@ from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from resnet_ddp.core.callbacks import Callback
+from resnet_ddp.core.files import strict_json
 from resnet_ddp.core.stopping import RunLength
 from resnet_ddp.observe.console import NOTICE, ProgressBar
 
@@ -56,10 +56,8 @@ class MetricsLog:
         self.sinks.append(sink)
 
     def record(self, payload: dict) -> None:
-        # A diverged loss is NaN: written as null, so every line stays strict JSON for jq.
-        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in payload.items()}
-        record = dict(time=time.time(), rank=self.rank, **record)
-        os.write(self._fd, (json.dumps(record) + "\n").encode())
+        record = dict(time=time.time(), rank=self.rank, **strict_json(payload))  # a diverged loss: null
+        os.write(self._fd, (json.dumps(record, allow_nan=False) + "\n").encode())
         for sink in self.sinks:
             sink.write(record)
 
@@ -221,11 +219,22 @@ class StepLogger(Callback):
     `bar` (rank 0's progress bar on a terminal) advances every step.
     """
 
-    def __init__(self, metrics: MetricsLog, rank: int, world_size: int, device: torch.device, batch_size: int,
-                 length: RunLength, interval_steps: Optional[int], interval_s: float,
-                 train_flops_per_image: Optional[float], peak: Optional[Tuple[float, str]],
-                 data_wait_s: Callable[[], float], fields: Sequence[Callable[[], dict]] = (),
-                 bar: Optional[ProgressBar] = None):
+    def __init__(
+        self,
+        metrics: MetricsLog,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        batch_size: int,
+        length: RunLength,
+        interval_steps: Optional[int],
+        interval_s: float,
+        train_flops_per_image: Optional[float],
+        peak: Optional[Tuple[float, str]],
+        data_wait_s: Callable[[], float],
+        fields: Sequence[Callable[[], dict]] = (),
+        bar: Optional[ProgressBar] = None,
+    ):
         self.metrics, self.rank, self.world_size, self.device = metrics, rank, world_size, device
         self.batch_size, self.length = batch_size, length
         self.interval_steps, self.interval_s = interval_steps, interval_s
@@ -256,14 +265,26 @@ class StepLogger(Callback):
             self._line(state)
 
     def on_epoch_end(self, state, losses) -> None:
-        self.metrics.record({"kind": "epoch", "epoch": losses.epoch, "global_step": state.global_step,
-                             "avg_loss": losses.mine, "global_avg_loss": losses.everyone})
+        self.metrics.record(
+            {
+                "kind": "epoch",
+                "epoch": losses.epoch,
+                "global_step": state.global_step,
+                "avg_loss": losses.mine,
+                "global_avg_loss": losses.everyone,
+            }
+        )
         # The original example's format, kept exactly: log parsers depend on it.
-        log.log(NOTICE, f"Epoch {losses.epoch:3d} - Avg Loss: {losses.mine:.4f}",
-                extra={"fields": {"epoch": losses.epoch, "avg_loss": losses.mine}})
+        log.log(
+            NOTICE,
+            f"Epoch {losses.epoch:3d} - Avg Loss: {losses.mine:.4f}",
+            extra={"fields": {"epoch": losses.epoch, "avg_loss": losses.mine}},
+        )
         if self.rank == 0:
-            log.info(f"Epoch {losses.epoch:3d} - Global Avg Loss: {losses.everyone:.4f} ({self.world_size} ranks)",
-                     extra={"fields": {"epoch": losses.epoch, "global_avg_loss": losses.everyone}})
+            log.info(
+                f"Epoch {losses.epoch:3d} - Global Avg Loss: {losses.everyone:.4f} ({self.world_size} ranks)",
+                extra={"fields": {"epoch": losses.epoch, "global_avg_loss": losses.everyone}},
+            )
         if state.epoch_complete:  # the next epoch's sum starts from zero: carry what no line has reported
             self._carried_loss += losses.per_rank_sums[self.rank] - self._last_loss_sum
             self._last_loss_sum = 0.0
@@ -284,11 +305,18 @@ class StepLogger(Callback):
         wait = self.data_wait_s()
         epoch, step_in_epoch = self._last_step_at
         figures = {
-            "kind": "step", "epoch": epoch, "step": step_in_epoch,
-            "steps_per_epoch": state.steps_per_epoch, "global_step": state.global_step,
-            "total_steps": self.length.last_step, "steps": steps, "interval_s": elapsed,
-            "loss": (self._carried_loss + loss_now - self._last_loss_sum) / steps, "img_s": img_s,
-            "job_img_s": img_s * self.world_size, "step_ms": step_s * 1000,
+            "kind": "step",
+            "epoch": epoch,
+            "step": step_in_epoch,
+            "steps_per_epoch": state.steps_per_epoch,
+            "global_step": state.global_step,
+            "total_steps": self.length.last_step,
+            "steps": steps,
+            "interval_s": elapsed,
+            "loss": (self._carried_loss + loss_now - self._last_loss_sum) / steps,
+            "img_s": img_s,
+            "job_img_s": img_s * self.world_size,
+            "step_ms": step_s * 1000,
             "data_wait_frac": min(1.0, (wait - self._last_wait) / elapsed),
             "eta_s": self.length.eta_s(state.global_step, step_s),
             "progress": self.length.fraction_done(state.global_step),
@@ -314,8 +342,11 @@ class StepLogger(Callback):
 
     def _expected_total(self, state, step_s: float) -> int:
         """The bar's total: where the run will end, by steps or by --duration at the current speed."""
-        return state.global_step + max(0, round(self.length.eta_s(state.global_step, step_s) / step_s)) \
-            if step_s > 0 else self.length.last_step
+        return (
+            state.global_step + max(0, round(self.length.eta_s(state.global_step, step_s) / step_s))
+            if step_s > 0
+            else self.length.last_step
+        )
 
 
 def _step_line(f: dict, main: bool) -> str:

@@ -45,22 +45,25 @@ def _text(value) -> str:
 class GpuMonitor(Callback):
     """Samples this rank's GPU every SAMPLE_EVERY_S in a thread; stops at the end of the run."""
 
-    def __init__(self, pynvml, handle, counting: Callable[[], bool],
-                 on_sample: Optional[Callable[[Dict[str, str], Dict[str, float]], None]]):
+    def __init__(
+        self,
+        pynvml,
+        handle,
+        counting: Callable[[], bool],
+        on_sample: Optional[Callable[[Dict[str, str], Dict[str, float]], None]],
+    ):
         self._nvml = pynvml
         self._handle = handle
         self._counting = counting
         self._on_sample = on_sample
-        self.identity = {"gpu": str(pynvml.nvmlDeviceGetIndex(handle)),
-                         "uuid": _text(pynvml.nvmlDeviceGetUUID(handle))}
+        self.identity = {"gpu": str(pynvml.nvmlDeviceGetIndex(handle)), "uuid": _text(pynvml.nvmlDeviceGetUUID(handle))}
         self.latest: Dict[str, float] = {}
         self._util_sum, self._util_count = 0.0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="resnet-ddp-nvml", daemon=True)
 
     @classmethod
-    def start(cls, device: torch.device, counting: Callable[[], bool],
-              on_sample=None) -> Optional["GpuMonitor"]:
+    def start(cls, device: torch.device, counting: Callable[[], bool], on_sample=None) -> Optional["GpuMonitor"]:
         """A running monitor for `device`, or None where NVML cannot tell us about it.
 
         `counting()` says whether a sample counts towards the run's mean utilisation

@@ -38,12 +38,16 @@ class StepProfiler(Callback):
         self._recorded_to = 0  # the last step done under the profiler
         self.done = self.first > self.last
         if self.done and rank.is_main:
-            log.info(f"--profile-steps {steps[0]}:{steps[1]}: nothing profiled, every one of those "
-                                     f"steps comes before step {first_steady_step}, the first after the start-up "
-                                     "steps (and the CUDA-graph capture)")
+            log.info(
+                f"--profile-steps {steps[0]}:{steps[1]}: nothing profiled, every one of those "
+                f"steps comes before step {first_steady_step}, the first after the start-up "
+                "steps (and the CUDA-graph capture)"
+            )
         elif steps[0] < self.first and rank.is_main:
-            log.info(f"--profile-steps: profiling from step {self.first}, the first after the "
-                                     "start-up steps (and the CUDA-graph capture)")
+            log.info(
+                f"--profile-steps: profiling from step {self.first}, the first after the "
+                "start-up steps (and the CUDA-graph capture)"
+            )
 
     def on_start(self, state) -> None:
         self._steps_done(state.global_step)
@@ -89,8 +93,10 @@ class StepProfiler(Callback):
             f.write("\n")
         os.replace(ops + ".tmp", ops)
         if self.rank.is_main:
-            log.info(f"profile of steps {self.first}-{self._recorded_to} written to "
-                                          f"{self.directory} (each rank's trace.json and ops.txt)")
+            log.info(
+                f"profile of steps {self.first}-{self._recorded_to} written to "
+                f"{self.directory} (each rank's trace.json and ops.txt)"
+            )
 
 
 def _sort_key(device: torch.device) -> str:

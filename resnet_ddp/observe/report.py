@@ -71,6 +71,7 @@ def utc_iso(unix_time: float) -> str:
 
 # What happened when: the run's events, from its records.
 
+
 def _of_one_rank(records: Sequence[dict], *kinds: str) -> List[dict]:
     """Records of kinds that every rank writes, from one rank only: rank 0, or the lowest there is (a node's own
     metrics.jsonl, where the save dir is not shared, has only its ranks)."""
@@ -136,6 +137,7 @@ def describe_end(end: dict, with_error: bool = True) -> str:
 
 # The headline: the figures an operator reads first.
 
+
 def short_number(x: float) -> str:
     return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
@@ -143,25 +145,30 @@ def short_number(x: float) -> str:
 def headline(summary: Optional[dict], records: Sequence[dict]) -> str:
     """summary.json's figures; for a running job (no summary.json yet), those of its last log point."""
     if summary is not None and is_of_the_last_run(summary, records):
-        parts = [f"{short_number(summary['img_s'])} img/s" if "img_s" in summary else None,
-                 f"step p50 {short_number(summary['step_ms_p50'])} ms" if "step_ms_p50" in summary else None,
-                 f"MFU {100 * summary['mfu']:.1f}%" if summary.get("mfu") is not None else None,
-                 f"GPU util {summary['gpu_util_pct']:.0f}%" if summary.get("gpu_util_pct") is not None else None,
-                 f"{summary['world_size']} ranks, {summary.get('device', '')}" if "world_size" in summary else None,
-                 summary.get("exit_reason", "")]
+        parts = [
+            f"{short_number(summary['img_s'])} img/s" if "img_s" in summary else None,
+            f"step p50 {short_number(summary['step_ms_p50'])} ms" if "step_ms_p50" in summary else None,
+            f"MFU {100 * summary['mfu']:.1f}%" if summary.get("mfu") is not None else None,
+            f"GPU util {summary['gpu_util_pct']:.0f}%" if summary.get("gpu_util_pct") is not None else None,
+            f"{summary['world_size']} ranks, {summary.get('device', '')}" if "world_size" in summary else None,
+            summary.get("exit_reason", ""),
+        ]
         return "   ·   ".join(p for p in parts if p)
     last = {r["rank"]: r for r in sorted((r for r in records if r.get("kind") == "step"), key=lambda r: r["time"])}
     first = last[min(last)]
     ends = [r for r in run_ends(records) if r["time"] >= last_step_time(records)]
-    parts = [f"{short_number(first['job_img_s'])} img/s" if first.get("job_img_s") is not None else None,
-             f"step {short_number(max(r.get('step_ms', 0) for r in last.values()))} ms",
-             f"MFU {100 * first['mfu']:.1f}%" if first.get("mfu") is not None else None,
-             f"at step {first.get('global_step')} of {first.get('total_steps')}",
-             ends[0]["exit_reason"] if ends else "running (no summary.json yet; figures of the last log point)"]
+    parts = [
+        f"{short_number(first['job_img_s'])} img/s" if first.get("job_img_s") is not None else None,
+        f"step {short_number(max(r.get('step_ms', 0) for r in last.values()))} ms",
+        f"MFU {100 * first['mfu']:.1f}%" if first.get("mfu") is not None else None,
+        f"at step {first.get('global_step')} of {first.get('total_steps')}",
+        ends[0]["exit_reason"] if ends else "running (no summary.json yet; figures of the last log point)",
+    ]
     return "   ·   ".join(p for p in parts if p)
 
 
 # The picture.
+
 
 def steps_with_gaps(records: Sequence[dict]) -> List[dict]:
     """The step records in time order, and a gap for every rank where a run ended, so that a resumed run's lines
@@ -189,11 +196,16 @@ def _plot_per_rank(ax, series: Dict[int, tuple], label: str = "", alpha: Optiona
     ranks = list(series)
     for i, (rank, (xs, ys)) in enumerate(series.items()):
         if len(ranks) > MANY_RANKS:
-            style = dict(linewidth=0.8, alpha=alpha or 0.5,
-                         label=f"{label}ranks {ranks[0]}-{ranks[-1]}" if i == 0 else None)
+            style = dict(
+                linewidth=0.8, alpha=alpha or 0.5, label=f"{label}ranks {ranks[0]}-{ranks[-1]}" if i == 0 else None
+            )
         else:
-            style = dict(linewidth=max(0.8, 2.4 - 0.4 * i), linestyle=RANK_LINESTYLES[i % len(RANK_LINESTYLES)],
-                         alpha=alpha, label=f"{label}rank {rank}")
+            style = dict(
+                linewidth=max(0.8, 2.4 - 0.4 * i),
+                linestyle=RANK_LINESTYLES[i % len(RANK_LINESTYLES)],
+                alpha=alpha,
+                label=f"{label}rank {rank}",
+            )
         ax.plot(xs, ys, color=f"C{i % 10}", gid="rank", **style)
 
 
@@ -231,8 +243,13 @@ def _draw_loss(ax, steps: Sequence[dict], records: Sequence[dict]) -> None:
     _plot_per_rank(ax, _series(steps, "loss"))
     averages = [r for r in epoch_ends(records) if r.get("global_avg_loss") is not None]
     if averages:
-        ax.plot([utc(r["time"]) for r in averages], [r["global_avg_loss"] for r in averages],
-                "o", color="black", label="epoch average (all ranks)")
+        ax.plot(
+            [utc(r["time"]) for r in averages],
+            [r["global_avg_loss"] for r in averages],
+            "o",
+            color="black",
+            label="epoch average (all ranks)",
+        )
     ax.set_title("training loss")
 
 
@@ -265,26 +282,72 @@ def _mark_events(ax, records: Sequence[dict], labelled: bool) -> None:
     """Epoch ends, checkpoints, straggler warnings and the end, on one panel; `labelled`: with their words."""
     top = ax.get_xaxis_transform()  # x in time, y from 0 (bottom) to 1 (top) of the panel
     for i, r in enumerate(epoch_ends(records)):
-        ax.axvline(utc(r["time"]), color="0.55", linewidth=0.8, linestyle=":", gid="epoch-end",
-                   label="epoch end" if labelled and i == 0 else None)
+        ax.axvline(
+            utc(r["time"]),
+            color="0.55",
+            linewidth=0.8,
+            linestyle=":",
+            gid="epoch-end",
+            label="epoch end" if labelled and i == 0 else None,
+        )
     saved = checkpoints(records)
     if saved:
-        ax.plot([utc(r["time"]) for r in saved], [1.0] * len(saved), linestyle="none", marker="v", markersize=8,
-                color=MARKER_BLACK, transform=top, clip_on=False, gid="checkpoint",
-                label="checkpoint" if labelled else None)
+        ax.plot(
+            [utc(r["time"]) for r in saved],
+            [1.0] * len(saved),
+            linestyle="none",
+            marker="v",
+            markersize=8,
+            color=MARKER_BLACK,
+            transform=top,
+            clip_on=False,
+            gid="checkpoint",
+            label="checkpoint" if labelled else None,
+        )
     for i, (when, ranks) in enumerate(straggler_warnings(records)):
-        ax.plot([utc(when)], [1.0], linestyle="none", marker="X", markersize=8, color=MARKER_BLACK, transform=top, clip_on=False,
-                gid="straggler", label="straggler named" if labelled and i == 0 else None)
+        ax.plot(
+            [utc(when)],
+            [1.0],
+            linestyle="none",
+            marker="X",
+            markersize=8,
+            color=MARKER_BLACK,
+            transform=top,
+            clip_on=False,
+            gid="straggler",
+            label="straggler named" if labelled and i == 0 else None,
+        )
         if labelled:
             named = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
-            ax.text(utc(when), 0.97, f"straggler: {named}", transform=top, rotation=90, ha="right", va="top",
-                    fontsize="small", gid="straggler", in_layout=False)
+            ax.text(
+                utc(when),
+                0.97,
+                f"straggler: {named}",
+                transform=top,
+                rotation=90,
+                ha="right",
+                va="top",
+                fontsize="small",
+                gid="straggler",
+                in_layout=False,
+            )
     for end in run_ends(records):
         colour = FAILURE_RED if end.get("exit_reason") in FAILURES else MARKER_BLACK
         ax.axvline(utc(end["time"]), color=colour, linewidth=1.5, gid="end")
         if labelled:
-            ax.text(utc(end["time"]), 0.97, describe_end(end, with_error=False), transform=top, rotation=90,
-                    ha="right", va="top", fontsize="small", color=colour, gid="end-label", in_layout=False)
+            ax.text(
+                utc(end["time"]),
+                0.97,
+                describe_end(end, with_error=False),
+                transform=top,
+                rotation=90,
+                ha="right",
+                va="top",
+                fontsize="small",
+                color=colour,
+                gid="end-label",
+                in_layout=False,
+            )
 
 
 def _utc_time_axis(ax, start: float, end: float) -> None:
@@ -293,11 +356,15 @@ def _utc_time_axis(ax, start: float, end: float) -> None:
 
     locator = dates.AutoDateLocator(tz=timezone.utc)
     ax.xaxis.set_major_locator(locator)
-    ax.xaxis.set_major_formatter(dates.ConciseDateFormatter(
-        locator, tz=timezone.utc,
-        formats=["%Y", "%b", "%d", "%H:%M", "%H:%M", "%H:%M:%S.%f"],
-        zero_formats=["", "%Y", "%b", "%b-%d", "%H:%M", "%H:%M:%S"],
-        offset_formats=["", "%Y", "%Y-%m", "%Y-%m-%d", "%Y-%m-%d", "%Y-%m-%d"]))
+    ax.xaxis.set_major_formatter(
+        dates.ConciseDateFormatter(
+            locator,
+            tz=timezone.utc,
+            formats=["%Y", "%b", "%d", "%H:%M", "%H:%M", "%H:%M:%S.%f"],
+            zero_formats=["", "%Y", "%b", "%b-%d", "%H:%M", "%H:%M:%S"],
+            offset_formats=["", "%Y", "%Y-%m", "%Y-%m-%d", "%Y-%m-%d", "%Y-%m-%d"],
+        )
+    )
     margin = max(0.02 * (end - start), 0.5)
     ax.set_xlim(utc(start - margin), utc(end + margin))
     ax.set_xlabel("time (UTC)")
@@ -327,6 +394,7 @@ def draw(records: Sequence[dict], title: str, summary: Optional[dict] = None):
 
 # The page.
 
+
 def readable(value, key: str = "") -> str:
     """A summary.json value as a person reads it: floats to 4 significant digits, Unix times as UTC."""
     if isinstance(value, list):
@@ -352,17 +420,26 @@ def _flat(summary: dict, prefix: str = "") -> List[Tuple[str, object]]:
 
 
 def _table(rows: Sequence[Tuple[str, str]]) -> str:
-    return "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows) \
+    return (
+        "<table>"
+        + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
         + "</table>"
+    )
 
 
 def _events_table(records: Sequence[dict]) -> str:
     """The marked events at their exact UTC times, to find them in Grafana or in the pods' logs."""
-    events = [(r["time"], f"epoch {r.get('epoch')} ends (global step {r.get('global_step')})")
-              for r in epoch_ends(records)]
-    events += [(r["time"], f"checkpoint {os.path.basename(str(r.get('path')))} written in "
-                f"{readable(r.get('write_s'))} s (training held {readable(r.get('training_held_s'))} s)")
-               for r in checkpoints(records)]
+    events = [
+        (r["time"], f"epoch {r.get('epoch')} ends (global step {r.get('global_step')})") for r in epoch_ends(records)
+    ]
+    events += [
+        (
+            r["time"],
+            f"checkpoint {os.path.basename(str(r.get('path')))} written in "
+            f"{readable(r.get('write_s'))} s (training held {readable(r.get('training_held_s'))} s)",
+        )
+        for r in checkpoints(records)
+    ]
     events += [(when, "straggler: rank " + ", ".join(map(str, ranks))) for when, ranks in straggler_warnings(records)]
     events += [(r["time"], f"end: {describe_end(r)}") for r in run_ends(records)]
     return "<h2>Events (UTC)</h2>" + _table([(utc_iso(t), what) for t, what in sorted(events)])
@@ -371,8 +448,11 @@ def _events_table(records: Sequence[dict]) -> str:
 def _summary_table(summary: Optional[dict], records: Sequence[dict]) -> str:
     if summary is None:
         return "<p>No summary.json yet (the run is still going, or it was killed).</p>"
-    heading = "summary.json" if is_of_the_last_run(summary, records) else \
-        "summary.json, of an earlier run (a resumed run is still going)"
+    heading = (
+        "summary.json"
+        if is_of_the_last_run(summary, records)
+        else "summary.json, of an earlier run (a resumed run is still going)"
+    )
     return f"<h2>{heading}</h2>" + _table([(k, readable(v, k)) for k, v in _flat(summary)])
 
 
@@ -391,8 +471,10 @@ def write_report(save_dir: str) -> List[str]:
 
         matplotlib.use("Agg")
     except ImportError:
-        raise UsageError("the report needs matplotlib, which is not installed: "
-                         "pip install 'resnet-ddp[report]' (or pip install matplotlib)") from None
+        raise UsageError(
+            "the report needs matplotlib, which is not installed: "
+            "pip install 'resnet-ddp[report]' (or pip install matplotlib)"
+        ) from None
     summary = read_summary(save_dir)
     title = f"resnet-ddp: {os.path.abspath(save_dir)}"
     buffer = io.BytesIO()
@@ -401,12 +483,14 @@ def write_report(save_dir: str) -> List[str]:
     png_path, html_path = os.path.join(save_dir, PNG_NAME), os.path.join(save_dir, HTML_NAME)
     with open(png_path, "wb") as f:
         f.write(png)
-    page = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            "<style>body{font-family:sans-serif;margin:2em}th{text-align:left;padding-right:1em}</style></head>"
-            f"<body><h1>{html.escape(title)}</h1><p>{html.escape(headline(summary, records))}</p>"
-            f"<img alt=\"throughput, loss, GPU utilisation or data wait, and memory over UTC time\" "
-            f"src=\"data:image/png;base64,{base64.b64encode(png).decode()}\">"
-            f"{_events_table(records)}{_summary_table(summary, records)}</body></html>\n")
+    page = (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        "<style>body{font-family:sans-serif;margin:2em}th{text-align:left;padding-right:1em}</style></head>"
+        f"<body><h1>{html.escape(title)}</h1><p>{html.escape(headline(summary, records))}</p>"
+        f'<img alt="throughput, loss, GPU utilisation or data wait, and memory over UTC time" '
+        f'src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+        f"{_events_table(records)}{_summary_table(summary, records)}</body></html>\n"
+    )
     with open(html_path, "w", encoding="utf-8") as f:
         f.write(page)
     return [png_path, html_path]

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from resnet_ddp import __version__
 from resnet_ddp.core.callbacks import Callback
 from resnet_ddp.core.files import write_json
+from resnet_ddp.core.stopping import first_signal
 from resnet_ddp.observe.console import NOTICE
 from resnet_ddp.observe.metrics import MetricsLog, StepTimer
 
@@ -78,10 +79,16 @@ class RunFacts:
         return time.perf_counter() - self.training_started
 
     def fields(self) -> dict:
-        return {"world_size": self.world_size, "device": self.device_name, "torch": torch.__version__,
-                "version": __version__, "config": _plain(dataclasses.asdict(self.config)),
-                "started_utc": utc_iso(self.started_unix), "ended_utc": utc_iso(time.time()),
-                "wall_s": self.wall_s()}
+        return {
+            "world_size": self.world_size,
+            "device": self.device_name,
+            "torch": torch.__version__,
+            "version": __version__,
+            "config": _plain(dataclasses.asdict(self.config)),
+            "started_utc": utc_iso(self.started_unix),
+            "ended_utc": utc_iso(time.time()),
+            "wall_s": self.wall_s(),
+        }
 
 
 def _plain(value):
@@ -103,10 +110,20 @@ class RunSummary(Callback):
     """on_end, on every rank: the `end` record, the figures gathered (one collective), rank 0's summary.json and
     table, and the original example's last line."""
 
-    def __init__(self, facts: RunFacts, save_dir: str, rank, metrics: MetricsLog, timer: StepTimer,
-                 batch_size: int, epochs_done: Callable[[], int], train_flops_per_image: Optional[float],
-                 peak: Optional[Tuple[float, str]], gpu_util_pct: Callable[[], Optional[float]],
-                 skipped_updates: Callable[[], int]):
+    def __init__(
+        self,
+        facts: RunFacts,
+        save_dir: str,
+        rank,
+        metrics: MetricsLog,
+        timer: StepTimer,
+        batch_size: int,
+        epochs_done: Callable[[], int],
+        train_flops_per_image: Optional[float],
+        peak: Optional[Tuple[float, str]],
+        gpu_util_pct: Callable[[], Optional[float]],
+        skipped_updates: Callable[[], int],
+    ):
         self.facts, self.save_dir, self.rank, self.metrics, self.timer = facts, save_dir, rank, metrics, timer
         self.batch_size, self.epochs_done = batch_size, epochs_done
         self.train_flops_per_image, self.peak = train_flops_per_image, peak
@@ -116,6 +133,9 @@ class RunSummary(Callback):
         self.facts.training_started = time.perf_counter()
 
     def on_end(self, state, outcome) -> None:
+        late = first_signal()
+        if late is not None:  # came during the end's work: say that the job was stopped, as its exit code will
+            outcome = outcome.stopped_late(late)
         self.metrics.record({"kind": "end", "global_step": state.global_step, **outcome.summary_fields()})
         stats = self.timer.stats(self.batch_size)
         stats["gpu_util_pct"] = self.gpu_util_pct()
@@ -124,8 +144,13 @@ class RunSummary(Callback):
         dist.all_gather_object(rank_stats, stats)
         if self.rank.is_main:
             summary = summarise(rank_stats, self.rank.world_size)
-            summary.update(self.facts.fields(), **outcome.summary_fields(), epochs_done=self.epochs_done(),
-                           skipped_updates=self.skipped_updates(), hosts=sorted({s["host"] for s in rank_stats}))
+            summary.update(
+                self.facts.fields(),
+                **outcome.summary_fields(),
+                epochs_done=self.epochs_done(),
+                skipped_updates=self.skipped_updates(),
+                hosts=sorted({s["host"] for s in rank_stats}),
+            )
             add_mfu(summary, self.train_flops_per_image, self.peak)
             write_summary(self.save_dir, summary)
             summary_table(summary)
@@ -137,13 +162,18 @@ class RunSummary(Callback):
 
 def summary_table(summary: dict) -> None:
     """The end-of-run table rank 0 prints: the figures of summary.json a person looks at first."""
-    rows = [("exit reason", summary["exit_reason"]),
-            ("wall time", f"{summary['wall_s']:.1f} s"),
-            ("epochs / steps done", f"{summary['epochs_done']} / {summary['steps']}")]
+    rows = [
+        ("exit reason", summary["exit_reason"]),
+        ("wall time", f"{summary['wall_s']:.1f} s"),
+        ("epochs / steps done", f"{summary['epochs_done']} / {summary['steps']}"),
+    ]
     if summary.get("steady_steps"):
         rows += [
-            ("throughput", f"{summary['img_s']:.1f} img/s ({summary['img_s_per_gpu']:.1f} per process), "
-                           f"over {summary['steady_steps']} steps after the warm-up"),
+            (
+                "throughput",
+                f"{summary['img_s']:.1f} img/s ({summary['img_s_per_gpu']:.1f} per process), "
+                f"over {summary['steady_steps']} steps after the warm-up",
+            ),
             ("step time", ", ".join(f"p{q} {summary[f'step_ms_p{q}']:.1f} ms" for q in (50, 90, 99))),
             ("waiting on data", f"{100 * summary['data_wait_frac']:.1f}%"),
         ]
@@ -155,8 +185,9 @@ def summary_table(summary: dict) -> None:
     if "gpu_util_pct" in summary:
         rows.append(("GPU utilisation", f"{summary['gpu_util_pct']:.1f}% (NVML, mean over GPUs and the steady window)"))
     if "mfu" in summary:
-        rows.append(("MFU", f"{100 * summary['mfu']:.1f}% of {summary['peak_tflops']:g} TFLOP/s "
-                            f"{summary['peak_precision']}"))
+        rows.append(
+            ("MFU", f"{100 * summary['mfu']:.1f}% of {summary['peak_tflops']:g} TFLOP/s {summary['peak_precision']}")
+        )
     table = "\n".join(f"  {name:<21} {value}" for name, value in rows)
     log.info(f"run summary (also in summary.json):\n{table}", extra={"fields": {"summary": summary}})
 

@@ -15,17 +15,28 @@ def require_tensorboard() -> None:
         import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
     except ImportError:
-        raise UsageError("--tensorboard needs TensorBoard, which is not installed: "
-                         "pip install 'resnet-ddp[tensorboard]' (or pip install tensorboard)") from None
+        raise UsageError(
+            "--tensorboard needs TensorBoard, which is not installed: "
+            "pip install 'resnet-ddp[tensorboard]' (or pip install tensorboard)"
+        ) from None
 
 
 # (record key, TensorBoard tag) for step records
 _TENSORBOARD_STEP_SCALARS = (
-    ("loss", "train/loss"), ("job_img_s", "train/img_s"), ("img_s", "train/img_s_rank0"),
-    ("step_ms", "train/step_ms"), ("data_wait_frac", "train/data_wait_frac"), ("epoch", "train/epoch"),
-    ("mfu", "train/mfu"), ("mem_gib", "memory/gpu_allocated_gib"), ("peak_mem_gib", "memory/gpu_peak_gib"),
-    ("rss_gib", "memory/host_rss_gib"), ("gpu_util_pct", "gpu/util_pct"), ("gpu_mem_used_gib", "gpu/mem_used_gib"),
-    ("gpu_power_w", "gpu/power_w"), ("gpu_temp_c", "gpu/temp_c"),
+    ("loss", "train/loss"),
+    ("job_img_s", "train/img_s"),
+    ("img_s", "train/img_s_rank0"),
+    ("step_ms", "train/step_ms"),
+    ("data_wait_frac", "train/data_wait_frac"),
+    ("epoch", "train/epoch"),
+    ("mfu", "train/mfu"),
+    ("mem_gib", "memory/gpu_allocated_gib"),
+    ("peak_mem_gib", "memory/gpu_peak_gib"),
+    ("rss_gib", "memory/host_rss_gib"),
+    ("gpu_util_pct", "gpu/util_pct"),
+    ("gpu_mem_used_gib", "gpu/mem_used_gib"),
+    ("gpu_power_w", "gpu/power_w"),
+    ("gpu_temp_c", "gpu/temp_c"),
 )
 
 

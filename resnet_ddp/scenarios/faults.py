@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 import torch
 
@@ -31,8 +31,9 @@ class InjectedFault(RuntimeError):
 class FaultInjector(Callback):
     """--fail-at-step, --fail-rank, --fail-mode: strikes before the chosen step on the chosen rank(s)."""
 
-    def __init__(self, config: ScenarioConfig, rank: int, device: torch.device,
-                 before_failing: Callable[[], None] = lambda: None):
+    def __init__(
+        self, config: ScenarioConfig, rank: int, device: torch.device, before_failing: Callable[[], None] = lambda: None
+    ):
         """`before_failing` runs just before a fault strikes: the job lets an in-flight checkpoint write finish,
         so that the newest checkpoint a restart finds is always the last one the job started (reproducible)."""
         targeted = config.fail_rank in (ALL_RANKS, rank)
@@ -42,8 +43,9 @@ class FaultInjector(Callback):
         self.device = device
         self.before_failing = before_failing
         # --fail-mode nan: the step multiplies its loss by this (NaN at the chosen step, else 1).
-        self.loss_poison = (torch.ones((), device=device)
-                            if self.fail_at_step is not None and self.mode == "nan" else None)
+        self.loss_poison = (
+            torch.ones((), device=device) if self.fail_at_step is not None and self.mode == "nan" else None
+        )
         self._poisoned = False
 
     def before_step(self, state) -> None:

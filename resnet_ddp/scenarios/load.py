@@ -56,9 +56,17 @@ def _length(seconds: float) -> str:
 
 
 class LoadPacer(Callback):
-    def __init__(self, config: ScenarioConfig, rank: RankInfo, stop: StopAgreement, record: Callable[[dict], None],
-                 record_every_steps: Optional[int], record_every_s: float, first_steady_step: int,
-                 data_wait_s: Callable[[], float]):
+    def __init__(
+        self,
+        config: ScenarioConfig,
+        rank: RankInfo,
+        stop: StopAgreement,
+        record: Callable[[dict], None],
+        record_every_steps: Optional[int],
+        record_every_s: float,
+        first_steady_step: int,
+        data_wait_s: Callable[[], float],
+    ):
         """The first steps (cuDNN autotuning, CUDA-graph warm-up and capture) can take seconds each; sleeping
         three times that at 25% would stretch the start-up into minutes, so they run unpaced. The sleep after
         a step is sized on the step before it (agreed a step late), so pacing starts one step after
@@ -175,10 +183,13 @@ class LoadPacer(Callback):
         self.phase_number = number
         self._phase_started = time.perf_counter()
         index = number % len(self.phases)
-        log.log(NOTICE, f"load phase {index + 1} of {len(self.phases)} after step {global_step}: "
-                        f"{describe_phase(self.phase)}")
-        self.record({"kind": "load_phase", "global_step": global_step, "phase": index + 1,
-                     "duty_cycle": self.phase.duty_cycle})
+        log.log(
+            NOTICE,
+            f"load phase {index + 1} of {len(self.phases)} after step {global_step}: {describe_phase(self.phase)}",
+        )
+        self.record(
+            {"kind": "load_phase", "global_step": global_step, "phase": index + 1, "duty_cycle": self.phase.duty_cycle}
+        )
 
     def _maybe_record(self, global_step: int) -> None:
         if self.record_every_steps is not None:
@@ -191,9 +202,15 @@ class LoadPacer(Callback):
     def _write_record(self, global_step: int) -> None:
         sums = self._sums
         if sums.steps or sums.idle_s:
-            self.record({"kind": "load", "global_step": global_step,
-                         "phase": self.phase_number % len(self.phases) + 1,
-                         "duty_cycle": self.phase.duty_cycle, **sums.figures()})
+            self.record(
+                {
+                    "kind": "load",
+                    "global_step": global_step,
+                    "phase": self.phase_number % len(self.phases) + 1,
+                    "duty_cycle": self.phase.duty_cycle,
+                    **sums.figures(),
+                }
+            )
         self._sums = _IntervalSums()
         self._last_record = time.perf_counter()
 
@@ -216,10 +233,16 @@ class _IntervalSums:
     def figures(self) -> dict:
         ms = 1000 / max(1, self.steps)  # means per step, in milliseconds
         active = self.busy_s + self.slept_s
-        return {"steps": self.steps, "busy_ms": round(self.busy_s * ms, 3),
-                "sleep_basis_ms": round(self.basis_s * ms, 3), "agreed_steps": self.agreed_steps,
-                "sleep_target_ms": round(self.target_s * ms, 3), "slept_ms": round(self.slept_s * ms, 3),
-                "idle_s": round(self.idle_s, 3), "busy_frac": round(self.busy_s / active, 4) if active > 0 else None}
+        return {
+            "steps": self.steps,
+            "busy_ms": round(self.busy_s * ms, 3),
+            "sleep_basis_ms": round(self.basis_s * ms, 3),
+            "agreed_steps": self.agreed_steps,
+            "sleep_target_ms": round(self.target_s * ms, 3),
+            "slept_ms": round(self.slept_s * ms, 3),
+            "idle_s": round(self.idle_s, 3),
+            "busy_frac": round(self.busy_s / active, 4) if active > 0 else None,
+        }
 
 
 BALLAST_MARGIN_BYTES = 2**30  # left free for the job's own later allocations (NCCL, gathers at checkpoints)
@@ -254,8 +277,10 @@ class GpuMemoryBallast(Callback):
 
     def _what(self) -> str:
         exact = f" ({_gib(self.bytes)})" if self.size.fraction is not None else ""
-        return (f"--gpu-memory-ballast {self.size}{exact} does not fit on rank {self.rank.rank}'s GPU "
-                f"(cuda:{self.rank.local_rank}, {torch.cuda.get_device_name(self.device)})")
+        return (
+            f"--gpu-memory-ballast {self.size}{exact} does not fit on rank {self.rank.rank}'s GPU "
+            f"(cuda:{self.rank.local_rank}, {torch.cuda.get_device_name(self.device)})"
+        )
 
     @classmethod
     def check_before_training(cls, size: MemorySize, rank: RankInfo, group: dist.ProcessGroup) -> None:
@@ -264,8 +289,10 @@ class GpuMemoryBallast(Callback):
         free, total = torch.cuda.mem_get_info(ballast.device)
         problem = None
         if ballast.bytes > free - BALLAST_MARGIN_BYTES:
-            problem = (f"{ballast._what()}: {_gib(free)} free of {_gib(total)}, less a {_gib(BALLAST_MARGIN_BYTES)} "
-                       "margin for the job")
+            problem = (
+                f"{ballast._what()}: {_gib(free)} free of {_gib(total)}, less a {_gib(BALLAST_MARGIN_BYTES)} "
+                "margin for the job"
+            )
         ballast._agree(problem)
 
     def allocate(self) -> None:
@@ -273,11 +300,13 @@ class GpuMemoryBallast(Callback):
         free, total = torch.cuda.mem_get_info(self.device)
         problem = None
         if self.bytes > free - BALLAST_MARGIN_BYTES:
-            problem = (f"{self._what()} beside the training job: the job holds "
-                       f"{_gib(torch.cuda.memory_reserved(self.device))} (peak "
-                       f"{_gib(torch.cuda.max_memory_allocated(self.device))} in use), {_gib(free)} are free of "
-                       f"{_gib(total)}, less a {_gib(BALLAST_MARGIN_BYTES)} margin: lower the ballast or the "
-                       "batch size")
+            problem = (
+                f"{self._what()} beside the training job: the job holds "
+                f"{_gib(torch.cuda.memory_reserved(self.device))} (peak "
+                f"{_gib(torch.cuda.max_memory_allocated(self.device))} in use), {_gib(free)} are free of "
+                f"{_gib(total)}, less a {_gib(BALLAST_MARGIN_BYTES)} margin: lower the ballast or the "
+                "batch size"
+            )
         self._agree(problem)
         left = self.bytes
         while left > 0:
@@ -287,8 +316,11 @@ class GpuMemoryBallast(Callback):
             left -= chunk.numel()
         torch.cuda.synchronize(self.device)  # once: the memory is really taken before we say so
         free_after = torch.cuda.mem_get_info(self.device)[0]
-        log.log(NOTICE, f"holding a {_gib(self.bytes)} GPU memory ballast on cuda:{self.rank.local_rank} "
-                        f"(written; {_gib(free_after)} left free)")
+        log.log(
+            NOTICE,
+            f"holding a {_gib(self.bytes)} GPU memory ballast on cuda:{self.rank.local_rank} "
+            f"(written; {_gib(free_after)} left free)",
+        )
 
     def _agree(self, problem: Optional[str]) -> None:
         problems: List[Optional[str]] = [None] * dist.get_world_size(self.group)

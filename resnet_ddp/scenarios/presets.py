@@ -30,14 +30,30 @@ SCENARIOS = (
         "training, the final model saved, exit 0",
         "the platform runs a distributed GPU job end to end: scheduling, rendezvous and NCCL, logs, "
         "the save volume, a clean exit",
-        ("--duration", "45s", "--arch", "resnet18", "--image-size", "64", "--batch-size", "32",
-         "--dataset-size", "8192", "--epochs", "1000", "--num-workers", "1", "--min-gpus", "1",
-         "--log-interval", "20"),
+        (
+            "--duration",
+            "45s",
+            "--arch",
+            "resnet18",
+            "--image-size",
+            "64",
+            "--batch-size",
+            "32",
+            "--dataset-size",
+            "8192",
+            "--epochs",
+            "1000",
+            "--num-workers",
+            "1",
+            "--min-gpus",
+            "1",
+            "--log-interval",
+            "20",
+        ),
     ),
     Scenario(
         "soak",
-        "full load with the ResNet-50 defaults for 12 hours (change it with --duration), a checkpoint "
-        "every 2000 steps",
+        "full load with the ResNet-50 defaults for 12 hours (change it with --duration), a checkpoint every 2000 steps",
         "long-run stability: flat throughput and step time in metrics.jsonl, no memory growth, thermals "
         "and clocks, ECC/Xid errors, log retention, long-lived NCCL connections",
         ("--duration", "12h", "--epochs", "1000000", "--checkpoint-every", "2000"),
@@ -56,8 +72,7 @@ SCENARIOS = (
         "checkpoint every 1000 steps, each restart resumes at step 1000 and crashes again at 2000",
         "failure detection, the job marked failed (exit 1), the traceback in the collected logs, the "
         "restart policy and its retry limit (backoffLimit)",
-        ("--fail-at-step", "2000", "--fail-mode", "exception", "--checkpoint-every", "1000",
-         "--epochs", "1000000"),
+        ("--fail-at-step", "2000", "--fail-mode", "exception", "--checkpoint-every", "1000", "--epochs", "1000000"),
     ),
     Scenario(
         "hang",
@@ -100,8 +115,10 @@ NAMES = tuple(BY_NAME)
 
 def summary_line() -> str:
     """For --help: the names, and where the full table is."""
-    return (f"a preset of options for one platform test: {', '.join(NAMES)}; '{LIST}' prints what each "
-            "does, checks and sets. Options given on the command line or in RESNET_DDP_* win over it")
+    return (
+        f"a preset of options for one platform test: {', '.join(NAMES)}; '{LIST}' prints what each "
+        "does, checks and sets. Options given on the command line or in RESNET_DDP_* win over it"
+    )
 
 
 def table(width: int = 100) -> str:
@@ -109,10 +126,12 @@ def table(width: int = 100) -> str:
     lines = []
     for scenario in SCENARIOS:
         lines.append(scenario.name)
-        for label, text in (("does", scenario.does), ("checks", scenario.checks),
-                            ("sets", " ".join(scenario.options))):
-            lines.extend(textwrap.wrap(text, width, initial_indent=f"  {label + ':':8}",
-                                       subsequent_indent=" " * 10, break_on_hyphens=False))
+        for label, text in (("does", scenario.does), ("checks", scenario.checks), ("sets", " ".join(scenario.options))):
+            lines.extend(
+                textwrap.wrap(
+                    text, width, initial_indent=f"  {label + ':':8}", subsequent_indent=" " * 10, break_on_hyphens=False
+                )
+            )
         lines.append("")
     lines.append("Use: python train.py --scenario NAME [options]; options you give win over the preset's.")
     return "\n".join(lines)
