@@ -174,6 +174,7 @@ def _run_one(
     with open(out) as f:
         summary = json.load(f)
     for key in (
+        "time_to_first_step_s",
         "img_s",
         "img_s_per_gpu",
         "step_ms_p50",
@@ -208,7 +209,9 @@ def main() -> int:
         action="append",
         default=[],
         metavar="NAME=PATCH",
-        help="run the experiment NAME from a copy of this tree with PATCH applied (e.g. 'change=change.patch')",
+        help="run the experiment NAME from a copy of this tree with PATCH applied (e.g. 'change=change.patch'), "
+        "or from another checkout if PATCH is a directory (e.g. 'before=../before', a git worktree of an earlier "
+        "commit: the same runs before and after a change, in one call)",
     )
     parser.add_argument("--log-dir", default=os.environ.get("OUT", tempfile.gettempdir()))
     parser.add_argument("--results-dir", default=os.path.join(REPO, "bench", "results"))
@@ -248,7 +251,10 @@ def main() -> int:
         for section, name, gpus, extra in plan
     ]
     patches = dict(spec.split("=", 1) for spec in args.variant)
-    trees = {name: patched_tree(patch, tempfile.mkdtemp(prefix="bench-variant-")) for name, patch in patches.items()}
+    trees = {
+        name: patch if os.path.isdir(patch) else patched_tree(patch, tempfile.mkdtemp(prefix="bench-variant-"))
+        for name, patch in patches.items()
+    }
     for section, name, gpus, extra, repeat in rounds:
         result = _run_one(name, gpus, extra, args.log_dir, args.run_timeout, repeat, trees.get(name, REPO))
         if name in patches:

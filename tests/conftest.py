@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -113,17 +114,20 @@ class Job:
         self.stderr_seen: List[str] = []
 
     def wait_for_stderr(self, text: str, count: int = 1, within_s: float = 180) -> None:
-        """Read stderr until `count` lines holding `text` have come (the lines read are kept in stderr_seen)."""
+        """Read stderr until `text` has come `count` times (what is read is kept in stderr_seen)."""
+        fd = self.process.stderr.fileno()  # raw reads: nothing is held in a buffer select cannot see
         deadline = time.monotonic() + within_s
         while time.monotonic() < deadline:
-            line = self.process.stderr.readline()
-            if not line and self.process.poll() is not None:
-                break
-            self.stderr_seen.append(line)
-            if sum(text in seen for seen in self.stderr_seen) >= count:
+            if not select.select([fd], [], [], 1.0)[0]:
+                continue  # nothing yet: look at the clock again
+            chunk = os.read(fd, 65536).decode(errors="replace")
+            if not chunk:
+                break  # the job has closed its stderr
+            self.stderr_seen.append(chunk)
+            if "".join(self.stderr_seen).count(text) >= count:
                 return
         raise AssertionError(
-            f"not {count} line(s) with {text!r} on stderr within {within_s} s: {''.join(self.stderr_seen)[-2000:]}"
+            f"{text!r} not {count} time(s) on stderr within {within_s} s: {''.join(self.stderr_seen)[-2000:]}"
         )
 
     def wait(self, timeout: float = 240) -> subprocess.CompletedProcess:

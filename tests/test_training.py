@@ -66,6 +66,10 @@ def test_standalone_spawn_trains_learns_checkpoints_and_exports(save_dir):
     assert [r["global_step"] for r in written] == [8, 16, 24, 32] and all(r["rank"] == 0 for r in written)
     assert written[-1]["bytes"] == (save_dir / "checkpoint-000000032.pt").stat().st_size
     assert f"saved {save_dir / 'checkpoint-000000032.pt'} (" in result.stdout
+    # how long the job took to train, from its launcher's start: the figure a restart test watches
+    summary = json.loads((save_dir / "summary.json").read_text())
+    assert 0 < summary["time_to_first_step_s"] < summary["wall_s"] + 120
+    assert "[Rank 0] first step done " in result.stdout
 
 
 def test_torchrun_launch(save_dir):

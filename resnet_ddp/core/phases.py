@@ -25,7 +25,9 @@ def reached(phase: str, until: Callable[[], bool] = lambda: False) -> None:
     """Pause here if a test asked for this phase, until `until()` (a stop was asked for) or the limit."""
     if os.environ.get(PAUSE_ENV) != phase:
         return
-    print(f"resnet-ddp: paused at {phase} (pid {os.getpid()}, {PAUSE_ENV})", file=sys.stderr, flush=True)
+    # One write: ranks sharing the launcher's stderr must not interleave their lines.
+    sys.stderr.write(f"resnet-ddp: paused at {phase} (pid {os.getpid()}, {PAUSE_ENV})\n")
+    sys.stderr.flush()
     deadline = time.monotonic() + PAUSE_LIMIT_S
     while time.monotonic() < deadline and not until():
         time.sleep(0.05)  # signal handlers run between the sleeps

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from resnet_ddp import __version__
 from resnet_ddp.config import Config
-from resnet_ddp.core import checkpoint, distributed, phases
+from resnet_ddp.core import checkpoint, compile_cache, distributed, phases
 from resnet_ddp.core.callbacks import Callback, Callbacks
 from resnet_ddp.core.checkpoint import CheckpointManager
 from resnet_ddp.core.data import (
@@ -157,6 +157,8 @@ def build_trainer(
     )
     stack.callback(_quietly, checkpoints.wait_for_writes)  # a failing run still finishes the write under way
     faults = FaultInjector(config.scenario, rank.rank, rank.device, before_failing=checkpoints.wait_for_writes)
+    if speed.compile:  # before anything is compiled: a restarted job reuses what an earlier one compiled
+        _use_compile_cache(config, rank, control)
     step = EagerStep(
         compile_model(model) if speed.compile else model,
         torch.nn.CrossEntropyLoss(),
@@ -246,6 +248,26 @@ def build_trainer(
     return Trainer(
         step, batches, state, stop, checkpoints, Callbacks([c for c in callbacks if c is not None]), rank.rank
     )
+
+
+def _use_compile_cache(config: Config, rank: distributed.RankInfo, control) -> None:
+    """Inductor's and Triton's caches in the save dir, under a key of everything that shapes what they hold."""
+    speed = config.speed
+    fields = {
+        **compile_cache.environment_fields(rank.device),
+        **config.fingerprint(),
+        "batch_size": config.training.batch_size,
+        "channels_last": speed.channels_last,
+        "cuda_graphs": speed.cuda_graphs,
+        "sync_bn": config.model.sync_bn,
+        "fuse_bn_relu": config.model.fuse_bn_relu,
+        "syncbn_symm_mem": speed.syncbn_symm_mem,
+        "world_size": rank.world_size,
+    }
+    if rank.local_rank == 0:  # one process of the node checks and makes it
+        compile_cache.prepare(config.save_dir, fields)
+    dist.barrier(group=control)
+    compile_cache.use(compile_cache.directory(config.save_dir, fields))
 
 
 def _quietly(close) -> None:

@@ -102,6 +102,16 @@ def _plain(value):
     return value
 
 
+def seconds_since_start_of(pid: int) -> Optional[float]:
+    """How long ago process `pid` started (Linux; None elsewhere), to the kernel's clock tick."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time, in ticks since boot
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 def write_summary(save_dir: str, summary: dict) -> None:
     write_json(os.path.join(save_dir, SUMMARY_NAME), summary)
 
@@ -131,6 +141,18 @@ class RunSummary(Callback):
 
     def on_start(self, state) -> None:
         self.facts.training_started = time.perf_counter()
+        self._first_step_after_s: Optional[float] = None
+
+    def after_step(self, state) -> None:
+        if self._first_step_after_s is not None or state.steps_run != 1:
+            return
+        # Once, after the first step: how long the job took to train, from its launcher's start (torchrun's,
+        # under torchrun): the figure a restart test watches. One wait for the device, outside every later step.
+        if self.rank.device.type == "cuda":
+            torch.cuda.synchronize(self.rank.device)
+        self._first_step_after_s = seconds_since_start_of(os.getppid())
+        if self._first_step_after_s is not None and self.rank.is_main:
+            log.info(f"first step done {self._first_step_after_s:.1f} s after the job started")
 
     def on_end(self, state, outcome) -> None:
         late = first_signal()
@@ -148,6 +170,7 @@ class RunSummary(Callback):
                 self.facts.fields(),
                 **outcome.summary_fields(),
                 epochs_done=self.epochs_done(),
+                time_to_first_step_s=self._first_step_after_s,
                 skipped_updates=self.skipped_updates(),
                 hosts=sorted({s["host"] for s in rank_stats}),
             )

@@ -1,0 +1,131 @@
+"""Start-up benchmark: time to the first step, cold and warm, and a restart's time to its first step.
+
+Runs on the GPU machine, from the repository root:
+
+    python bench/startup.py --gpus 1 --configs default,fast
+
+For each configuration, three runs of `python train.py`, each timed from the launcher's start to the end
+of its first step (summary.json's time_to_first_step_s, and the whole run's wall time):
+
+- cold:    a fresh save dir, and the caches a fresh pod lacks empty (torch's kernel cache, the CUDA
+           driver's JIT cache, inductor's and Triton's default caches, each pointed at a new empty
+           directory). The machine's first run also reads every library from disk: the results say
+           which run came first.
+- restart: the cold run's save dir again, stopped and resumed as a restarted pod is, with those caches
+           empty again (a new pod has lost them; the save dir, on its volume, is kept).
+- warm:    a fresh save dir on a machine whose caches are warm (the same image has run here before).
+
+Writes bench/results/<date>-startup-<gpu>-x<N>.json, which names this command, and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List
+
+import torch
+from gpus import child_env
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = {"default": [], "fast": ["--fast"]}
+STEPS, RESTART_STEPS = 40, 80  # the first run's steps, then the restart's total (it resumes at 40)
+
+
+def _fresh_caches(root: str) -> Dict[str, str]:
+    """Environment that points every per-machine cache at a new empty directory under `root`."""
+    names = ("PYTORCH_KERNEL_CACHE_PATH", "CUDA_CACHE_PATH", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+    env = {}
+    for name in names:
+        env[name] = tempfile.mkdtemp(prefix=name.lower() + "-", dir=root)
+    return env
+
+
+def _run(
+    name: str, args: List[str], gpus: int, save_dir: str, steps: int, caches: Dict[str, str], log_dir: str
+) -> Dict:
+    env = {**child_env(gpus), **caches}
+    command = [
+        sys.executable,
+        "train.py",
+        *args,
+        "--nproc-per-node",
+        str(gpus),
+        "--min-gpus",
+        "1",
+        "--max-steps",
+        str(steps),
+        "--warmup-steps",
+        "5",
+        "--save-dir",
+        save_dir,
+    ]
+    started = time.monotonic()
+    with open(os.path.join(log_dir, f"startup-{name}.log"), "w") as log:
+        code = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    result = {"name": name, "command": shlex.join(command[1:]), "exit_code": code, "wall_s": time.monotonic() - started}
+    try:
+        with open(os.path.join(save_dir, "summary.json")) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return result
+    for key in ("time_to_first_step_s", "img_s", "steps"):
+        result[key] = summary.get(key)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpus", type=int, default=1)
+    parser.add_argument("--configs", default="default,fast")
+    parser.add_argument("--log-dir", default=os.environ.get("OUT", tempfile.gettempdir()))
+    parser.add_argument("--results-dir", default=os.path.join(REPO, "bench", "results"))
+    args = parser.parse_args()
+    card = torch.cuda.get_device_name(0)
+    root = tempfile.mkdtemp(prefix="bench-startup-")
+    payload = {
+        "command": shlex.join(["python", "bench/startup.py", *sys.argv[1:]]),
+        "card": card,
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "gpus": args.gpus,
+        "runs": [],
+    }
+    slug = card.replace("NVIDIA ", "").replace(" ", "-").lower()
+    path = os.path.join(args.results_dir, f"{payload['date']}-startup-{slug}-x{args.gpus}.json")
+    os.makedirs(args.results_dir, exist_ok=True)
+    warm = _fresh_caches(root)  # filled by the cold runs, then used warm
+    for config in args.configs.split(","):
+        extra = CONFIGS[config]
+        save_dir = os.path.join(root, f"{config}-save")
+        runs = [
+            (f"{config}-cold", save_dir, STEPS, warm),
+            (f"{config}-restart", save_dir, RESTART_STEPS, _fresh_caches(root)),
+            (f"{config}-warm", os.path.join(root, f"{config}-warm-save"), STEPS, warm),
+        ]
+        for name, run_dir, steps, caches in runs:
+            result = _run(name, extra, args.gpus, run_dir, steps, caches, args.log_dir)
+            result["machines_first_run"] = not payload["runs"]
+            payload["runs"].append(result)
+            first = result.get("time_to_first_step_s")
+            print(
+                f"{name:<16} first step {first if first is None else f'{first:.1f}'} s  "
+                f"wall {result['wall_s']:.1f} s  exit {result['exit_code']}",
+                flush=True,
+            )
+            with open(path, "w") as f:
+                json.dump(payload, f, indent=2)
+                f.write("\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""torch.compile's caches kept in the save dir, so that a restarted job (a new pod, an empty /tmp) reuses them.
+
+Inductor keeps its compiled graphs and kernels under TORCHINDUCTOR_CACHE_DIR and
+Triton its binaries under TRITON_CACHE_DIR, by default in /tmp, which a restarted
+pod has lost. Here they live in <save-dir>/compile-cache/<key>/, the save dir being
+what survives a restart. The key names everything that could make an artifact
+wrong for this job (torch, Triton, CUDA, the GPU's model and compute capability,
+Python, the options that change the compiled graph), so that another torch, GPU or
+configuration never finds another's artifacts; key.json beside them says what the
+key is made of, and a directory whose key.json does not match its name is emptied
+before use rather than trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+from typing import Dict
+
+CACHE_DIR = "compile-cache"
+KEY_NAME = "key.json"
+
+
+def cache_key(fields: Dict[str, object]) -> str:
+    """A short, stable name for `fields`."""
+    text = json.dumps(fields, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def environment_fields(device) -> Dict[str, object]:
+    """What the installed software and the GPU contribute to the key."""
+    import torch
+
+    fields: Dict[str, object] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+        "device": str(device.type),
+    }
+    try:
+        import triton
+
+        fields["triton"] = triton.__version__
+    except ImportError:
+        fields["triton"] = None
+    if device.type == "cuda":
+        fields["gpu"] = torch.cuda.get_device_name(device)
+        fields["capability"] = list(torch.cuda.get_device_capability(device))
+    return fields
+
+
+def directory(save_dir: str, fields: Dict[str, object]) -> str:
+    return os.path.join(save_dir, CACHE_DIR, cache_key(fields))
+
+
+def prepare(save_dir: str, fields: Dict[str, object]) -> str:
+    """The cache directory for `fields` under the save dir, made, checked and ready; its path."""
+    path = directory(save_dir, fields)
+    key_path = os.path.join(path, KEY_NAME)
+    if os.path.isdir(path) and _read(key_path) != fields:
+        shutil.rmtree(path, ignore_errors=True)  # not what its name says: never load from it
+    os.makedirs(path, exist_ok=True)
+    if not os.path.exists(key_path):
+        with open(key_path + ".tmp", "w") as f:
+            json.dump(fields, f, indent=2, sort_keys=True)
+        os.replace(key_path + ".tmp", key_path)
+    return path
+
+
+def use(directory: str) -> None:
+    """Point inductor's and Triton's caches of this process at `directory` (before anything is compiled)."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(directory, "inductor")
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(directory, "triton")
+
+
+def _read(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None

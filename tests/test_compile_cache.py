@@ -1,0 +1,77 @@
+"""torch.compile's caches in the save dir: keyed by what shapes them, never trusted where the key does not match."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from resnet_ddp.core import compile_cache
+
+FIELDS = {
+    "torch": "2.11.0+cu130",
+    "triton": "3.6.0",
+    "cuda": "13.0",
+    "python": "3.12.3",
+    "device": "cuda",
+    "gpu": "NVIDIA H200",
+    "capability": [9, 0],
+    "arch": "resnet50",
+    "num_classes": 100,
+    "image_size": 224,
+    "amp": "bf16",
+    "batch_size": 256,
+    "world_size": 1,
+}
+
+
+def test_another_torch_gpu_or_configuration_gets_another_cache(tmp_path):
+    mine = compile_cache.prepare(str(tmp_path), FIELDS)
+    assert mine == compile_cache.prepare(str(tmp_path), dict(FIELDS))  # the same job finds its own again
+    assert json.loads((tmp_path / "compile-cache" / os.path.basename(mine) / "key.json").read_text()) == FIELDS
+    others = {
+        compile_cache.prepare(str(tmp_path), {**FIELDS, name: value})
+        for name, value in (
+            ("torch", "2.12.0"),
+            ("gpu", "NVIDIA H100 80GB HBM3"),
+            ("capability", [8, 0]),
+            ("amp", "off"),
+            ("batch_size", 128),
+            ("world_size", 2),
+            ("triton", "3.7.0"),
+        )
+    }
+    assert mine not in others and len(others) == 7
+    assert sorted(os.listdir(tmp_path / "compile-cache")) == sorted(map(os.path.basename, others | {mine}))
+
+
+def test_a_cache_whose_key_file_does_not_match_its_name_is_emptied_before_use(tmp_path):
+    path = compile_cache.prepare(str(tmp_path), FIELDS)
+    artifact = os.path.join(path, "inductor", "fxgraph", "a-compiled-graph")
+    os.makedirs(os.path.dirname(artifact))
+    with open(artifact, "w") as f:
+        f.write("compiled for another torch")
+    with open(os.path.join(path, "key.json"), "w") as f:
+        json.dump({**FIELDS, "torch": "2.9.0"}, f)  # a directory copied under the wrong name
+    assert compile_cache.prepare(str(tmp_path), FIELDS) == path
+    assert not os.path.exists(artifact)  # refused, not loaded
+    assert json.loads(open(os.path.join(path, "key.json")).read()) == FIELDS
+    kept = os.path.join(path, "inductor", "kept")
+    os.makedirs(kept)
+    compile_cache.prepare(str(tmp_path), FIELDS)
+    assert os.path.isdir(kept)  # a matching cache is left as it is
+
+
+def test_the_caches_point_into_the_save_dir_and_the_key_names_this_machine(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    path = compile_cache.prepare(str(tmp_path), FIELDS)
+    compile_cache.use(path)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == os.path.join(path, "inductor")
+    assert os.environ["TRITON_CACHE_DIR"] == os.path.join(path, "triton")
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    assert cache_dir() == os.path.join(path, "inductor")  # what inductor itself will use
+    here = compile_cache.environment_fields(torch.device("cpu"))
+    assert here["torch"] == torch.__version__ and here["device"] == "cpu" and "gpu" not in here
