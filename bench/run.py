@@ -107,12 +107,16 @@ def patched_tree(patch: str, into: str) -> str:
 def run_window(name: str, extra_args: List[str]) -> Tuple[List[str], int, int]:
     """A run's own train.py arguments, steps and warm-up steps.
 
-    An experiment on top of --fast is timed like the fast row (its variant then meets
-    as many epoch ends in as many steps); other experiments take 400 steps with 100 of
-    warm-up, room for a compiled fp32 step to settle.
+    An experiment with a configuration's own arguments (the same run from another tree)
+    is timed like that configuration's row, and one on top of --fast like the fast row
+    (its variant then meets as many epoch ends in as many steps); other experiments take
+    400 steps with 100 of warm-up, room for a compiled fp32 step to settle.
     """
     if name in CONFIGS:
         return CONFIGS[name]
+    for args, steps, warmup in CONFIGS.values():
+        if extra_args == args:
+            return [], steps, warmup
     if "--fast" in extra_args:
         return [], *CONFIGS["fast"][1:]
     return [], 400, 100

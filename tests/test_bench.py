@@ -77,7 +77,10 @@ def test_a_benchmark_experiment_on_top_of_fast_is_timed_like_the_fast_row(monkey
     assert fast[0] == ["--fast"]
     assert bench_run.run_window("symm-mem", ["--fast"]) == ([], *fast[1:])
     assert bench_run.run_window("fast-metrics", ["--fast", "--metrics-port", "8000"]) == ([], *fast[1:])
-    assert bench_run.run_window("default-compile", ["--compile"]) == ([], 400, 100)  # room to compile and settle
+    assert bench_run.run_window("default-compile", ["--compile"]) == ([], 400, 100)
+    # the same run from another tree (--variant NAME=DIR) is timed like its configuration
+    assert bench_run.run_window("default-before", []) == ([], *bench_run.CONFIGS["default"][1:])
+    assert bench_run.run_window("fast-before", ["--fast"]) == ([], *fast[1:])  # room to compile and settle
 
 
 def test_a_benchmark_variant_runs_from_a_patched_copy_and_a_stale_patch_stops_the_harness(tmp_path, monkeypatch):
