@@ -7,13 +7,12 @@ Runs on the GPU machine, from the repository root:
 For each configuration, three runs of `python train.py`, each timed from the launcher's start to the end
 of its first step (summary.json's time_to_first_step_s, and the whole run's wall time):
 
-- cold:    a fresh save dir, and the caches a fresh pod lacks empty (torch's kernel cache, the CUDA
-           driver's JIT cache, inductor's and Triton's default caches, each pointed at a new empty
-           directory). The machine's first run also reads every library from disk: the results say
-           which run came first.
-- restart: the cold run's save dir again, stopped and resumed as a restarted pod is, with those caches
-           empty again (a new pod has lost them; the save dir, on its volume, is kept).
-- warm:    a fresh save dir on a machine whose caches are warm (the same image has run here before).
+- cold:    a fresh save dir, and a new pod's empty home and /tmp (where the CUDA driver's, torch's,
+           inductor's and Triton's caches live unless the job keeps them in its save dir). The machine's
+           first run also reads every library from disk: the results say which run came first.
+- restart: the cold run's save dir again, resumed as a restarted pod is, with a new empty home and /tmp
+           (a new pod has lost them; the save dir, on its volume, is kept).
+- warm:    a fresh save dir, with the cold run's home and /tmp (the same image has run here before).
 
 Writes bench/results/<date>-startup-<gpu>-x<N>.json, which names this command, and prints a table.
 """
@@ -37,21 +36,24 @@ from gpus import child_env
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"default": [], "fast": ["--fast"]}
 STEPS, RESTART_STEPS = 40, 80  # the first run's steps, then the restart's total (it resumes at 40)
+_CACHE_VARIABLES = ("PYTORCH_KERNEL_CACHE_PATH", "CUDA_CACHE_PATH", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 
 
 def _fresh_caches(root: str) -> Dict[str, str]:
-    """Environment that points every per-machine cache at a new empty directory under `root`."""
-    names = ("PYTORCH_KERNEL_CACHE_PATH", "CUDA_CACHE_PATH", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
-    env = {}
-    for name in names:
-        env[name] = tempfile.mkdtemp(prefix=name.lower() + "-", dir=root)
-    return env
+    """The environment of a new pod: an empty home and /tmp, where every per-machine cache lives by default
+    (the CUDA driver's, torch's kernels, inductor's, Triton's)."""
+    home = tempfile.mkdtemp(prefix="home-", dir=root)
+    return {"HOME": home, "TMPDIR": tempfile.mkdtemp(prefix="tmp-", dir=root), "XDG_CACHE_HOME": ""}
 
 
 def _run(
     name: str, args: List[str], gpus: int, save_dir: str, steps: int, caches: Dict[str, str], log_dir: str
 ) -> Dict:
     env = {**child_env(gpus), **caches}
+    for variable in _CACHE_VARIABLES:  # the defaults of a pod: nothing pointed elsewhere
+        env.pop(variable, None)
+    if not env["XDG_CACHE_HOME"]:
+        env.pop("XDG_CACHE_HOME")
     command = [
         sys.executable,
         "train.py",

@@ -75,3 +75,12 @@ def test_the_caches_point_into_the_save_dir_and_the_key_names_this_machine(tmp_p
     assert cache_dir() == os.path.join(path, "inductor")  # what inductor itself will use
     here = compile_cache.environment_fields(torch.device("cpu"))
     assert here["torch"] == torch.__version__ and here["device"] == "cpu" and "gpu" not in here
+
+
+def test_the_kernel_caches_follow_the_save_dir_unless_the_user_chose_a_place(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_CACHE_PATH", raising=False)
+    monkeypatch.setenv("PYTORCH_KERNEL_CACHE_PATH", "/my/kernels")
+    compile_cache.keep_machine_caches_in(str(tmp_path / "save"))
+    assert os.environ["CUDA_CACHE_PATH"] == str(tmp_path / "save" / "compile-cache" / "cuda")
+    assert os.environ["PYTORCH_KERNEL_CACHE_PATH"] == "/my/kernels"  # the user's choice stands
+    assert not (tmp_path / "save").exists()  # nothing made before the job's refusals are done

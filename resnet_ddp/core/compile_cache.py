@@ -1,4 +1,11 @@
-"""torch.compile's caches kept in the save dir, so that a restarted job (a new pod, an empty /tmp) reuses them.
+"""Caches kept in the save dir, so that a restarted job (a new pod: an empty /tmp and home) reuses them.
+
+Two kinds. The CUDA driver's cache of kernels compiled from PTX at load time
+(CUDA_CACHE_PATH, by default in the home directory) and torch's cache of the kernels
+it compiles with NVRTC (PYTORCH_KERNEL_CACHE_PATH, SyncBatchNorm's fused kernels):
+both key their entries themselves, and a restart that finds them empty spends many
+seconds in its first step compiling again. They go to <save-dir>/compile-cache/cuda
+and .../kernels unless the user has set those variables.
 
 Inductor keeps its compiled graphs and kernels under TORCHINDUCTOR_CACHE_DIR and
 Triton its binaries under TRITON_CACHE_DIR, by default in /tmp, which a restarted
@@ -22,6 +29,15 @@ from typing import Dict
 
 CACHE_DIR = "compile-cache"
 KEY_NAME = "key.json"
+
+
+def keep_machine_caches_in(save_dir: str) -> None:
+    """Before CUDA starts in this process (its children inherit it): the driver's and torch's kernel caches
+    in the save dir, where the user has not chosen a place for them. Nothing is created here."""
+    base = os.path.join(os.path.abspath(save_dir), CACHE_DIR)
+    os.environ.setdefault("CUDA_CACHE_PATH", os.path.join(base, "cuda"))
+    if os.environ.get("USE_PYTORCH_KERNEL_CACHE") != "0":
+        os.environ.setdefault("PYTORCH_KERNEL_CACHE_PATH", os.path.join(base, "kernels"))
 
 
 def cache_key(fields: Dict[str, object]) -> str:
