@@ -78,7 +78,7 @@ def _run(
             summary = json.load(f)
     except (OSError, ValueError):
         return result
-    for key in ("time_to_first_step_s", "img_s", "steps"):
+    for key in ("time_to_first_step_s", "startup_s", "img_s", "steps"):
         result[key] = summary.get(key)
     return result
 

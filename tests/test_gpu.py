@@ -70,6 +70,20 @@ GPU_TINY = [
 ]
 # Keep NVLink multicast off on shared machines.
 SAFE = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_kernel_cache_for_every_job(tmp_path_factory):
+    """The jobs share one CUDA driver and torch kernel cache, as a user's runs on one machine do when they set
+    these variables; otherwise each job keeps its own in its save dir and compiles every kernel again."""
+    base = tmp_path_factory.mktemp("kernel-caches")
+    with pytest.MonkeyPatch.context() as patch:
+        for variable, name in (("CUDA_CACHE_PATH", "cuda"), ("PYTORCH_KERNEL_CACHE_PATH", "kernels")):
+            if variable not in os.environ:
+                patch.setenv(variable, str(base / name))
+        yield
+
+
 # With CUDA graphs, steps 1 to 11 run eagerly, step 12 is captured, and every later step replays it: the first
 # steady step is the one after the capture (entry/build.py).
 CAPTURE_STEP = GraphedStep.WARMUP_STEPS + 1
@@ -143,9 +157,12 @@ def test_cuda_graphs_keep_the_arithmetic(tmp_path):
     # 2 x H100 one step of 16 differed by 1.1e-3 relative; a stale replay differs by far more.
     torch.testing.assert_close(runs["graphed"][0], runs["eager"][0], rtol=5e-3, atol=1e-4)
     # 16 steps apart, cuDNN's autotuning may pick other kernels in each run: on 2 x H100 the weights
-    # differed by at most 1.3e-4 (one 64-element tensor); a stale replay would differ by far more.
+    # differed by at most 1.3e-4 (one 64-element tensor); a stale replay would differ by far more. The
+    # running statistics spread more, between two eager runs alike too (on one H200 up to 1.7e-2 of a
+    # variance near 2): they get the tolerance of that spread.
     for key, value in runs["eager"][1].items():
-        torch.testing.assert_close(runs["graphed"][1][key].float(), value.float(), rtol=1e-2, atol=1e-3)
+        atol = 2e-2 if "running_" in key else 1e-3
+        torch.testing.assert_close(runs["graphed"][1][key].float(), value.float(), rtol=1e-2, atol=atol)
 
 
 def _farthest(a: dict, b: dict) -> float:
@@ -228,6 +245,23 @@ def test_every_speed_option_trains(options, save_dir):
     first, last = (torch.load(path, weights_only=True)["model"] for path in sorted(save_dir.glob("checkpoint-*.pt")))
     still = [name for name in first if name.endswith(("weight", "bias")) and torch.equal(first[name], last[name])]
     assert not still, still
+
+
+def test_a_restarted_compiled_job_finds_its_compiled_artifacts_in_the_save_dir_under_their_key(save_dir):
+    first = run_train(*GPU_TINY, "--fast", "--max-steps", "30", "--save-dir", str(save_dir), env=SAFE, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    (key_dir,) = (save_dir / "compile-cache").glob("*/key.json")
+    key = json.loads(key_dir.read_text())
+    assert key["gpu"] == torch.cuda.get_device_name(0) and key["torch"] == torch.__version__
+    compiled = {p.relative_to(save_dir) for p in (key_dir.parent / "inductor").rglob("*") if p.is_file()}
+    assert compiled, "inductor wrote nothing into the save dir"
+    # the restarted pod: resumes from the checkpoint, with the compiled artifacts the first run left
+    again = run_train(*GPU_TINY, "--fast", "--max-steps", "60", "--save-dir", str(save_dir), env=SAFE, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming from " in again.stdout and "30 steps done" in again.stdout
+    # it found the first run's artifacts under the same key, and kept them
+    assert list((save_dir / "compile-cache").glob("*/key.json")) == [key_dir]
+    assert compiled <= {p.relative_to(save_dir) for p in (key_dir.parent / "inductor").rglob("*") if p.is_file()}
 
 
 def test_metrics_endpoint_has_nvml_gauges_for_every_gpu(save_dir):

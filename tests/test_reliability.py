@@ -433,7 +433,9 @@ def test_the_launcher_names_a_rank_that_fails_while_it_looks(capsys):
     """Its exit codes were read twice a round: a rank that ended between the readings was neither failed nor
     running, and the launcher exited 1 without naming it (seen under load in the two-node failure test)."""
     from resnet_ddp.entry import launch
+    from resnet_ddp.observe import console
 
+    console.setup_launcher()  # the launcher's lines, as the command line sets them up
     plan = launch.LaunchPlan("node-env", "cpu", 1, 1, 2, "127.0.0.1", 29500)  # node 1 of 2, one process each
     rank = _RankEndingAsTheLauncherLooks()
     try:

@@ -69,6 +69,11 @@ def test_standalone_spawn_trains_learns_checkpoints_and_exports(save_dir):
     # how long the job took to train, from its launcher's start: the figure a restart test watches
     summary = json.loads((save_dir / "summary.json").read_text())
     assert 0 < summary["time_to_first_step_s"] < summary["wall_s"] + 120
+    # where it went, in the order a process gets there
+    moments = ["joined", "data_ready", "model_built", "checkpoint_loaded", "training_ready", "first_step_done"]
+    assert sorted(summary["startup_s"]) == sorted(moments)
+    times = [summary["startup_s"][moment] for moment in moments]
+    assert times == sorted(times) and times[-1] == summary["time_to_first_step_s"]
     assert "[Rank 0] first step done " in result.stdout
 
 

@@ -100,8 +100,10 @@ def build_trainer(
     if ballast_size is not None:
         GpuMemoryBallast.check_before_training(ballast_size, rank, control)
     batches = _build_batches(config, rank)
+    facts.mark("data_ready")
     phases.reached("model build")
     model, optimizer, side_stream = _build_model_and_optimizer(config, rank)
+    facts.mark("model_built")
     config = _settle_symmetric_memory(config, rank, model)  # the last value settled: never rewritten after this
     module = model.module
     speed, training = config.speed, config.training
@@ -117,6 +119,7 @@ def build_trainer(
         config.checkpoint, config.save_dir, rank, config.fingerprint(), layout, module, optimizer, scaler
     )
     progress = resumed.progress
+    facts.mark("checkpoint_loaded")
     state = TrainState(progress, batches.steps_per_epoch, rank.device)
     length = RunLength.of(
         training.epochs,

@@ -62,6 +62,7 @@ def _train(config: Config, rank: distributed.RankInfo, console, log_file: str) -
     from resnet_ddp.entry.build import build_trainer, device_name
 
     facts = RunFacts(config, rank.world_size, device_name(rank.device))
+    facts.mark("joined")  # imports done, the process group formed
     trainer = None
     with contextlib.ExitStack() as stack:
         metrics = MetricsLog(metrics_path(config.save_dir, rank.node), rank.rank)

@@ -73,6 +73,14 @@ class RunFacts:
         self.config, self.world_size, self.device_name = config, world_size, device_name
         self.started_unix = time.time()  # the process's start
         self.training_started = time.perf_counter()  # reset when the first step is about to run
+        self.startup_s: Dict[str, float] = {}
+
+    def mark(self, moment: str) -> None:
+        """When this process reached `moment`, in seconds after the job's start (its launcher's): summary.json's
+        start-up split, which says where the time to the first step goes."""
+        seconds = seconds_since_start_of(os.getppid())
+        if seconds is not None:
+            self.startup_s[moment] = round(seconds, 2)
 
     def wall_s(self) -> float:
         """Seconds since training started (the original example's "Training completed in" figure)."""
@@ -86,6 +94,7 @@ class RunFacts:
             "version": __version__,
             "config": _plain(dataclasses.asdict(self.config)),
             "started_utc": utc_iso(self.started_unix),
+            "startup_s": dict(self.startup_s),
             "ended_utc": utc_iso(time.time()),
             "wall_s": self.wall_s(),
         }
@@ -141,6 +150,7 @@ class RunSummary(Callback):
 
     def on_start(self, state) -> None:
         self.facts.training_started = time.perf_counter()
+        self.facts.mark("training_ready")
         self._first_step_after_s: Optional[float] = None
 
     def after_step(self, state) -> None:
@@ -150,7 +160,8 @@ class RunSummary(Callback):
         # under torchrun): the figure a restart test watches. One wait for the device, outside every later step.
         if self.rank.device.type == "cuda":
             torch.cuda.synchronize(self.rank.device)
-        self._first_step_after_s = seconds_since_start_of(os.getppid())
+        self.facts.mark("first_step_done")
+        self._first_step_after_s = self.facts.startup_s.get("first_step_done")
         if self._first_step_after_s is not None and self.rank.is_main:
             log.info(f"first step done {self._first_step_after_s:.1f} s after the job started")
 
