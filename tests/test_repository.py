@@ -17,8 +17,6 @@ GUIDES = ("docs/kubernetes.md", "docs/astrago.md")
 # Not results: what a run leaves behind, a diff, or a script that made them.
 NOT_RESULTS = (".log", ".txt", ".out", ".patch", ".diff", ".gz", ".trace", ".sh", ".py")
 SESSION = re.compile(r"\bsession \d+", re.IGNORECASE)
-# Edited in another branch today; each still says "session 12". Once one no longer does,
-# test_a_file_not_yet_cleaned_is_clean fails as a reminder to drop it from here.
 
 
 def tracked(*pathspecs: str) -> list:
@@ -80,3 +78,25 @@ def test_the_option_reference_is_what_the_parser_says():
     assert (REPO / "docs" / "options.md").read_text() == markdown(), (
         "docs/options.md drifted from --help: python -m resnet_ddp.entry.options_doc > docs/options.md"
     )
+
+
+def test_the_layout_page_names_every_module():
+    layout = (REPO / "docs" / "layout.md").read_text()
+    modules = [p for p in tracked("resnet_ddp/*.py", "resnet_ddp/*/*.py") if not p.endswith("__init__.py")]
+    missing = [p for p in modules if f" {p.rsplit('/', 1)[-1]} " not in layout]
+    assert modules and not missing, f"docs/layout.md does not describe {missing}"
+
+
+def test_the_tests_the_docs_name_exist():
+    """The promise pages (RELIABILITY.md, SCENARIOS.md, ...) name the test behind each promise."""
+    named = [
+        (path, match.group(1), match.group(2))
+        for path in tracked("*.md", "docs/*.md")
+        for match in re.finditer(r"(test_\w+\.py)::(test_\w+)", (REPO / path).read_text())
+    ]
+    gone = [
+        f"{path}: {file}::{name}"
+        for path, file, name in named
+        if not (REPO / "tests" / file).exists() or f"def {name}(" not in (REPO / "tests" / file).read_text()
+    ]
+    assert named and not gone, "\n".join(gone)

@@ -75,6 +75,11 @@ class RunFacts:
         self.training_started = time.perf_counter()  # reset when the first step is about to run
         self.startup_s: Dict[str, float] = {}
 
+    def training_starts(self) -> None:
+        """The first step is about to run: the wall time counts from here, and the start-up split marks it."""
+        self.training_started = time.perf_counter()
+        self.mark("training_ready")
+
     def mark(self, moment: str) -> None:
         """When this process reached `moment`, in seconds after the job's start (its launcher's): summary.json's
         start-up split, which says where the time to the first step goes."""
@@ -149,8 +154,7 @@ class RunSummary(Callback):
         self.gpu_util_pct, self.skipped_updates = gpu_util_pct, skipped_updates
 
     def on_start(self, state) -> None:
-        self.facts.training_started = time.perf_counter()
-        self.facts.mark("training_ready")
+        self.facts.training_starts()
         self._first_step_after_s: Optional[float] = None
 
     def after_step(self, state) -> None:
