@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import pickle
+import sys
 
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from resnet_ddp.core.data import DeviceBatches, LazyFakeDataset, ShardedPermutationSampler, normalise
+from resnet_ddp.core.data import DeviceBatches, HostBatches, LazyFakeDataset, ShardedPermutationSampler, normalise
 
 
 def test_sample_is_a_pure_function_of_seed_and_index():
@@ -28,13 +31,45 @@ def test_labels_cover_the_classes():
 
 def test_workers_give_the_same_samples_as_the_main_process():
     ds = LazyFakeDataset(16, 32, 10, seed=3)
-    # spawned, as a training rank's workers are: a fork of this process (which other tests fill with threads)
-    # could hang in the child
+    # spawned: a fork of this test process (which other tests fill with threads) could hang in the child
     loaded = list(DataLoader(ds, batch_size=4, num_workers=2, multiprocessing_context="spawn"))
     images = torch.cat([batch[0] for batch in loaded])
     labels = torch.cat([batch[1] for batch in loaded])
     assert torch.equal(images, torch.stack([ds[i][0] for i in range(16)]))
     assert labels.tolist() == [ds[i][1] for i in range(16)]
+
+
+# Set at run time in a rank: a forked worker sees it, a spawned one (a fresh interpreter) does not.
+_SET_IN_THE_RANK = 0
+
+
+class _WhereWorkersStart(LazyFakeDataset):
+    def __getitem__(self, index):
+        image, _ = super().__getitem__(index)
+        return image, _SET_IN_THE_RANK
+
+
+def _first_batch_of_a_rank(answer) -> None:
+    global _SET_IN_THE_RANK
+    _SET_IN_THE_RANK = 1
+    dataset = _WhereWorkersStart(8, 8, 2, seed=0)
+    batches = HostBatches(dataset, ShardedPermutationSampler(8, 0, 1, 0, 4), 4, 1, torch.device("cpu"))
+    _, marks = next(batches.epoch(0))
+    answer.put(marks.tolist())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers fork on Linux only")
+def test_a_spawned_ranks_workers_fork_instead_of_starting_a_new_interpreter():
+    # The launcher spawns its ranks, which makes spawn their default too; spawned workers would each import
+    # torch again before the first batch.
+    spawn = multiprocessing.get_context("spawn")
+    answer = spawn.Queue()
+    rank = spawn.Process(target=_first_batch_of_a_rank, args=(answer,))
+    rank.start()
+    try:
+        assert answer.get(timeout=120) == [1, 1, 1, 1]
+    finally:
+        rank.join(timeout=60)
 
 
 def test_nothing_is_stored_per_sample():
