@@ -86,6 +86,7 @@ class SpeedConfig:
     compile: Optional[bool] = False
     cuda_graphs: Optional[bool] = None
     syncbn_symm_mem: Optional[bool] = None
+    cudnn_benchmark: bool = False
 
 
 @dataclass(frozen=True)

@@ -271,6 +271,14 @@ def test_what_depends_on_the_machine_is_settled_to_plain_values_before_any_proce
     assert fp16.cuda_graphs is False  # the scaler reads the host: no capture, even when asked
 
 
+def test_cudnn_benchmark_is_off_unless_asked_for_even_with_fast():
+    # Its first step compiles cuDNN's candidate kernels on a new machine: a start-up cost users opt into.
+    assert parse_config([], environ={}).speed.cudnn_benchmark is False
+    assert parse_config(["--fast"], environ={}).speed.cudnn_benchmark is False
+    assert parse_config(["--cudnn-benchmark"], environ={}).speed.cudnn_benchmark is True
+    assert parse_config([], environ={"RESNET_DDP_CUDNN_BENCHMARK": "1"}).speed.cudnn_benchmark is True
+
+
 def test_symmetric_memory_syncbn_is_refused_where_it_cannot_run_and_taken_where_it_can(monkeypatch, capsys):
     import torch
 

@@ -93,7 +93,9 @@ def build_trainer(
     if rank.device.type == "cpu":
         distributed.share_host_cores(rank)
     else:
-        torch.backends.cudnn.benchmark = True  # shapes are fixed: autotune each convolution once
+        # cuDNN's heuristics pick each convolution's algorithm at once; timing them all (benchmark) compiles
+        # many runtime-compiled candidates on a new machine, and chose no faster ones for these shapes.
+        torch.backends.cudnn.benchmark = config.speed.cudnn_benchmark
     torch.manual_seed(config.training.seed)
     control = dist.new_group(backend="gloo")  # the stop agreement's and the start-up agreements' collectives
     ballast_size = config.scenario.gpu_memory_ballast

@@ -229,6 +229,14 @@ def build_parser(environ: Mapping[str, str] = os.environ, scenario: Optional[str
     )
     _option(
         g,
+        "--cudnn-benchmark",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="time cuDNN's candidate algorithms for each convolution at the first step and keep the fastest; "
+        "on a machine that has not run the job before, that first step takes many seconds longer",
+    )
+    _option(
+        g,
         "--syncbn-symm-mem",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -555,6 +563,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.e
             # None: --fast's "where it can", settled by the launcher once the device is known (resolve.py)
             compile=args.compile if args.compile is not None else (None if fast else False),
             cuda_graphs=args.cuda_graphs,
+            cudnn_benchmark=args.cudnn_benchmark,
             syncbn_symm_mem=args.syncbn_symm_mem,
         ),
         length=RunLengthConfig(duration_s=args.duration_s, max_steps=args.max_steps, warmup_steps=args.warmup_steps),
