@@ -8,7 +8,6 @@ position. Host memory is therefore the same for 100 samples or 10 billion.
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 import sys
 import time
@@ -165,7 +164,10 @@ class HostBatches:
             prefetch_factor=prefetch if num_workers > 0 else None,
             drop_last=False,
             worker_init_fn=_die_with_the_rank,
-            multiprocessing_context=_worker_start_method() if num_workers > 0 else None,
+            # Fork on Linux, whatever this process's default is: a rank the launcher spawned has spawn as its
+            # default too, and spawned workers each import torch again before the first batch. Forked workers
+            # start at once; they run numpy only and never touch CUDA (Linux's default, and torchrun's).
+            multiprocessing_context="fork" if num_workers > 0 and sys.platform == "linux" else None,
         )
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator:
@@ -230,18 +232,6 @@ class DeviceBatches:
             torch.index_select(self.colours, 0, labels, out=colours)
             images += colours.view(-1, 3, 1, 1)
             yield images, labels
-
-
-def _worker_start_method() -> str:
-    """Fork on Linux, whatever this process's default is.
-
-    A rank that the launcher started with spawn has spawn as its default too, and spawned
-    workers each import torch again before their first batch: seconds on the critical path
-    of the first step. Forked workers start at once; they only run numpy and never touch
-    CUDA, so forking a process that uses CUDA is safe here (it is Linux's default, and what
-    torchrun's workers get).
-    """
-    return "fork" if sys.platform == "linux" else multiprocessing.get_start_method()
 
 
 def _die_with_the_rank(_worker_id: int) -> None:
