@@ -222,21 +222,148 @@ def _plan(world_size, nproc, device_type="cuda"):
     return LaunchPlan("standalone", device_type, nproc, 0, world_size, "127.0.0.1", 29500)
 
 
+# NVML as nvidia-ml-py shows it, for two H200s (a CPU machine has no driver for the real one).
+FAKE_NVML = """
+class NVMLError(Exception):
+    pass
+
+
+GPUS = [
+    ["GPU-a1b2c3d4-0000", "NVIDIA H200", (9, 0), 150_000_000_000, 0],
+    ["GPU-e5f6a7b8-1111", "NVIDIA H200", (9, 0), 150_000_000_000, 0],
+]
+
+
+class _Memory:
+    def __init__(self, total):
+        self.total = total
+
+
+def nvmlInit():
+    pass
+
+
+def nvmlShutdown():
+    pass
+
+
+def nvmlDeviceGetCount():
+    return len(GPUS)
+
+
+def nvmlDeviceGetHandleByIndex(index):
+    return index
+
+
+def nvmlDeviceGetUUID(handle):
+    return GPUS[handle][0]
+
+
+def nvmlDeviceGetName(handle):
+    return GPUS[handle][1]
+
+
+def nvmlDeviceGetCudaComputeCapability(handle):
+    return GPUS[handle][2]
+
+
+def nvmlDeviceGetMemoryInfo(handle):
+    return _Memory(GPUS[handle][3])
+
+
+def nvmlDeviceGetMigMode(handle):
+    return GPUS[handle][4], GPUS[handle][4]
+"""
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch):
+    import sys
+    import types
+
+    module = types.ModuleType("pynvml")
+    exec(FAKE_NVML, module.__dict__)
+    monkeypatch.setitem(sys.modules, "pynvml", module)
+    return module
+
+
+def test_cuda_visible_devices_picks_nvml_gpus_as_cuda_does_and_what_is_uncertain_is_left_to_torch():
+    from resnet_ddp.entry.gpus import select
+
+    uuids = ["GPU-a1b2-0", "GPU-c3d4-1", "GPU-e5f6-2"]
+    same, mixed = ["NVIDIA H200"] * 3, ["NVIDIA H200", "NVIDIA H100", "NVIDIA H200"]
+    assert select(None, uuids, same, pci_order=False) == [0, 1, 2]
+    assert select("2,0", uuids, same, pci_order=False) == [2, 0]
+    assert select(" GPU-c3d4 ,GPU-a1", uuids, same, pci_order=False) == [1, 0]  # unique prefixes
+    # CUDA stops at the first index that names no GPU: "-1" and "" hide them all.
+    assert select("1,7,0", uuids, same, pci_order=False) == [1]
+    assert select("-1", uuids, same, pci_order=False) == []
+    assert select("", uuids, same, pci_order=False) == []
+    # Indices of GPUs of several models follow CUDA's fastest-first order, unless told PCI order.
+    assert select("0", uuids, mixed, pci_order=False) is None
+    assert select("0", uuids, mixed, pci_order=True) == [0]
+    for uncertain in ("MIG-9f8e7d6c", "GPU-", "GPU-ffff", "0,0"):
+        assert select(uncertain, uuids, same, pci_order=False) is None, uncertain
+
+
+def test_the_launcher_counts_and_checks_gpus_through_nvml(fake_nvml):
+    from resnet_ddp.entry import launch, refusals
+
+    def plan(args, environ):
+        return launch.plan_launch(parse_config(args, environ={}), environ)
+
+    both = plan([], {})
+    assert both.nproc == 2 and [gpu.name for gpu in both.gpus] == ["NVIDIA H200"] * 2
+    assert plan(["--min-gpus", "1"], {"CUDA_VISIBLE_DEVICES": "GPU-e5f6"}).nproc == 1
+    with pytest.raises(UsageError, match="found 1 GPU"):
+        plan([], {"CUDA_VISIBLE_DEVICES": "1"})
+    fake_nvml.GPUS[1][1:3] = "Tesla V100-SXM2-32GB", (7, 0)
+    with pytest.raises(UsageError, match="--amp bf16 needs an Ampere or newer GPU; Tesla V100-SXM2-32GB lacks"):
+        plan(["--amp", "bf16"], {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"})
+    assert plan(["--amp", "bf16", "--min-gpus", "1", "--nproc-per-node", "1"], {}).nproc == 1  # only GPU 0 used
+    fake_nvml.GPUS[0][3] = 2**27
+    with pytest.raises(UsageError, match=r"more than the 0\.1 GiB of NVIDIA H200"):
+        refusals.check_memory_fits(parse_config([], environ={}), plan(["--min-gpus", "1"], {}))
+
+
+def test_a_one_gpu_job_is_planned_without_importing_torch(tmp_path):
+    """The launcher starts its ranks without torch's seconds of import: the ranks import it anyway. (On several
+    GPUs it still asks torch whether SyncBatchNorm can use symmetric memory between them.)"""
+    import subprocess
+    import sys
+
+    (tmp_path / "pynvml.py").write_text(FAKE_NVML)
+    script = (
+        "import os, sys\n"
+        "from resnet_ddp.entry import cli, launch, refusals, resolve\n"
+        "for args in ([], ['--fast'], ['--amp', 'bf16', '--batch-size', '32']):\n"
+        "    args += ['--min-gpus', '1']\n"
+        "    config = cli.parse_config(args, environ={})\n"
+        "    plan = launch.plan_launch(config, os.environ)\n"
+        "    config = resolve.settle(config, plan, announce=False)\n"
+        "    refusals.refuse_what_cannot_run(config, plan)\n"
+        "print(plan.nproc, 'torch' in sys.modules)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.getcwd()]))
+    env["CUDA_VISIBLE_DEVICES"] = "1"
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "False"]
+
+
 def test_fast_compiles_on_gpus_that_can_build_and_says_so_where_they_cannot(monkeypatch, capsys):
-    from resnet_ddp.core import model
     from resnet_ddp.entry import resolve
-    from resnet_ddp.layers import syncbn
 
     def compiled(args, environ=None, device_type="cuda"):
         config = parse_config(args + ["--no-syncbn-symm-mem"], environ=environ or {})
         return resolve.settle(config, _plan(1, 1, device_type), announce=True).speed.compile
 
-    monkeypatch.setattr(model, "compiler_missing", lambda device_type: None)
-    monkeypatch.setattr(syncbn, "COMPILES_WHOLE", True)  # torch 2.5 or newer, whatever runs the suite
+    monkeypatch.setattr(resolve, "compiler_missing", lambda device_type: None)
+    monkeypatch.setattr(resolve, "torch_version", lambda: "2.11.0+cu130")  # whatever runs the suite
     assert compiled(["--fast"]) is True
     assert compiled(["--fast"], device_type="cpu") is False  # minutes of start-up for little
     # A slim image: --fast still runs, uncompiled, and the launcher says why in one line.
-    monkeypatch.setattr(model, "compiler_missing", lambda device_type: "needs Triton, and it is not installed here")
+    monkeypatch.setattr(resolve, "compiler_missing", lambda device_type: "needs Triton, and it is not installed here")
     assert compiled(["--fast"]) is False
     assert capsys.readouterr().out == (
         "resnet-ddp: --fast runs without --compile here: torch.compile needs Triton, and it is not installed here\n"
@@ -248,10 +375,10 @@ def test_fast_compiles_on_gpus_that_can_build_and_says_so_where_they_cannot(monk
     assert compiled(["--fast"], environ={"RESNET_DDP_COMPILE": "0"}) is False
     assert parse_config([], environ={}).speed.compile is False
     # An old torch (the AstraGo images' 2.2) would compile SyncBatchNorm only in pieces: --fast leaves it out.
-    monkeypatch.setattr(model, "compiler_missing", lambda device_type: None)
-    monkeypatch.setattr(syncbn, "COMPILES_WHOLE", False)
+    monkeypatch.setattr(resolve, "compiler_missing", lambda device_type: None)
+    monkeypatch.setattr(resolve, "torch_version", lambda: "2.2.2+cu121")
     assert compiled(["--fast"]) is False
-    assert "splits the compiled graph at every SyncBatchNorm layer" in capsys.readouterr().out
+    assert "torch 2.2.2+cu121 splits the compiled graph at every SyncBatchNorm layer" in capsys.readouterr().out
     assert compiled(["--fast", "--no-sync-bn"]) is True
     assert compiled(["--fast", "--compile"]) is True
 

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from conftest import free_port
 
-from resnet_ddp.core.model import compiler_missing
+from resnet_ddp.entry.resolve import compiler_missing
 from resnet_ddp.layers import syncbn
 from resnet_ddp.layers.syncbn import SyncBatchNorm, convert_sync_batchnorm
 

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import inspect
-import os
-import shutil
 from typing import Optional
 
 import torch
@@ -14,7 +11,6 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from resnet_ddp.core.distributed import RankInfo
-from resnet_ddp.errors import UsageError
 from resnet_ddp.layers.syncbn import convert_sync_batchnorm
 
 _DDP_PARAMETERS = inspect.signature(DistributedDataParallel.__init__).parameters
@@ -63,32 +59,6 @@ def wrap_ddp(
 
 def compile_model(model: nn.Module) -> nn.Module:
     return torch.compile(model)
-
-
-def require_compiler(device_type: str) -> None:
-    """--compile where inductor cannot build its kernels: refused at start-up, not by a traceback in the first step."""
-    missing = compiler_missing(device_type)
-    if missing is not None:
-        raise UsageError(f"--compile {missing}: drop --compile, or use an image that has it")
-
-
-def compiler_missing(device_type: str) -> Optional[str]:
-    """What inductor lacks here to build its kernels, or None.
-
-    On GPUs inductor writes Triton kernels, and Triton builds its launcher with a
-    C compiler (CC, else gcc or clang); on CPUs inductor writes C++ and builds it
-    with CXX, else g++. Slim runtime images often have neither.
-    """
-    if device_type == "cuda":
-        if importlib.util.find_spec("triton") is None:
-            return "needs Triton to build GPU kernels, and it is not installed here"
-        wanted = "a C compiler (gcc or clang, or the one CC names)"
-        names = [os.environ["CC"]] if os.environ.get("CC") else ["gcc", "clang"]
-    else:
-        wanted, names = "a C++ compiler (g++, or the one CXX names)", [os.environ.get("CXX") or "g++"]
-    if not any(shutil.which(name) for name in names):
-        return f"needs {wanted} to build its kernels, and this machine has none"
-    return None
 
 
 def _ddp(model: nn.Module, rank: RankInfo, sync_bn: bool) -> DistributedDataParallel:

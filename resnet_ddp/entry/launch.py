@@ -23,10 +23,11 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from resnet_ddp.config import Config
 from resnet_ddp.core import phases
+from resnet_ddp.entry.gpus import Gpu, visible_gpus
 from resnet_ddp.entry.process import default_stop_signals, die_with_parent, exit_process
 from resnet_ddp.errors import ReportedElsewhere, UsageError
 
@@ -46,6 +47,15 @@ class LaunchPlan:
     world_size: int
     master_addr: str
     master_port: int
+    gpus: Tuple[Gpu, ...] = ()  # every GPU this process sees
+
+    @property
+    def own_gpus(self) -> Tuple[Gpu, ...]:
+        """The GPUs of this launcher's processes: under torchrun, this worker's one."""
+        if self.mode == "torchrun":
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            return self.gpus[local_rank : local_rank + 1]
+        return self.gpus[: self.nproc]
 
     @property
     def holds_rank_zero(self) -> bool:
@@ -96,13 +106,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _local_process_count(config: Config) -> int:
+def _local_process_count(config: Config, gpus: Sequence[Gpu]) -> int:
     process = config.process
     if process.cpu:
         return process.nproc_per_node or DEFAULT_CPU_PROCESSES
-    import torch
-
-    visible = torch.cuda.device_count()
+    visible = len(gpus)
     wanted = process.nproc_per_node or visible
     if wanted > visible:
         raise UsageError(f"--nproc-per-node {wanted} asks for more GPUs than the {visible} visible here")
@@ -115,33 +123,28 @@ def _local_process_count(config: Config) -> int:
         )
     if wanted < 1:
         raise UsageError("no GPU is visible: pass --cpu to run on CPU processes")
-    _check_gpu_features(config, torch)
     return wanted
 
 
-def _check_gpu_features(config: Config, torch) -> None:
+def _check_gpu_features(config: Config, gpus: Sequence[Gpu]) -> None:
     # Compute capability, not torch.cuda.is_bf16_supported(): newer torch counts emulated bf16 (V100) as support.
-    if config.speed.amp == "bf16" and torch.cuda.get_device_capability(0) < (8, 0):
-        name = torch.cuda.get_device_name(0)
-        raise UsageError(f"--amp bf16 needs an Ampere or newer GPU; {name} lacks bfloat16: use --amp fp16")
+    older = [gpu for gpu in gpus if gpu.capability < (8, 0)]
+    if config.speed.amp == "bf16" and older:
+        raise UsageError(f"--amp bf16 needs an Ampere or newer GPU; {older[0].name} lacks bfloat16: use --amp fp16")
 
 
 def plan_launch(config: Config, environ: Mapping[str, str]) -> LaunchPlan:
     """Settle the launch mode and the process layout, refusing what cannot run."""
     device_type = config.process.device_type
+    gpus = () if config.process.cpu else tuple(visible_gpus(environ))
     if "TORCHELASTIC_RUN_ID" in environ or "LOCAL_WORLD_SIZE" in environ:
         world_size = _env_int(environ, "WORLD_SIZE", 1)
         local_rank = _env_int(environ, "LOCAL_RANK", 0)
-        if not config.process.cpu:
-            import torch
-
-            visible = torch.cuda.device_count()
-            if local_rank >= visible:
-                raise UsageError(
-                    f"LOCAL_RANK {local_rank} has no GPU: {visible} visible here "
-                    "(start torchrun with --nproc-per-node at most the GPU count, or pass --cpu)"
-                )
-            _check_gpu_features(config, torch)
+        if not config.process.cpu and local_rank >= len(gpus):
+            raise UsageError(
+                f"LOCAL_RANK {local_rank} has no GPU: {len(gpus)} visible here "
+                "(start torchrun with --nproc-per-node at most the GPU count, or pass --cpu)"
+            )
         plan = LaunchPlan(
             mode="torchrun",
             device_type=device_type,
@@ -150,6 +153,7 @@ def plan_launch(config: Config, environ: Mapping[str, str]) -> LaunchPlan:
             world_size=world_size,
             master_addr=environ.get("MASTER_ADDR", ""),
             master_port=int(environ.get("MASTER_PORT", "0") or 0),
+            gpus=gpus,
         )
     elif "WORLD_SIZE" in environ and "MASTER_ADDR" in environ:
         nnodes = _env_int(environ, "WORLD_SIZE", 1)
@@ -159,8 +163,8 @@ def plan_launch(config: Config, environ: Mapping[str, str]) -> LaunchPlan:
         if config.process.master_port is None and "MASTER_PORT" not in environ:
             raise UsageError("MASTER_ADDR is set but MASTER_PORT is not: set MASTER_PORT or pass --master-port")
         port = config.process.master_port or _env_int(environ, "MASTER_PORT", 1)
-        nproc = _local_process_count(config)
-        plan = LaunchPlan("node-env", device_type, nproc, node_rank, nnodes * nproc, environ["MASTER_ADDR"], port)
+        nproc = _local_process_count(config, gpus)
+        plan = LaunchPlan("node-env", device_type, nproc, node_rank, nnodes * nproc, environ["MASTER_ADDR"], port, gpus)
     else:
         if config.process.master_port is not None:
             port = config.process.master_port
@@ -168,8 +172,9 @@ def plan_launch(config: Config, environ: Mapping[str, str]) -> LaunchPlan:
             port = _env_int(environ, "MASTER_PORT", 1)
         else:
             port = _free_port()
-        nproc = _local_process_count(config)
-        plan = LaunchPlan("standalone", device_type, nproc, 0, nproc, "127.0.0.1", port)
+        nproc = _local_process_count(config, gpus)
+        plan = LaunchPlan("standalone", device_type, nproc, 0, nproc, "127.0.0.1", port, gpus)
+    _check_gpu_features(config, plan.own_gpus)
     if config.training.dataset_size < plan.world_size:
         raise UsageError(
             f"--dataset-size {config.training.dataset_size} is smaller than the {plan.world_size} processes of this job"

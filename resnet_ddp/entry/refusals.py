@@ -110,10 +110,11 @@ def check_memory_fits(config: Config, plan) -> None:
     """Refuse sizes that cannot fit in this node's memory (CPU processes) or a GPU's (GPU processes)."""
     need = memory_floor_bytes(config)
     if plan.device_type == "cuda":
-        import torch
-
-        have = torch.cuda.get_device_properties(0).total_memory
-        where = f"the {_gib(have)} of {torch.cuda.get_device_name(0)}"
+        smallest = min(plan.own_gpus, key=lambda gpu: gpu.total_memory, default=None)
+        if smallest is None:
+            return
+        have = smallest.total_memory
+        where = f"the {_gib(have)} of {smallest.name}"
     else:
         have = _host_memory_bytes() // max(1, plan.nproc)
         where = f"this node's {_gib(have * plan.nproc)} shared by {plan.nproc} processes"

@@ -9,9 +9,13 @@ memory actually maps, is settled by that process before its Trainer is built
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import logging
+import os
+import shutil
 from dataclasses import replace
-from typing import Optional
+from typing import Optional, Tuple
 
 from resnet_ddp.config import Config
 from resnet_ddp.errors import UsageError
@@ -45,10 +49,7 @@ def _settle_compile(config: Config, device_type: str, announce: bool) -> bool:
     wanted = config.speed.compile
     if wanted is False:
         return False
-    from resnet_ddp.core import model
-    from resnet_ddp.layers import syncbn
-
-    missing = model.compiler_missing(device_type)
+    missing = compiler_missing(device_type)
     if wanted:
         if missing is not None:
             raise UsageError(f"--compile {missing}: drop --compile, or use an image that has it")
@@ -56,16 +57,50 @@ def _settle_compile(config: Config, device_type: str, announce: bool) -> bool:
     if device_type != "cuda":  # compiling the CPU step buys little for minutes of start-up
         return False
     why = f"torch.compile {missing}" if missing is not None else None
-    if why is None and config.model.sync_bn and not syncbn.COMPILES_WHOLE:
-        import torch
-
+    version = torch_version()
+    if why is None and config.model.sync_bn and release(version) < (2, 5):
         why = (
-            f"torch {torch.__version__} splits the compiled graph at every SyncBatchNorm layer (2.5 or newer "
-            "compiles it whole); --compile asks for it anyway"
+            f"torch {version} splits the compiled graph at every SyncBatchNorm layer (2.5 or newer compiles it "
+            "whole); --compile asks for it anyway"
         )
     if why is not None and announce:
         log.info(f"--fast runs without --compile here: {why}")
     return why is None
+
+
+def compiler_missing(device_type: str) -> Optional[str]:
+    """What inductor lacks here to build its kernels, or None.
+
+    On GPUs inductor writes Triton kernels, and Triton builds its launcher with a
+    C compiler (CC, else gcc or clang); on CPUs inductor writes C++ and builds it
+    with CXX, else g++. Slim runtime images often have neither.
+    """
+    if device_type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return "needs Triton to build GPU kernels, and it is not installed here"
+        wanted = "a C compiler (gcc or clang, or the one CC names)"
+        names = [os.environ["CC"]] if os.environ.get("CC") else ["gcc", "clang"]
+    else:
+        wanted, names = "a C++ compiler (g++, or the one CXX names)", [os.environ.get("CXX") or "g++"]
+    if not any(shutil.which(name) for name in names):
+        return f"needs {wanted} to build its kernels, and this machine has none"
+    return None
+
+
+def torch_version() -> str:
+    """The installed torch's version, read from its package's metadata: importing torch costs seconds."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:  # a torch built in place, without metadata
+        import torch
+
+        return torch.__version__
+
+
+def release(version: str) -> Tuple[int, int]:
+    """'2.11.0+cu130' -> (2, 11)."""
+    major, minor = (version.split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
 def _settle_symm_mem(config: Config, plan, announce: bool) -> bool:

@@ -158,10 +158,6 @@ def use_symmetric_memory(group) -> None:
     STATS_BY_ALL_REDUCE = True
 
 
-# Whether torch.compile can take the layer into its graph whole; before torch 2.5 it breaks the graph at each layer.
-COMPILES_WHOLE = _FC is not None
-
-
 class _TraceableSyncBatchNorm(torch.autograd.Function):
     """The same statistics and gradients in plain tensor ops and functional collectives, for torch.compile.
 
