@@ -326,9 +326,9 @@ def test_the_launcher_counts_and_checks_gpus_through_nvml(fake_nvml):
         refusals.check_memory_fits(parse_config([], environ={}), plan(["--min-gpus", "1"], {}))
 
 
-def test_a_one_gpu_job_is_planned_without_importing_torch(tmp_path):
-    """The launcher starts its ranks without torch's seconds of import: the ranks import it anyway. (On several
-    GPUs it still asks torch whether SyncBatchNorm can use symmetric memory between them.)"""
+def _plan_in_a_new_process(tmp_path, args_lists, save_dir=None):
+    """Plan, settle and check each job as the launcher does, in a fresh interpreter with two fake H200s (the
+    second visible); its output, and whether torch was imported."""
     import subprocess
     import sys
 
@@ -336,19 +336,46 @@ def test_a_one_gpu_job_is_planned_without_importing_torch(tmp_path):
     script = (
         "import os, sys\n"
         "from resnet_ddp.entry import cli, launch, refusals, resolve\n"
-        "for args in ([], ['--fast'], ['--amp', 'bf16', '--batch-size', '32']):\n"
-        "    args += ['--min-gpus', '1']\n"
-        "    config = cli.parse_config(args, environ={})\n"
+        "from resnet_ddp.errors import UsageError\n"
+        f"for args in {args_lists!r}:\n"
+        "    config = cli.parse_config(args + ['--min-gpus', '1'], environ={})\n"
         "    plan = launch.plan_launch(config, os.environ)\n"
         "    config = resolve.settle(config, plan, announce=False)\n"
-        "    refusals.refuse_what_cannot_run(config, plan)\n"
-        "print(plan.nproc, 'torch' in sys.modules)\n"
+        "    try:\n"
+        "        refusals.refuse_what_cannot_run(config, plan)\n"
+        "        print(plan.nproc)\n"
+        "    except UsageError as exc:\n"
+        "        print(exc)\n"
+        "print('torch imported' if 'torch' in sys.modules else 'no torch')\n"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.getcwd()]))
-    env["CUDA_VISIBLE_DEVICES"] = "1"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.getcwd()]), CUDA_VISIBLE_DEVICES="1")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["1", "False"]
+    return done.stdout.splitlines()
+
+
+def test_a_one_gpu_job_is_planned_without_importing_torch(tmp_path):
+    """The launcher starts its ranks without torch's seconds of import: the ranks import it anyway. (On several
+    GPUs it still asks torch whether SyncBatchNorm can use symmetric memory between them.)"""
+    save = str(tmp_path / "save")
+    jobs = [["--save-dir", save], ["--fast", "--save-dir", save], ["--amp", "bf16", "--save-dir", save + "2"]]
+    assert _plan_in_a_new_process(tmp_path, jobs) == ["1", "1", "1", "no torch"]
+
+
+def test_a_restarted_job_is_checked_against_its_lineages_record_without_loading_a_checkpoint(tmp_path):
+    """checkpoints.json records the arithmetic options of its checkpoints: a restart's launcher refuses other
+    ones from it, and leaves the loading (and torch's import) to the training process."""
+    save = tmp_path / "save"
+    save.mkdir()
+    (save / "checkpoint-000000040.pt").write_bytes(b"the training process loads it")
+    fingerprint = {"arch": "resnet50", "num_classes": 100, "image_size": 224, "amp": "off"}
+    (save / "checkpoints.json").write_text(
+        json.dumps({"newest_first": ["checkpoint-000000040.pt"], "fingerprint": fingerprint})
+    )
+    lines = _plan_in_a_new_process(tmp_path, [["--save-dir", str(save)], ["--save-dir", str(save), "--amp", "bf16"]])
+    assert lines[0] == "1" and lines[-1] == "no torch"
+    assert lines[1].startswith(f"checkpoint {save / 'checkpoint-000000040.pt'} was made with other arithmetic: ")
+    assert "amp 'off' (now 'bf16')" in lines[1]
 
 
 def test_fast_compiles_on_gpus_that_can_build_and_says_so_where_they_cannot(monkeypatch, capsys):

@@ -313,7 +313,8 @@ def test_pruning_and_resuming_follow_the_lineage_across_a_layout_change(group, t
     _run_steps(second, state, 1)  # step 5 of the new layout
     assert _saved(tmp_path) == [5, 7]  # step 6 of the old layout goes, the one just written stays
     assert json.loads((tmp_path / "checkpoints.json").read_text()) == {
-        "newest_first": ["checkpoint-000000005.pt", "checkpoint-000000007.pt"]
+        "newest_first": ["checkpoint-000000005.pt", "checkpoint-000000007.pt"],
+        "fingerprint": {"arch": "tiny"},  # what a restarted job's launcher checks without loading a checkpoint
     }
 
     third, resumed, _, _ = _manager(tmp_path, every=1, keep=2, layout={"batch_size": 4})

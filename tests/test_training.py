@@ -52,7 +52,8 @@ def test_standalone_spawn_trains_learns_checkpoints_and_exports(save_dir):
         "summary.json",
     ]  # a checkpoint every epoch end, the newest two kept
     assert json.loads((save_dir / "checkpoints.json").read_text()) == {
-        "newest_first": ["checkpoint-000000032.pt", "checkpoint-000000024.pt"]
+        "newest_first": ["checkpoint-000000032.pt", "checkpoint-000000024.pt"],
+        "fingerprint": {"arch": "resnet18", "num_classes": 10, "image_size": 32, "amp": "off"},
     }
     assert sorted(p.name for p in (save_dir / "logs").iterdir()) == ["metrics.jsonl", "rank0.log", "rank1.log"]
     assert not list(save_dir.glob(".*.tmp"))  # no temporary file left behind

@@ -30,6 +30,7 @@ from resnet_ddp.core.lineage import (
     _step_of,
     checkpoint_path,
     list_checkpoints,
+    other_arithmetic,
     read_lineage,
     resume_candidates,
 )
@@ -52,10 +53,6 @@ def load_checkpoint(path: str) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except TypeError:  # torch < 1.13 has no weights_only
         return torch.load(path, map_location="cpu")
-
-
-def _describe_mismatch(saved: dict, wanted: dict) -> str:
-    return ", ".join(f"{k} {saved.get(k)!r} (now {wanted[k]!r})" for k in wanted if saved.get(k) != wanted[k])
 
 
 def find_resume_point(save_dir: str, resume: str, fingerprint: dict, report: bool = True) -> Optional[Tuple[str, dict]]:
@@ -81,11 +78,7 @@ def find_resume_point(save_dir: str, resume: str, fingerprint: dict, report: boo
                 log.warning(f"checkpoint {path} is unreadable ({type(exc).__name__}); trying the one before it")
             continue
         if state.get("fingerprint") != fingerprint:
-            raise UsageError(
-                f"checkpoint {path} was made with other arithmetic: "
-                f"{_describe_mismatch(state.get('fingerprint') or {}, fingerprint)}; "
-                "run with the same options, or with --resume never and another --save-dir"
-            )
+            raise other_arithmetic(path, state.get("fingerprint") or {}, fingerprint)
         return path, state
     return None
 
@@ -279,7 +272,9 @@ class CheckpointManager(Callback):
             except FileNotFoundError:
                 pass
         self.lineage = lineage[: self.config.keep]
-        write_json(os.path.join(self.save_dir, LINEAGE_NAME), {"newest_first": self.lineage})
+        write_json(
+            os.path.join(self.save_dir, LINEAGE_NAME), {"newest_first": self.lineage, "fingerprint": self.fingerprint}
+        )
         return {"global_step": state["global_step"], "path": path, "bytes": os.path.getsize(path)}
 
     def _written(self, figures: dict) -> None:

@@ -2,14 +2,17 @@
 
 A checkpoint is <save-dir>/checkpoint-<global step>.pt; <save-dir>/checkpoints.json names
 the run's lineage, newest first (core/checkpoint.py says why step numbers alone cannot
-order them). The launcher reads these before any training process starts.
+order them), and the options its arithmetic was made with. The launcher reads these
+before any training process starts.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import List, Optional
+from typing import Dict, List, Optional
+
+from resnet_ddp.errors import UsageError
 
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_SUFFIX = ".pt"
@@ -43,6 +46,26 @@ def read_lineage(save_dir: str) -> List[str]:
     except (OSError, ValueError, KeyError, TypeError):
         return []
     return [n for n in names if isinstance(n, str) and _step_of(n) is not None]
+
+
+def read_lineage_fingerprint(save_dir: str) -> Optional[Dict[str, object]]:
+    """The options that shaped the arithmetic of the lineage's checkpoints, as checkpoints.json records them
+    (None where it does not: a save dir of an older version, or none)."""
+    try:
+        with open(os.path.join(save_dir, LINEAGE_NAME)) as f:
+            fingerprint = json.load(f)["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return fingerprint if isinstance(fingerprint, dict) else None
+
+
+def other_arithmetic(path: str, saved: Dict[str, object], wanted: Dict[str, object]) -> UsageError:
+    """The refusal of a checkpoint made with other arithmetic options."""
+    differences = ", ".join(f"{k} {saved.get(k)!r} (now {wanted[k]!r})" for k in wanted if saved.get(k) != wanted[k])
+    return UsageError(
+        f"checkpoint {path} was made with other arithmetic: {differences}; "
+        "run with the same options, or with --resume never and another --save-dir"
+    )
 
 
 def resume_candidates(save_dir: str) -> List[str]:

@@ -16,18 +16,9 @@ from resnet_ddp.errors import UsageError
 
 def refuse_what_cannot_run(config: Config, plan) -> None:
     """Every start-up check of this process's share of the job, then the save dir."""
-    from resnet_ddp.core.lineage import resume_candidates
-
     check_save_dir_can_be_made(config.save_dir)
-    resume = config.checkpoint.resume
-    if plan.holds_rank_zero and (
-        resume not in ("auto", "never") or (resume == "auto" and resume_candidates(config.save_dir))
-    ):
-        # A checkpoint that cannot be resumed is refused here, not found out by a training process (the only
-        # check that loads torch here: a fresh job's launcher starts its processes without it).
-        from resnet_ddp.core import checkpoint
-
-        checkpoint.find_resume_point(config.save_dir, resume, config.fingerprint(), report=False)
+    if plan.holds_rank_zero:
+        check_resume_point(config)
     if plan.holds_rank_zero and config.reporting.tensorboard:
         from resnet_ddp.observe.tensorboard import require_tensorboard
 
@@ -104,6 +95,29 @@ def memory_floor_bytes(config: Config) -> int:
     images = batch * 3 * side * side * (1 + 4)
     first_conv = batch * 64 * (side // 2) ** 2 * 4
     return params * 4 * copies + images + first_conv
+
+
+def check_resume_point(config: Config) -> None:
+    """A checkpoint that cannot be resumed is refused here, not found out by a training process.
+
+    A restarted job's save dir says in checkpoints.json what arithmetic its lineage was made with: that is
+    read here, and the training process loads the checkpoint. Only an explicit --resume, or a save dir
+    without that record, has the checkpoint loaded here, and torch's import with it.
+    """
+    from resnet_ddp.core.lineage import other_arithmetic, read_lineage, read_lineage_fingerprint, resume_candidates
+
+    resume = config.checkpoint.resume
+    candidates = resume_candidates(config.save_dir) if resume == "auto" else []
+    if resume == "never" or (resume == "auto" and not candidates):
+        return
+    recorded = read_lineage_fingerprint(config.save_dir) if resume == "auto" else None
+    if recorded is not None and os.path.basename(candidates[0]) in read_lineage(config.save_dir):
+        if recorded != config.fingerprint():
+            raise other_arithmetic(candidates[0], recorded, config.fingerprint())
+        return
+    from resnet_ddp.core import checkpoint
+
+    checkpoint.find_resume_point(config.save_dir, resume, config.fingerprint(), report=False)
 
 
 def check_memory_fits(config: Config, plan) -> None:
