@@ -57,7 +57,14 @@ def wrap_ddp(
     return ddp
 
 
-def compile_model(model: nn.Module) -> nn.Module:
+def compile_model(model: nn.Module, processes: int) -> nn.Module:
+    if processes == 1:
+        # dynamo splits a DDP model's graph at its gradient buckets so that their all-reduces overlap the
+        # backward; one process has nothing to overlap. Whole, the graph is one that AOTAutograd's cache keeps
+        # (it never keeps split ones), and a restart loads the compiled step instead of tracing it again.
+        import torch._dynamo
+
+        torch._dynamo.config.optimize_ddp = False
     return torch.compile(model)
 
 

@@ -165,7 +165,7 @@ def build_trainer(
     if speed.compile:  # before anything is compiled: a restarted job reuses what an earlier one compiled
         _use_compile_cache(config, rank, control)
     step = EagerStep(
-        compile_model(model) if speed.compile else model,
+        compile_model(model, rank.world_size) if speed.compile else model,
         torch.nn.CrossEntropyLoss(),
         optimizer,
         rank.device,
