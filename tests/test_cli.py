@@ -306,7 +306,7 @@ def test_cuda_visible_devices_picks_nvml_gpus_as_cuda_does_and_what_is_uncertain
         assert select(uncertain, uuids, same, pci_order=False) is None, uncertain
 
 
-def test_the_launcher_counts_and_checks_gpus_through_nvml(fake_nvml):
+def test_the_launcher_counts_and_checks_gpus_through_nvml(fake_nvml, monkeypatch):
     from resnet_ddp.entry import launch, refusals
 
     def plan(args, environ):
@@ -324,6 +324,16 @@ def test_the_launcher_counts_and_checks_gpus_through_nvml(fake_nvml):
     fake_nvml.GPUS[0][3] = 2**27
     with pytest.raises(UsageError, match=r"more than the 0\.1 GiB of NVIDIA H200"):
         refusals.check_memory_fits(parse_config([], environ={}), plan(["--min-gpus", "1"], {}))
+    # What NVML cannot answer for certain, torch answers: MIG, or an nvidia-ml-py without one of the calls.
+    from resnet_ddp.entry import gpus
+
+    monkeypatch.setattr(gpus, "_from_torch", lambda: ["torch's answer"])
+    fake_nvml.GPUS[1][4] = 1
+    assert gpus.visible_gpus({}) == ["torch's answer"]
+    fake_nvml.GPUS[1][4] = 0
+    assert len(gpus.visible_gpus({})) == 2
+    del fake_nvml.nvmlDeviceGetCudaComputeCapability
+    assert gpus.visible_gpus({}) == ["torch's answer"]
 
 
 def _plan_in_a_new_process(tmp_path, args_lists, save_dir=None):

@@ -84,7 +84,7 @@ def _from_nvml(environ: Mapping[str, str]) -> Optional[List[Gpu]]:
             )
             for i in chosen
         ]
-    except pynvml.NVMLError:
+    except Exception:  # an NVML error, or an nvidia-ml-py too old for one of these calls: torch is asked
         return None
     finally:
         with contextlib.suppress(Exception):
