@@ -38,25 +38,32 @@ def list_checkpoints(save_dir: str) -> List[str]:
     return [os.path.join(save_dir, n) for n in sorted(names, key=_step_of, reverse=True)]
 
 
-def read_lineage(save_dir: str) -> List[str]:
-    """The lineage's checkpoint names, newest first, as checkpoints.json records them ([] if it does not)."""
+def _record(save_dir: str) -> dict:
+    """checkpoints.json as written, or {} where there is none that reads."""
     try:
         with open(os.path.join(save_dir, LINEAGE_NAME)) as f:
-            names = json.load(f)["newest_first"]
-    except (OSError, ValueError, KeyError, TypeError):
+            record = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def read_lineage(save_dir: str) -> List[str]:
+    """The lineage's checkpoint names, newest first, as checkpoints.json records them ([] if it does not)."""
+    names = _record(save_dir).get("newest_first")
+    if not isinstance(names, list):
         return []
     return [n for n in names if isinstance(n, str) and _step_of(n) is not None]
 
 
-def read_lineage_fingerprint(save_dir: str) -> Optional[Dict[str, object]]:
-    """The options that shaped the arithmetic of the lineage's checkpoints, as checkpoints.json records them
-    (None where it does not: a save dir of an older version, or none)."""
-    try:
-        with open(os.path.join(save_dir, LINEAGE_NAME)) as f:
-            fingerprint = json.load(f)["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return fingerprint if isinstance(fingerprint, dict) else None
+def recorded_fingerprint(save_dir: str, path: str) -> Optional[Dict[str, object]]:
+    """The options that shaped the arithmetic of checkpoint `path`, as checkpoints.json records them for its
+    lineage; None where `path` is not of that lineage, or the record has none (a save dir of an older version)."""
+    record = _record(save_dir)
+    names, fingerprint = record.get("newest_first"), record.get("fingerprint")
+    if isinstance(names, list) and os.path.basename(path) in names and isinstance(fingerprint, dict):
+        return fingerprint
+    return None
 
 
 def other_arithmetic(path: str, saved: Dict[str, object], wanted: Dict[str, object]) -> UsageError:

@@ -104,17 +104,20 @@ def check_resume_point(config: Config) -> None:
     read here, and the training process loads the checkpoint. Only an explicit --resume, or a save dir
     without that record, has the checkpoint loaded here, and torch's import with it.
     """
-    from resnet_ddp.core.lineage import other_arithmetic, read_lineage, read_lineage_fingerprint, resume_candidates
+    from resnet_ddp.core.lineage import other_arithmetic, recorded_fingerprint, resume_candidates
 
     resume = config.checkpoint.resume
-    candidates = resume_candidates(config.save_dir) if resume == "auto" else []
-    if resume == "never" or (resume == "auto" and not candidates):
+    if resume == "never":
         return
-    recorded = read_lineage_fingerprint(config.save_dir) if resume == "auto" else None
-    if recorded is not None and os.path.basename(candidates[0]) in read_lineage(config.save_dir):
-        if recorded != config.fingerprint():
-            raise other_arithmetic(candidates[0], recorded, config.fingerprint())
-        return
+    if resume == "auto":
+        candidates = resume_candidates(config.save_dir)
+        if not candidates:
+            return
+        recorded = recorded_fingerprint(config.save_dir, candidates[0])
+        if recorded is not None:
+            if recorded != config.fingerprint():
+                raise other_arithmetic(candidates[0], recorded, config.fingerprint())
+            return
     from resnet_ddp.core import checkpoint
 
     checkpoint.find_resume_point(config.save_dir, resume, config.fingerprint(), report=False)

@@ -57,12 +57,13 @@ def _settle_compile(config: Config, device_type: str, announce: bool) -> bool:
     if device_type != "cuda":  # compiling the CPU step buys little for minutes of start-up
         return False
     why = f"torch.compile {missing}" if missing is not None else None
-    version = torch_version()
-    if why is None and config.model.sync_bn and release(version) < (2, 5):
-        why = (
-            f"torch {version} splits the compiled graph at every SyncBatchNorm layer (2.5 or newer compiles it "
-            "whole); --compile asks for it anyway"
-        )
+    if why is None and config.model.sync_bn:
+        version = torch_version()
+        if _release(version) < (2, 5):  # the gate of layers/syncbn.py's traceable collectives
+            why = (
+                f"torch {version} splits the compiled graph at every SyncBatchNorm layer (2.5 or newer compiles "
+                "it whole); --compile asks for it anyway"
+            )
     if why is not None and announce:
         log.info(f"--fast runs without --compile here: {why}")
     return why is None
@@ -97,7 +98,7 @@ def torch_version() -> str:
         return torch.__version__
 
 
-def release(version: str) -> Tuple[int, int]:
+def _release(version: str) -> Tuple[int, int]:
     """'2.11.0+cu130' -> (2, 11)."""
     major, minor = (version.split(".") + ["0"])[:2]
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)

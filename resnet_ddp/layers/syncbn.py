@@ -83,6 +83,7 @@ def _functional_collectives():
     (checked: it fails to trace), so before 2.5 torch.compile runs the fused path
     with graph breaks instead; the traceable path is tested on 2.14.
     """
+    # entry/resolve.py's --fast reads the same gate from torch's package metadata, without importing torch.
     if tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 5):
         return None
     try:
