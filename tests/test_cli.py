@@ -228,9 +228,11 @@ class NVMLError(Exception):
     pass
 
 
+NVML_COMPUTEMODE_DEFAULT, NVML_COMPUTEMODE_EXCLUSIVE_PROCESS = 0, 3
+# UUID, name, compute capability, memory, MIG mode, compute mode
 GPUS = [
-    ["GPU-a1b2c3d4-0000", "NVIDIA H200", (9, 0), 150_000_000_000, 0],
-    ["GPU-e5f6a7b8-1111", "NVIDIA H200", (9, 0), 150_000_000_000, 0],
+    ["GPU-a1b2c3d4-0000", "NVIDIA H200", (9, 0), 150_000_000_000, 0, 0],
+    ["GPU-e5f6a7b8-1111", "NVIDIA H200", (9, 0), 150_000_000_000, 0, 0],
 ]
 
 
@@ -273,6 +275,10 @@ def nvmlDeviceGetMemoryInfo(handle):
 
 def nvmlDeviceGetMigMode(handle):
     return GPUS[handle][4], GPUS[handle][4]
+
+
+def nvmlDeviceGetComputeMode(handle):
+    return GPUS[handle][5]
 """
 
 
@@ -314,6 +320,10 @@ def test_the_launcher_counts_and_checks_gpus_through_nvml(fake_nvml, monkeypatch
 
     both = plan([], {})
     assert both.nproc == 2 and [gpu.name for gpu in both.gpus] == ["NVIDIA H200"] * 2
+    # Whether a helper process may open the GPU beside the rank (kernel_prebuild.py): the compute mode says.
+    assert [gpu.shared for gpu in both.gpus] == [True, True]
+    fake_nvml.GPUS[0][5] = fake_nvml.NVML_COMPUTEMODE_EXCLUSIVE_PROCESS
+    assert [gpu.shared for gpu in plan([], {}).gpus] == [False, True]
     assert plan(["--min-gpus", "1"], {"CUDA_VISIBLE_DEVICES": "GPU-e5f6"}).nproc == 1
     with pytest.raises(UsageError, match="found 1 GPU"):
         plan([], {"CUDA_VISIBLE_DEVICES": "1"})
@@ -332,6 +342,8 @@ def test_the_launcher_counts_and_checks_gpus_through_nvml(fake_nvml, monkeypatch
     assert gpus.visible_gpus({}) == ["torch's answer"]
     fake_nvml.GPUS[1][4] = 0
     assert len(gpus.visible_gpus({})) == 2
+    del fake_nvml.nvmlDeviceGetComputeMode  # not known, and not worth torch's import
+    assert [gpu.shared for gpu in gpus.visible_gpus({})] == [None, None]
     del fake_nvml.nvmlDeviceGetCudaComputeCapability
     assert gpus.visible_gpus({}) == ["torch's answer"]
 

@@ -18,6 +18,7 @@ class Gpu:
     name: str
     capability: Tuple[int, int]
     total_memory: int  # bytes
+    shared: Optional[bool] = None  # whether other processes may use it beside ours (compute mode); None: unknown
 
 
 def visible_gpus(environ: Mapping[str, str]) -> List[Gpu]:
@@ -81,6 +82,7 @@ def _from_nvml(environ: Mapping[str, str]) -> Optional[List[Gpu]]:
                 names[i],
                 tuple(pynvml.nvmlDeviceGetCudaComputeCapability(handles[i])),
                 int(pynvml.nvmlDeviceGetMemoryInfo(handles[i]).total),
+                _shared(pynvml, handles[i]),
             )
             for i in chosen
         ]
@@ -97,6 +99,14 @@ def _mig_enabled(pynvml, handle) -> bool:
     except pynvml.NVMLError:  # a GPU without MIG
         return False
     return bool(current)
+
+
+def _shared(pynvml, handle) -> Optional[bool]:
+    """Whether the GPU's compute mode lets several processes hold a context on it (NVML's default mode)."""
+    try:
+        return pynvml.nvmlDeviceGetComputeMode(handle) == pynvml.NVML_COMPUTEMODE_DEFAULT
+    except Exception:  # an nvidia-ml-py without the call, or an NVML error: not known
+        return None
 
 
 def _from_torch() -> List[Gpu]:
