@@ -400,7 +400,15 @@ def test_a_restarted_job_is_checked_against_its_lineages_record_without_loading_
     assert "amp 'off' (now 'bf16')" in lines[1]
 
 
-def test_fast_compiles_on_gpus_that_can_build_and_says_so_where_they_cannot(monkeypatch, capsys):
+@pytest.fixture
+def launcher_lines():
+    """The launcher's console, as cli.main sets it up before settling: its `resnet-ddp: ...` lines reach stdout."""
+    from resnet_ddp.observe import console
+
+    console.setup_launcher()
+
+
+def test_fast_compiles_on_gpus_that_can_build_and_says_so_where_they_cannot(monkeypatch, capsys, launcher_lines):
     from resnet_ddp.entry import resolve
 
     def compiled(args, environ=None, device_type="cuda"):
@@ -455,7 +463,9 @@ def test_cudnn_benchmark_is_off_unless_asked_for_even_with_fast():
     assert parse_config([], environ={"RESNET_DDP_CUDNN_BENCHMARK": "1"}).speed.cudnn_benchmark is True
 
 
-def test_symmetric_memory_syncbn_is_refused_where_it_cannot_run_and_taken_where_it_can(monkeypatch, capsys):
+def test_symmetric_memory_syncbn_is_refused_where_it_cannot_run_and_taken_where_it_can(
+    monkeypatch, capsys, launcher_lines
+):
     import torch
 
     from resnet_ddp.entry import resolve
