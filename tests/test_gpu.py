@@ -22,6 +22,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 
@@ -98,6 +99,31 @@ def test_standalone_spawn_with_syncbn_over_nccl(save_dir):
     assert "CUDA graphs on" in result.stdout
     summary = json.loads((save_dir / "summary.json").read_text())
     assert summary["world_size"] == GPUS and summary["img_s"] > 0
+
+
+def test_a_new_save_dirs_first_step_finds_the_syncbn_kernels_its_helper_compiled(tmp_path):
+    """Local rank 0 starts a helper that compiles SyncBatchNorm's jitted kernels into the kernel cache while the
+    job starts (entry/kernel_prebuild.py); what it compiles is every kernel the job runs."""
+    helper_only, job_only = tmp_path / "helper", tmp_path / "job"
+    helper_only.mkdir()
+    command = [sys.executable, "-m", "resnet_ddp.entry.kernel_prebuild", str(helper_only), "0", str(os.getpid())]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    prebuilt = sorted(p.name for p in helper_only.iterdir())
+    assert len(prebuilt) > 1, prebuilt
+
+    # A job on that cache compiles nothing more.
+    def job(save_dir, cache):
+        env = {**SAFE, "PYTORCH_KERNEL_CACHE_PATH": str(cache)}
+        return run_train(*GPU_TINY, "--epochs", "1", "--save-dir", str(save_dir), env=env)
+
+    run = job(tmp_path / "a", helper_only)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert sorted(p.name for p in helper_only.iterdir()) == prebuilt
+    # A job on an empty cache: its helper ran (the lock is its) and left the same kernels.
+    run = job(tmp_path / "b", job_only)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert sorted(p.name for p in job_only.iterdir()) == prebuilt
 
 
 def test_torchrun_launch_on_gpus(save_dir):

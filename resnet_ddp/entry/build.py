@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import replace
 from typing import List, Optional
 
@@ -52,6 +53,7 @@ from resnet_ddp.core.progress import TrainState
 from resnet_ddp.core.step import EagerStep, GraphedStep, make_scaler
 from resnet_ddp.core.stopping import RunLength, StopAgreement, signal_received
 from resnet_ddp.core.trainer import Trainer
+from resnet_ddp.entry import kernel_prebuild
 from resnet_ddp.health.slowdown import TestSlowdown
 from resnet_ddp.health.straggler import StragglerDetector
 from resnet_ddp.health.watchdog import ProgressWatchdog
@@ -248,6 +250,8 @@ def build_trainer(
         _AgreementEnd(stop),
         summary,
     ]
+    if _runs_jitted_kernels(config, rank.device):  # their helper may still be compiling them
+        kernel_prebuild.wait(os.environ.get("PYTORCH_KERNEL_CACHE_PATH"))
     if rank.is_main:
         log.info(_start_line(config, rank, batches.steps_per_epoch))
     return Trainer(
@@ -389,13 +393,23 @@ def _straggler_detector(
     return StragglerDetector(window_s, rank, module, waiting, config.speed.cuda_graphs, metrics.record, first_check)
 
 
+def _runs_jitted_kernels(config: Config, device: torch.device) -> bool:
+    """Whether SyncBatchNorm's training steps run its jitted kernel (fp32 on a GPU, the add and ReLU handed over)."""
+    model = config.model
+    return (
+        model.sync_bn
+        and model.fuse_bn_relu
+        and syncbn.fuses_in_one_kernel(device, config.speed.amp, config.speed.compile)
+    )
+
+
 def _syncbn_description(config: Config, device: torch.device) -> str:
     """The start-up line's word on SyncBatchNorm: where its collectives run, and whether its kernel fuses."""
     if not config.model.sync_bn:
         return "off"
     parts = ["symmetric memory"] if config.speed.syncbn_symm_mem else []
     if config.model.fuse_bn_relu:
-        one_kernel = syncbn.fuses_in_one_kernel(device, config.speed.amp, config.speed.compile)
+        one_kernel = _runs_jitted_kernels(config, device)
         parts.append("add and ReLU in its jitted kernel" if one_kernel else "add and ReLU handed over")
     return f"on ({', '.join(parts)})" if parts else "on"
 

@@ -27,6 +27,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from resnet_ddp.config import Config
 from resnet_ddp.core import phases
+from resnet_ddp.entry import kernel_prebuild
 from resnet_ddp.entry.gpus import Gpu, visible_gpus
 from resnet_ddp.entry.process import default_stop_signals, die_with_parent, exit_process
 from resnet_ddp.errors import ReportedElsewhere, UsageError
@@ -191,18 +192,26 @@ def plan_launch(config: Config, environ: Mapping[str, str]) -> LaunchPlan:
 
 def run(config: Config, plan: LaunchPlan) -> int:
     if plan.mode == "torchrun":
-        return _run_torchrun_worker(config)
+        return _run_torchrun_worker(config, plan)
     return _spawn_and_supervise(config, plan)
 
 
-def _run_torchrun_worker(config: Config) -> int:
+def _before_torch(config: Config, plan: LaunchPlan, local_rank: int) -> None:
+    """A rank's first steps, before it imports torch: local rank 0 has SyncBatchNorm's kernels compiled beside
+    the ranks' start."""
+    if local_rank == 0 and plan.gpus and kernel_prebuild.wanted(config, plan.gpus[0].shared):
+        kernel_prebuild.start(device_index=0)
+
+
+def _run_torchrun_worker(config: Config, plan: LaunchPlan) -> int:
     """This process is one of torchrun's workers: it dies with torchrun, and an error that escapes reaches
     torchrun's failure report (its error file) through torch.distributed.elastic's `record`."""
+    die_with_parent()
+    _before_torch(config, plan, int(os.environ.get("LOCAL_RANK", "0")))
     from torch.distributed.elastic.multiprocessing.errors import record
 
     from resnet_ddp.entry import worker
 
-    die_with_parent()
     default_stop_signals()
     try:
         return record(worker.run_process)(config)
@@ -219,6 +228,7 @@ def _worker_main(local_rank: int, config: Config, plan: LaunchPlan, launcher_pid
     die_with_parent(launcher_pid)
     default_stop_signals()
     os.environ.update(plan.worker_env(local_rank))
+    _before_torch(config, plan, local_rank)
     rank = os.environ["RANK"]
     try:
         from resnet_ddp.entry import worker

@@ -284,6 +284,27 @@ def _jitted(code: str):
     return jiterator._create_jit_fn(code)
 
 
+def build_fused_kernels(device: torch.device) -> None:
+    """Have torch compile every jitted kernel the one-GPU fused path runs, into its kernel cache.
+
+    A helper process runs this while a rank starts (entry/kernel_prebuild.py): the rank's first step then
+    loads the kernels instead of compiling them. The layouts are training's: the normalisation reads its
+    factors broadcast over a contiguous activation, the ReLU's backward two contiguous gradients of one
+    layout; jiterator compiles one kernel per such case, whatever the sizes.
+    """
+    layer = SyncBatchNorm(8).to(device)  # no process group: world size 1, the fused path
+    x = torch.randn(2, 8, 4, 4, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
+    residual = torch.randn_like(x).requires_grad_()
+    main, forked = layer(x, residual, relu=True, fork=True)  # normalisation, add and ReLU
+    out = layer(x, relu=True)  # normalisation and ReLU
+    for output in (main, forked, out):
+        # Its gradient contiguous in x's layout, as the next block hands it back. Set by a hook under a scalar's
+        # backward: gradients handed to backward() would import sympy, seconds of this helper's start.
+        output.register_hook(lambda grad: torch.randn_like(x))
+    (main.sum() + forked.sum() + out.sum()).backward()
+    torch.cuda.synchronize(device)
+
+
 def use_a_writable_kernel_cache() -> None:
     """Point torch's cache of jitted kernels at the temp dir where its default place cannot be made.
 
