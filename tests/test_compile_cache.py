@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import torch
 
@@ -84,3 +85,48 @@ def test_the_kernel_caches_follow_the_save_dir_unless_the_user_chose_a_place(tmp
     assert os.environ["CUDA_CACHE_PATH"] == str(tmp_path / "save" / "compile-cache" / "cuda")
     assert os.environ["PYTORCH_KERNEL_CACHE_PATH"] == "/my/kernels"  # the user's choice stands
     assert not (tmp_path / "save").exists()  # nothing made before the job's refusals are done
+
+
+def _start_in_a_new_process(tmp_path, env):
+    """A launcher's first steps over a torch whose sources are in tmp_path/site: where the job keeps bytecode,
+    then the import of torch, and what a process it starts (a rank) is told."""
+    import subprocess
+
+    script = (
+        "import os, subprocess, sys\n"
+        "from resnet_ddp.core import compile_cache\n"
+        "kept = compile_cache.keep_python_bytecode_in(sys.argv[1])\n"
+        "import torch\n"
+        "child = 'import sys; print(sys.pycache_prefix, sys.flags.dont_write_bytecode)'\n"
+        "rank = subprocess.run([sys.executable, '-c', child], capture_output=True, text=True).stdout.strip()\n"
+        "print(kept, '|', rank)\n"
+    )
+    full = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), os.getcwd()]), **env)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "save")], env=full, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_a_torch_installed_without_bytecode_has_the_jobs_processes_keep_it_in_the_save_dir(tmp_path):
+    """An image built without bytecode (and PYTHONDONTWRITEBYTECODE set) would have every process of every start
+    compile torch's Python source again; the save dir, which a restarted pod keeps, holds it instead."""
+    import compileall
+
+    (tmp_path / "site" / "torch").mkdir(parents=True)
+    (tmp_path / "site" / "torch" / "__init__.py").write_text("VERSION = 'fake'\n")
+    prefix = tmp_path / "save" / "compile-cache" / "python"
+    no_writing = {"PYTHONDONTWRITEBYTECODE": "1"}
+    assert _start_in_a_new_process(tmp_path, no_writing) == f"True | {prefix} 0"
+    assert [p.name for p in prefix.rglob("*.pyc") if "torch" in p.parts] == [
+        f"__init__.{sys.implementation.cache_tag}.pyc"
+    ]
+    assert not (tmp_path / "site" / "torch" / "__pycache__").exists()  # nothing written beside the sources
+    # A prefix the user chose is theirs.
+    assert _start_in_a_new_process(tmp_path, {**no_writing, "PYTHONPYCACHEPREFIX": str(tmp_path / "mine")}) == (
+        f"False | {tmp_path / 'mine'} 1"
+    )
+    # An image with the bytecode: a prefix would hide it.
+    compileall.compile_dir(str(tmp_path / "site"), quiet=1)
+    assert _start_in_a_new_process(tmp_path, no_writing) == "False | None 1"

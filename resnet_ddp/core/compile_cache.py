@@ -21,14 +21,17 @@ before use rather than trusted.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import platform
 import shutil
+import sys
 from typing import Dict
 
 CACHE_DIR = "compile-cache"
 KEY_NAME = "key.json"
+BYTECODE_DIR = "python"
 
 
 def keep_machine_caches_in(save_dir: str) -> None:
@@ -38,6 +41,28 @@ def keep_machine_caches_in(save_dir: str) -> None:
     os.environ.setdefault("CUDA_CACHE_PATH", os.path.join(base, "cuda"))
     if os.environ.get("USE_PYTORCH_KERNEL_CACHE") != "0":
         os.environ.setdefault("PYTORCH_KERNEL_CACHE_PATH", os.path.join(base, "kernels"))
+
+
+def keep_python_bytecode_in(save_dir: str) -> bool:
+    """Where the installed torch has no bytecode beside its sources, the job's processes keep what they compile
+    in <save-dir>/compile-cache/python, before any of them imports torch; whether they do.
+
+    An image built without bytecode (PYTHONDONTWRITEBYTECODE set, or pip's --no-compile) has every process
+    compile torch's Python source again as it imports it: seconds of each start, in each process. With
+    PYTHONPYCACHEPREFIX set, Python reads and writes bytecode only under that directory, never beside the
+    sources; so it is left unset where the image has the bytecode (it would be hidden), as is a prefix
+    the user chose.
+    """
+    if sys.pycache_prefix is not None or os.environ.get("PYTHONPYCACHEPREFIX"):
+        return False
+    spec = importlib.util.find_spec("torch")  # found, not imported
+    if spec is None or not spec.origin or os.path.exists(importlib.util.cache_from_source(spec.origin)):
+        return False
+    prefix = os.path.join(os.path.abspath(save_dir), CACHE_DIR, BYTECODE_DIR)
+    os.environ["PYTHONPYCACHEPREFIX"] = prefix
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    sys.pycache_prefix, sys.dont_write_bytecode = prefix, False
+    return True
 
 
 def cache_key(fields: Dict[str, object]) -> str:

@@ -704,10 +704,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         config = config_from_args(args)
         validate(config)
-        if not config.process.cpu:  # before CUDA starts here, for every process it starts
-            from resnet_ddp.core.compile_cache import keep_machine_caches_in
+        from resnet_ddp.core import compile_cache
 
-            keep_machine_caches_in(config.save_dir)
+        compile_cache.keep_python_bytecode_in(config.save_dir)  # before torch is imported anywhere
+        if not config.process.cpu:  # before CUDA starts here, for every process it starts
+            compile_cache.keep_machine_caches_in(config.save_dir)
         # Imported here so that --help and input errors answer without loading torch.
         from resnet_ddp.entry import launch, refusals, resolve
 

@@ -197,9 +197,13 @@ def run(config: Config, plan: LaunchPlan) -> int:
 
 
 def _before_torch(config: Config, plan: LaunchPlan, local_rank: int) -> None:
-    """A rank's first steps, before it imports torch: local rank 0 has SyncBatchNorm's kernels compiled beside
-    the ranks' start."""
-    if local_rank == 0 and plan.gpus and kernel_prebuild.wanted(config, plan.gpus[0].shared):
+    """A rank's first steps, before it imports torch. Local rank 0 writes the job's bytecode cache where there is
+    one (core/compile_cache.py): on a shared volume, one writer per node is enough. It also has SyncBatchNorm's
+    kernels compiled beside the ranks' start."""
+    if local_rank != 0:
+        if sys.pycache_prefix is not None:
+            sys.dont_write_bytecode = True
+    elif plan.gpus and kernel_prebuild.wanted(config, plan.gpus[0].shared):
         kernel_prebuild.start(device_index=0)
 
 
