@@ -1,6 +1,7 @@
 """Caches kept in the save dir, so that a restarted job (a new pod: an empty /tmp and home) reuses them.
 
-Two kinds. The CUDA driver's cache of kernels compiled from PTX at load time
+Python's bytecode of torch, where the image has none (keep_python_bytecode_in). Then two kinds of
+kernels. The CUDA driver's cache of kernels compiled from PTX at load time
 (CUDA_CACHE_PATH, by default in the home directory) and torch's cache of the kernels
 it compiles with NVRTC (PYTORCH_KERNEL_CACHE_PATH, SyncBatchNorm's fused kernels):
 both key their entries themselves, and a restart that finds them empty spends many
