@@ -87,15 +87,17 @@ def test_the_kernel_caches_follow_the_save_dir_unless_the_user_chose_a_place(tmp
     assert not (tmp_path / "save").exists()  # nothing made before the job's refusals are done
 
 
-def _start_in_a_new_process(tmp_path, env):
-    """A launcher's first steps over a torch whose sources are in tmp_path/site: where the job keeps bytecode,
-    then the import of torch, and what a process it starts (a rank) is told."""
+def _start_in_a_new_process(tmp_path, env, args=(), save="save"):
+    """A launcher's start over a torch whose sources are in tmp_path/site: whether the job keeps bytecode, then
+    the import of torch, and what a process it starts (a rank) is told."""
     import subprocess
 
     script = (
         "import os, subprocess, sys\n"
-        "from resnet_ddp.core import compile_cache\n"
-        "kept = compile_cache.keep_python_bytecode_in(sys.argv[1])\n"
+        "from resnet_ddp.entry import cli, launch\n"
+        "launch.run = lambda config, plan: 0  # the launcher up to its ranks' start\n"
+        "cli.main(['--cpu', '--save-dir', sys.argv[1]] + sys.argv[2:])\n"
+        "kept = sys.pycache_prefix == os.path.join(sys.argv[1], 'compile-cache', 'python')\n"
         "import torch\n"
         "child = 'import sys; print(sys.pycache_prefix, sys.flags.dont_write_bytecode)'\n"
         "rank = subprocess.run([sys.executable, '-c', child], capture_output=True, text=True).stdout.strip()\n"
@@ -103,7 +105,11 @@ def _start_in_a_new_process(tmp_path, env):
     )
     full = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), os.getcwd()]), **env)
     done = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "save")], env=full, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script, str(tmp_path / save), *args],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
@@ -123,6 +129,9 @@ def test_a_torch_installed_without_bytecode_has_the_jobs_processes_keep_it_in_th
         f"__init__.{sys.implementation.cache_tag}.pyc"
     ]
     assert not (tmp_path / "site" / "torch" / "__pycache__").exists()  # nothing written beside the sources
+    # A preflight check alone leaves its report and logs in the save dir, nothing more.
+    check = _start_in_a_new_process(tmp_path, no_writing, ["--preflight-only"], save="check")
+    assert check == "False | None 1" and not (tmp_path / "check" / "compile-cache").exists()
     # A prefix the user chose is theirs.
     assert _start_in_a_new_process(tmp_path, {**no_writing, "PYTHONPYCACHEPREFIX": str(tmp_path / "mine")}) == (
         f"False | {tmp_path / 'mine'} 1"

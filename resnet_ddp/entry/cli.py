@@ -706,7 +706,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         validate(config)
         from resnet_ddp.core import compile_cache
 
-        compile_cache.keep_python_bytecode_in(config.save_dir)  # before torch is imported anywhere
+        if not config.health.preflight_only:  # a check leaves its report and logs only
+            compile_cache.keep_python_bytecode_in(config.save_dir)  # before torch is imported anywhere
         if not config.process.cpu:  # before CUDA starts here, for every process it starts
             compile_cache.keep_machine_caches_in(config.save_dir)
         # Imported here so that --help and input errors answer without loading torch.
