@@ -44,9 +44,9 @@ def keep_machine_caches_in(save_dir: str) -> None:
         os.environ.setdefault("PYTORCH_KERNEL_CACHE_PATH", os.path.join(base, "kernels"))
 
 
-def keep_python_bytecode_in(save_dir: str) -> bool:
+def keep_python_bytecode_in(save_dir: str) -> None:
     """Where the installed torch has no bytecode beside its sources, the job's processes keep what they compile
-    in <save-dir>/compile-cache/python, before any of them imports torch; whether they do.
+    in <save-dir>/compile-cache/python, before any of them imports torch.
 
     An image built without bytecode (PYTHONDONTWRITEBYTECODE set, or pip's --no-compile) has every process
     compile torch's Python source again as it imports it: seconds of each start, in each process. With
@@ -55,15 +55,14 @@ def keep_python_bytecode_in(save_dir: str) -> bool:
     the user chose.
     """
     if sys.pycache_prefix is not None or os.environ.get("PYTHONPYCACHEPREFIX"):
-        return False
+        return
     spec = importlib.util.find_spec("torch")  # found, not imported
     if spec is None or not spec.origin or os.path.exists(importlib.util.cache_from_source(spec.origin)):
-        return False
+        return
     prefix = os.path.join(os.path.abspath(save_dir), CACHE_DIR, BYTECODE_DIR)
     os.environ["PYTHONPYCACHEPREFIX"] = prefix
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     sys.pycache_prefix, sys.dont_write_bytecode = prefix, False
-    return True
 
 
 def cache_key(fields: Dict[str, object]) -> str:
