@@ -14,7 +14,12 @@ of its first step (summary.json's time_to_first_step_s, and the whole run's wall
            (a new pod has lost them; the save dir, on its volume, is kept).
 - warm:    a fresh save dir, with the cold run's home and /tmp (the same image has run here before).
 
-Writes bench/results/<date>-startup-<gpu>-x<N>.json, which names this command, and prints a table.
+With --image-bytecode DIR the jobs run as from an image built with Python's bytecode (as deploy/Dockerfile
+builds it): before the runs, and untimed, every module on the interpreter's path is compiled into DIR, and
+each job runs with PYTHONPYCACHEPREFIX=DIR. Without it the jobs run with the image as it is; an image
+without bytecode compiles torch's Python source in every new process.
+
+Writes bench/results/<gpu>-x<N>-startup[-image-bytecode].json, which names this command, and prints a table.
 """
 
 from __future__ import annotations
@@ -44,6 +49,21 @@ def _fresh_caches(root: str) -> Dict[str, str]:
     (the CUDA driver's, torch's kernels, inductor's, Triton's)."""
     home = tempfile.mkdtemp(prefix="home-", dir=root)
     return {"HOME": home, "TMPDIR": tempfile.mkdtemp(prefix="tmp-", dir=root), "XDG_CACHE_HOME": ""}
+
+
+def _compile_bytecode(prefix: str, log_dir: str) -> float:
+    """What building an image with bytecode does: compile every module this interpreter can import. Under a
+    prefix Python looks for all bytecode there, the standard library's too, so all of it goes there."""
+    skip = {os.path.realpath(REPO), os.path.realpath(os.path.dirname(__file__))}  # our code: compiled below
+    paths = [p for p in sys.path if os.path.isdir(p) and os.path.realpath(p) not in skip]
+    env = {**os.environ, "PYTHONPYCACHEPREFIX": prefix}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    started = time.monotonic()
+    with open(os.path.join(log_dir, "startup-compileall.log"), "w") as log:
+        # some packages ship files that do not compile (templates, other Pythons' code): reported, not fatal
+        command = [sys.executable, "-m", "compileall", "-q", "-j", "0", *paths, os.path.join(REPO, "resnet_ddp")]
+        subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+    return time.monotonic() - started
 
 
 def _run(
@@ -89,6 +109,11 @@ def main() -> int:
     parser.add_argument("--configs", default="default,fast")
     parser.add_argument("--log-dir", default=os.environ.get("OUT", tempfile.gettempdir()))
     parser.add_argument("--results-dir", default=os.path.join(REPO, "bench", "results"))
+    parser.add_argument(
+        "--image-bytecode",
+        metavar="DIR",
+        help="run the jobs as from an image built with bytecode, compiled into DIR before the runs",
+    )
     args = parser.parse_args()
     card = torch.cuda.get_device_name(0)
     root = tempfile.mkdtemp(prefix="bench-startup-")
@@ -98,11 +123,19 @@ def main() -> int:
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
         "gpus": args.gpus,
+        "image_bytecode": "as installed",
         "runs": [],
     }
     slug = card.replace("NVIDIA ", "").replace(" ", "-").lower()
-    path = os.path.join(args.results_dir, f"{payload['date']}-startup-{slug}-x{args.gpus}.json")
+    suffix = "-image-bytecode" if args.image_bytecode else ""
+    path = os.path.join(args.results_dir, f"{slug}-x{args.gpus}-startup{suffix}.json")
     os.makedirs(args.results_dir, exist_ok=True)
+    image_env = {}
+    if args.image_bytecode:
+        seconds = _compile_bytecode(os.path.abspath(args.image_bytecode), args.log_dir)
+        payload["image_bytecode"] = f"compiled into a prefix before the runs, in {seconds:.1f} s"
+        print(f"bytecode compiled in {seconds:.1f} s", flush=True)
+        image_env = {"PYTHONPYCACHEPREFIX": os.path.abspath(args.image_bytecode)}
     warm = _fresh_caches(root)  # filled by the cold runs, then used warm
     for config in args.configs.split(","):
         extra = CONFIGS[config]
@@ -113,7 +146,7 @@ def main() -> int:
             (f"{config}-warm", os.path.join(root, f"{config}-warm-save"), STEPS, warm),
         ]
         for name, run_dir, steps, caches in runs:
-            result = _run(name, extra, args.gpus, run_dir, steps, caches, args.log_dir)
+            result = _run(name, extra, args.gpus, run_dir, steps, {**caches, **image_env}, args.log_dir)
             result["machines_first_run"] = not payload["runs"]
             payload["runs"].append(result)
             first = result.get("time_to_first_step_s")
