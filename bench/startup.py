@@ -132,10 +132,11 @@ def main() -> int:
     os.makedirs(args.results_dir, exist_ok=True)
     image_env = {}
     if args.image_bytecode:
-        seconds = _compile_bytecode(os.path.abspath(args.image_bytecode), args.log_dir)
+        prefix = os.path.abspath(args.image_bytecode)
+        seconds = _compile_bytecode(prefix, args.log_dir)
         payload["image_bytecode"] = f"compiled into a prefix before the runs, in {seconds:.1f} s"
         print(f"bytecode compiled in {seconds:.1f} s", flush=True)
-        image_env = {"PYTHONPYCACHEPREFIX": os.path.abspath(args.image_bytecode)}
+        image_env = {"PYTHONPYCACHEPREFIX": prefix}
     warm = _fresh_caches(root)  # filled by the cold runs, then used warm
     for config in args.configs.split(","):
         extra = CONFIGS[config]
