@@ -135,9 +135,10 @@ def _traceable_rank(rank, port, x, dy, stats_by_all_reduce, results):
     syncbn.STATS_BY_ALL_REDUCE = stats_by_all_reduce  # what use_symmetric_memory sets on GPUs
     try:
         layer = syncbn.SyncBatchNorm(CHANNELS).double()
-        # What --compile makes of the layer: one graph (fullgraph: a graph break fails the test), built
-        # by inductor, whose partitioner once let the backward read a buffer the forward updates.
-        compiled = torch.compile(layer, fullgraph=True)
+        # What --compile makes of the layer: one graph (fullgraph: a graph break fails the test), traced with
+        # inductor's decompositions and partitioner, which once let the backward read a buffer the forward
+        # updates. Its CPU kernels are not built: C++ builds cost a minute here, and the GPU tests run inductor.
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager_decomp_partition")
         outs = []
         for path in (syncbn._SyncBatchNormFunction.apply, syncbn._traceable_sync_batch_norm, "compiled"):
             w = torch.linspace(0.5, 1.5, CHANNELS, dtype=torch.float64, requires_grad=True)
