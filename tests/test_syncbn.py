@@ -137,7 +137,7 @@ def _traceable_rank(rank, port, x, dy, stats_by_all_reduce, results):
         layer = syncbn.SyncBatchNorm(CHANNELS).double()
         # What --compile makes of the layer: one graph (fullgraph: a graph break fails the test), traced with
         # inductor's decompositions and partitioner, which once let the backward read a buffer the forward
-        # updates. Its CPU kernels are not built: C++ builds cost a minute here, and the GPU tests run inductor.
+        # updates. Its CPU kernels are not built (slow C++ builds); the GPU tests run inductor itself.
         compiled = torch.compile(layer, fullgraph=True, backend="aot_eager_decomp_partition")
         outs = []
         for path in (syncbn._SyncBatchNormFunction.apply, syncbn._traceable_sync_batch_norm, "compiled"):
