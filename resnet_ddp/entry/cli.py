@@ -770,10 +770,10 @@ def describe_options() -> List[Tuple[str, List[Tuple[str, str, str, str]]]]:
             flags = ", ".join(action.option_strings)
             if action.metavar or (action.nargs != 0 and not isinstance(action, argparse.BooleanOptionalAction)):
                 if not isinstance(action, (argparse._StoreTrueAction,)):
-                    flags += " " + (
-                        action.metavar
-                        or (("{" + ",".join(map(str, action.choices)) + "}") if action.choices else action.dest.upper())
+                    value = action.metavar or (
+                        ("{" + ",".join(map(str, action.choices)) + "}") if action.choices else action.dest.upper()
                     )
+                    flags += " " + (f"[{value}]" if action.nargs == argparse.OPTIONAL else value)  # as --help shows
             shown = getattr(action, "shown_default", None)
             plain = action.default is None or action.default is False
             default = shown if shown is not None else ("" if plain else str(action.default))
