@@ -113,6 +113,8 @@ def record_failure(place: Dict[str, object], error: str) -> Optional[Dict[str, o
     """
     prefix = _FAILURES.format(attempt=os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     mine = {**place, "error": error, "time": time.time()}
+    if not _store_listening():
+        return None
     try:
         store = dist.distributed_c10d._get_default_store()
         store.set_timeout(timedelta(seconds=FAILURE_STORE_TIMEOUT_S))
@@ -124,3 +126,16 @@ def record_failure(place: Dict[str, object], error: str) -> Optional[Dict[str, o
         return json.loads(store.get(f"{prefix}/1"))
     except Exception:  # no group, no store, a store whose host has gone: say what this rank knows
         return None
+
+
+def _store_listening() -> bool:
+    """Whether the env:// store's address still takes connections. Where its host has gone (rank 0 died first),
+    asking the store would fail all the same, after torch prints a C++ stack trace of its own on stderr."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        return True  # not env://: the store call finds out
+    try:
+        socket.create_connection((addr, int(port)), timeout=FAILURE_STORE_TIMEOUT_S).close()
+        return True
+    except (OSError, ValueError):
+        return False

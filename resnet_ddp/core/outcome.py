@@ -28,6 +28,7 @@ class RunOutcome:
     error: Optional[str] = None  # FAILED: "Type: first line of the message"
     failed_rank: Optional[int] = None  # FAILED: the rank whose error came first
     failed_host: Optional[str] = None
+    failed_error: Optional[str] = None  # FAILED: that rank's error, None where this rank could not learn it
 
     @classmethod
     def of(cls, reason: StopReason, diverged: Optional[Tuple[int, int]]) -> "RunOutcome":
@@ -44,8 +45,12 @@ class RunOutcome:
         return cls(FINISHED, 0)
 
     @classmethod
-    def failed(cls, error: str, rank: Optional[int], host: Optional[str] = None) -> "RunOutcome":
-        return cls(FAILED, EXIT_FAILED, error=error, failed_rank=rank, failed_host=host)
+    def failed(
+        cls, error: str, rank: Optional[int], host: Optional[str] = None, *, rank_error_known: bool = True
+    ) -> "RunOutcome":
+        """`error`: the first failure's where known, else this rank's own (then not the failed rank's)."""
+        first = error if rank_error_known else None
+        return cls(FAILED, EXIT_FAILED, error=error, failed_rank=rank, failed_host=host, failed_error=first)
 
     def stopped_late(self, signum: int) -> "RunOutcome":
         """A stop signal that came after the last step: the run's work is done, and the job was stopped all the
@@ -69,7 +74,7 @@ class RunOutcome:
         )
         if self.exit_reason == FAILED:
             fields["error"] = self.error
-            fields["first_failure"] = {"rank": self.failed_rank, "host": self.failed_host, "error": self.error}
+            fields["first_failure"] = {"rank": self.failed_rank, "host": self.failed_host, "error": self.failed_error}
         return fields
 
     def error_line(self) -> Optional[str]:

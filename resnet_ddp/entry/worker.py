@@ -104,7 +104,9 @@ def _failed(
         log.error(f"failed because {who} failed first: {error} (traceback in {log_file})")
         log.debug(traceback.format_exc().rstrip())  # the log file's only
     cause = first or {"rank": rank.rank, "host": place["host"], "error": error}
-    outcome = RunOutcome.failed(cause["error"] or error, cause["rank"], cause["host"])
+    outcome = RunOutcome.failed(
+        cause["error"] or error, cause["rank"], cause["host"], rank_error_known=cause["error"] is not None
+    )
     steps = trainer.state.global_step if trainer is not None else 0
     with contextlib.suppress(Exception):  # a full disk may refuse even this line
         metrics.record({"kind": "end", "global_step": steps, **outcome.summary_fields()})
