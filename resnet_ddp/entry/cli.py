@@ -271,7 +271,8 @@ def build_parser(environ: Mapping[str, str] = os.environ, scenario: Optional[str
         "--warmup-steps",
         type=int,
         default=length.warmup_steps,
-        help="steps left out of the summary's throughput and step times (start-up, autotuning, capture)",
+        help="steps left out of the summary's throughput and step times (start-up, autotuning, capture); a run with "
+        "no more steps than this leaves out only its first",
     )
 
     g = p.add_argument_group("reporting")
