@@ -59,12 +59,28 @@ def test_a_checkpoint_made_with_other_arithmetic_is_refused_and_kept(save_dir):
     (line,) = result.stderr.strip().splitlines()
     assert "image_size 32 (now 64)" in line and "--resume never" in line
     assert {p.name: p.read_bytes() for p in save_dir.glob("checkpoint-*.pt")} == before
+    elsewhere = str(save_dir.parent / "elsewhere")
     assert (
-        run_train(
-            *TINY, "--epochs", "1", "--image-size", "64", "--resume", "never", "--save-dir", str(save_dir)
-        ).returncode
+        run_train(*TINY, "--epochs", "1", "--image-size", "64", "--resume", "never", "--save-dir", elsewhere).returncode
         == 0
     )  # the way out the message names
+
+
+def test_a_run_that_would_write_over_an_earlier_lines_files_is_refused_and_they_are_kept(save_dir):
+    # A run writes checkpoint-<step>.pt and model_final.pth: going back to an older checkpoint, or starting
+    # afresh, in a save dir that holds later ones would replace them under the same names.
+    assert run_train(*TINY, "--epochs", "2", "--save-dir", str(save_dir)).returncode == 0
+    before = {p.name: p.read_bytes() for p in save_dir.iterdir() if p.suffix in (".pt", ".pth")}
+    assert {"checkpoint-000000008.pt", "model_final.pth"} <= set(before)
+    for resume in (str(save_dir / "checkpoint-000000004.pt"), "never"):
+        result = run_train(*TINY, "--epochs", "2", "--resume", resume, "--save-dir", str(save_dir), timeout=60)
+        assert result.returncode == 2, result.stderr[-2000:]
+        (line,) = result.stderr.strip().splitlines()
+        assert "checkpoint-000000008.pt" in line and "model_final.pth" in line and "another --save-dir" in line
+    assert {p.name: p.read_bytes() for p in save_dir.iterdir() if p.suffix in (".pt", ".pth")} == before
+    # continuing the line from its newest checkpoint, named, writes over nothing of another line
+    newest = str(save_dir / "checkpoint-000000008.pt")
+    assert run_train(*TINY, "--epochs", "3", "--resume", newest, "--save-dir", str(save_dir)).returncode == 0
 
 
 def test_a_truncated_newest_checkpoint_is_reported_and_the_previous_used_with_this_runs_learning_rate(save_dir):

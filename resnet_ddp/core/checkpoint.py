@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -26,12 +27,11 @@ from resnet_ddp.core.callbacks import Callback
 from resnet_ddp.core.checkpoint_writer import CheckpointWriter
 from resnet_ddp.core.files import root_cause, save_atomically, write_json
 from resnet_ddp.core.lineage import (
+    FINAL_MODEL_NAME,
     LINEAGE_NAME,
-    _step_of,
     checkpoint_path,
-    list_checkpoints,
+    continued_lineage,
     other_arithmetic,
-    read_lineage,
     resume_candidates,
 )
 from resnet_ddp.core.progress import Progress, TrainState
@@ -39,7 +39,6 @@ from resnet_ddp.errors import CheckpointWriteError, UsageError
 
 log = logging.getLogger(__name__)
 
-FINAL_MODEL_NAME = "model_final.pth"
 FORMAT_VERSION = 1
 
 # Why the loop asks for a checkpoint.
@@ -49,10 +48,12 @@ STOP = "stop"  # an agreed stop: a signal, --duration, a non-finite loss
 
 
 def load_checkpoint(path: str) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except TypeError:  # torch < 1.13 has no weights_only
-        return torch.load(path, map_location="cpu")
+    with warnings.catch_warnings():  # torch's remarks on a file that is no checkpoint: the caller says it in one line
+        warnings.simplefilter("ignore")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except TypeError:  # torch < 1.13 has no weights_only
+            return torch.load(path, map_location="cpu")
 
 
 def find_resume_point(save_dir: str, resume: str, fingerprint: dict, report: bool = True) -> Optional[Tuple[str, dict]]:
@@ -115,7 +116,7 @@ def resume(
     """Rank 0 picks and loads the checkpoint; every rank gets its state by broadcast (save dirs may be
     node-local) and loads it into `model` (the bare module), `optimizer`, `scaler` and the RNGs."""
     found = find_resume_point(save_dir, config.resume, fingerprint) if rank.is_main else None
-    lineage = _lineage_from(save_dir, found[0] if found else None) if rank.is_main else []
+    lineage = continued_lineage(save_dir, found[0] if found else None) if rank.is_main else []
     box = [found]
     dist.broadcast_object_list(box, src=0)
     if box[0] is None:
@@ -157,20 +158,6 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, saved: dict) -> str:
                 changes.append(f"--{key.replace('_', '-')} {value:g} (the checkpoint trained with {group[key]:g})")
                 group[key] = value
     return ", ".join(dict.fromkeys(changes))
-
-
-def _lineage_from(save_dir: str, resumed: Optional[str]) -> List[str]:
-    """The lineage a run continues: the resumed checkpoint and those written before it along its line."""
-    if resumed is None or os.path.dirname(os.path.abspath(resumed)) != os.path.abspath(save_dir):
-        return []  # a fresh start, or --resume from elsewhere: a new lineage starts in this save dir
-    name = os.path.basename(resumed)
-    recorded = read_lineage(save_dir)
-    if name in recorded:
-        return recorded[recorded.index(name) :]
-    # A save dir from before checkpoints.json: the older checkpoints by step, as pruning then went.
-    return [name] + [
-        os.path.basename(p) for p in list_checkpoints(save_dir) if _step_of(os.path.basename(p)) < _step_of(name)
-    ]
 
 
 class CheckpointManager(Callback):

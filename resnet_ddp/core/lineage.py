@@ -17,6 +17,7 @@ from resnet_ddp.errors import UsageError
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_SUFFIX = ".pt"
 LINEAGE_NAME = "checkpoints.json"
+FINAL_MODEL_NAME = "model_final.pth"
 
 
 def checkpoint_path(save_dir: str, global_step: int) -> str:
@@ -80,3 +81,31 @@ def resume_candidates(save_dir: str) -> List[str]:
     lineage = [os.path.join(save_dir, n) for n in read_lineage(save_dir)]
     present = [p for p in lineage if os.path.exists(p)]
     return present + [p for p in list_checkpoints(save_dir) if p not in present]
+
+
+def continued_lineage(save_dir: str, resumed: Optional[str]) -> List[str]:
+    """The lineage a run continues: the resumed checkpoint and those written before it along its line."""
+    if resumed is None or os.path.dirname(os.path.abspath(resumed)) != os.path.abspath(save_dir):
+        return []  # a fresh start, or --resume from elsewhere: a new lineage starts in this save dir
+    name = os.path.basename(resumed)
+    recorded = read_lineage(save_dir)
+    if name in recorded:
+        return recorded[recorded.index(name) :]
+    # A save dir from before checkpoints.json: the older checkpoints by step, as pruning then went.
+    return [name] + [
+        os.path.basename(p) for p in list_checkpoints(save_dir) if _step_of(os.path.basename(p)) < _step_of(name)
+    ]
+
+
+def would_overwrite(save_dir: str, start_step: int, continued: List[str]) -> List[str]:
+    """What a run that starts at `start_step` on the line `continued` ([] for a new line) would write over, by
+    name: checkpoints of other lines at later steps (it writes its own under the same names), and the final
+    model where it leaves the line that wrote it."""
+    later = [
+        os.path.basename(p)
+        for p in list_checkpoints(save_dir)
+        if os.path.basename(p) not in continued and _step_of(os.path.basename(p)) > start_step
+    ]
+    leaves_a_line = later or not continued
+    final = os.path.exists(os.path.join(save_dir, FINAL_MODEL_NAME)) and leaves_a_line
+    return sorted(later, key=_step_of) + ([FINAL_MODEL_NAME] if final else [])

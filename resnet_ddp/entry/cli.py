@@ -354,7 +354,8 @@ def build_parser(environ: Mapping[str, str] = os.environ, scenario: Optional[str
         g,
         "--resume",
         default=ckpt_defaults.resume,
-        help="auto: continue from the newest good checkpoint in the save dir, if any; never; or a path",
+        help="auto: continue from the newest good checkpoint in the save dir, if any; never: start afresh; or a path. "
+        "A run that would write over checkpoints of an earlier line in the save dir is refused",
     )
 
     g = p.add_argument_group("processes and devices")

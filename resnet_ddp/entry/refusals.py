@@ -108,6 +108,7 @@ def check_resume_point(config: Config) -> None:
 
     resume = config.checkpoint.resume
     if resume == "never":
+        check_nothing_is_overwritten(config, 0, None)
         return
     if resume == "auto":
         candidates = resume_candidates(config.save_dir)
@@ -120,7 +121,25 @@ def check_resume_point(config: Config) -> None:
             return
     from resnet_ddp.core import checkpoint
 
-    checkpoint.find_resume_point(config.save_dir, resume, config.fingerprint(), report=False)
+    found = checkpoint.find_resume_point(config.save_dir, resume, config.fingerprint(), report=False)
+    if resume != "auto" and found is not None:
+        check_nothing_is_overwritten(config, found[1]["global_step"], found[0])
+
+
+def check_nothing_is_overwritten(config: Config, start_step: int, resumed) -> None:
+    """A run that starts afresh, or from a checkpoint other than its line's newest, writes its checkpoints under
+    names that earlier runs may have used in the save dir: refused while such files are there."""
+    from resnet_ddp.core.lineage import continued_lineage, would_overwrite
+
+    names = would_overwrite(config.save_dir, start_step, continued_lineage(config.save_dir, resumed))
+    if names:
+        what = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        start = "starts afresh" if resumed is None else f"starts at step {start_step}"
+        raise UsageError(
+            f"--resume {config.checkpoint.resume} {start}, and the save dir holds {what} of an earlier line that "
+            "this run would write over: move them, or use another --save-dir (a restarted job continues with "
+            "--resume auto)"
+        )
 
 
 def check_memory_fits(config: Config, plan) -> None:
