@@ -91,6 +91,16 @@ def test_help_documents_the_environment():
         assert option in text
 
 
+# A worker's variables as torchrun sets them, but RANK (the cases add theirs).
+_TORCHRUN_WORKER = {
+    "LOCAL_WORLD_SIZE": "1",
+    "WORLD_SIZE": "1",
+    "LOCAL_RANK": "0",
+    "MASTER_ADDR": "127.0.0.1",
+    "MASTER_PORT": "29512",
+}
+
+
 @pytest.mark.parametrize(
     "args,env,expected",
     [
@@ -117,6 +127,20 @@ def test_help_documents_the_environment():
         (TINY + ["--image-size", "100000"], {}, "needs at least"),
         (TINY + ["--num-classes", "1000000000"], {}, "needs at least"),
         (TINY + ["--batch-size", "100000", "--image-size", "224"], {}, "needs at least"),
+        # values that would overflow or misbehave in torch, c10d or the DataLoader long after the start
+        (["--dataset-size", str(2**63)], {}, "--dataset-size must be at most 2**63 - 1"),
+        (["--num-workers", "100000"], {}, "--num-workers must be at most"),
+        (["--lr", "1e39"], {}, "--lr must be a positive number a float32 holds"),
+        (["--weight-decay", "1e308"], {}, "--weight-decay must be"),
+        (["--dist-timeout", "1e15"], {}, "--dist-timeout must be between 1 and"),
+        (["--dist-timeout", "1e-9"], {}, "--dist-timeout must be between 1 and"),
+        (TINY + ["--metrics-port", "29558", "--master-port", "29558"], {}, "give them different ports"),
+        (TINY, {"MASTER_PORT": "70000"}, "MASTER_PORT='70000' must be at most 65535"),
+        (TINY, {"WORLD_SIZE": "1", "MASTER_ADDR": " ", "MASTER_PORT": "29611"}, "MASTER_ADDR is empty"),
+        (["--cpu"], _TORCHRUN_WORKER, "runs as a torchrun worker, but RANK is not"),
+        (["--cpu"], {**_TORCHRUN_WORKER, "RANK": "5"}, "RANK=5 must be below WORLD_SIZE=1"),
+        (["--cpu"], {**_TORCHRUN_WORKER, "RANK": "0", "GROUP_RANK": "abc"}, "GROUP_RANK='abc' must be an integer"),
+        (TINY, {**_TORCHRUN_WORKER, "RANK": "0"}, "--nproc-per-node is torchrun's to set under torchrun"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, env, expected, save_dir):
@@ -145,6 +169,23 @@ def test_nothing_is_created_before_every_refusal_is_done(tmp_path):
             assert result.returncode == 2, result.stderr
             (line,) = result.stderr.strip().splitlines()
             assert says in line and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["checkpoints.json", "summary.json", "model_final.pth", ".lock"])
+def test_a_directory_where_the_job_writes_a_file_is_refused_before_training(name, save_dir):
+    (save_dir / name).mkdir(parents=True)
+    result = run_train(*TINY, "--save-dir", str(save_dir), timeout=60)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert f"holds a directory {name}, where the job writes a file" in line
+    assert sorted(p.name for p in save_dir.iterdir()) == [name]  # nothing trained, nothing written
+
+
+def test_every_spelling_of_zero_ends_the_metrics_linger_at_once():
+    from resnet_ddp.entry.values import parse_duration_or_zero
+
+    assert [parse_duration_or_zero(text) for text in ("0", "0s", "0.0", "00", "0m")] == [0.0] * 5
+    assert parse_duration_or_zero("1m30s") == 90.0
 
 
 def test_the_launchers_lines_follow_the_log_format(monkeypatch, capsys):

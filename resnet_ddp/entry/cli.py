@@ -61,6 +61,9 @@ ENV_PREFIX = "RESNET_DDP_"
 # Variables of ours that are not options: the test suite's process marker and phase pause (core/phases.py).
 _NOT_OPTIONS = {"RESNET_DDP_TEST_MARKER", "RESNET_DDP_TEST_PAUSE_AT"}
 MIN_IMAGE_SIZE = 32  # every supported ResNet downsamples by 32
+MAX_WORKERS = 256
+FLOAT32_MAX = 3.4028234663852886e38  # the optimizer's arithmetic is float32: a larger value overflows in its step
+MAX_DIST_TIMEOUT_S = 10**9  # c10d adds it to a clock in int64 nanoseconds: 10**10 s already overflows there
 FAST_BATCH_SIZE = 256
 USAGE = "resnet-ddp [options]\n       resnet-ddp report SAVE_DIR"
 
@@ -644,6 +647,12 @@ def validate(config: Config) -> None:
     ):
         if value < least:
             raise UsageError(f"{option} must be at least {least}, got {value}")
+    if training.dataset_size > sys.maxsize:  # a length Python's len() can give
+        raise UsageError(f"--dataset-size must be at most 2**63 - 1, got {training.dataset_size}")
+    if training.num_workers > MAX_WORKERS:
+        raise UsageError(
+            f"--num-workers must be at most {MAX_WORKERS} DataLoader processes per rank, got {training.num_workers}"
+        )
     if training.num_classes < 2:
         raise UsageError(
             f"--num-classes must be at least 2 (with one class the loss is 0 at every step), got {training.num_classes}"
@@ -664,18 +673,22 @@ def validate(config: Config) -> None:
         raise UsageError(
             f"--image-size must be at least {MIN_IMAGE_SIZE} for {config.model.arch}, got {config.model.image_size}"
         )
-    if not (math.isfinite(training.lr) and training.lr > 0):
-        raise UsageError(f"--lr must be a positive finite number, got {training.lr}")
+    if not (math.isfinite(training.lr) and 0 < training.lr <= FLOAT32_MAX):
+        raise UsageError(f"--lr must be a positive number a float32 holds, got {training.lr}")
     for option, value in (("--momentum", training.momentum), ("--weight-decay", training.weight_decay)):
-        if not (math.isfinite(value) and value >= 0):
-            raise UsageError(f"{option} must be a finite number of 0 or more, got {value}")
+        if not (math.isfinite(value) and 0 <= value <= FLOAT32_MAX):
+            raise UsageError(f"{option} must be a number of 0 or more that a float32 holds, got {value}")
     if not 0 <= training.seed < 2**63:
         raise UsageError(f"--seed must be in [0, 2**63), got {training.seed}")
     for option, port in (("--master-port", process.master_port), ("--metrics-port", config.reporting.metrics_port)):
         if port is not None and not 1 <= port <= 65535:
             raise UsageError(f"{option} must be in 1..65535, got {port}")
-    if not (math.isfinite(process.dist_timeout) and process.dist_timeout > 0):
-        raise UsageError(f"--dist-timeout must be a positive number of seconds, got {process.dist_timeout}")
+    if not (math.isfinite(process.dist_timeout) and 1 <= process.dist_timeout <= MAX_DIST_TIMEOUT_S):
+        raise UsageError(
+            f"--dist-timeout must be between 1 and {MAX_DIST_TIMEOUT_S:,} seconds, got {process.dist_timeout:g}"
+        )
+    if process.master_port is not None and process.master_port == config.reporting.metrics_port:
+        raise UsageError(f"--master-port and --metrics-port are both {process.master_port}: give them different ports")
     if config.checkpoint.resume not in ("auto", "never") and not os.path.isfile(config.checkpoint.resume):
         raise UsageError(f"--resume {config.checkpoint.resume!r}: no such checkpoint file (or use auto / never)")
     if process.cpu and config.speed.amp == "fp16":

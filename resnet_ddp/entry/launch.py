@@ -90,7 +90,7 @@ class LaunchPlan:
         }
 
 
-def _env_int(environ: Mapping[str, str], name: str, minimum: int) -> int:
+def _env_int(environ: Mapping[str, str], name: str, minimum: int, maximum: Optional[int] = None) -> int:
     raw = environ.get(name, "")
     try:
         value = int(raw)
@@ -98,7 +98,40 @@ def _env_int(environ: Mapping[str, str], name: str, minimum: int) -> int:
         raise UsageError(f"{name}={raw!r} must be an integer") from None
     if value < minimum:
         raise UsageError(f"{name}={raw!r} must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise UsageError(f"{name}={raw!r} must be at most {maximum}")
     return value
+
+
+def _env_port(environ: Mapping[str, str]) -> int:
+    return _env_int(environ, "MASTER_PORT", 1, 65535)
+
+
+def _master_addr(environ: Mapping[str, str]) -> str:
+    addr = environ.get("MASTER_ADDR", "").strip()
+    if not addr:
+        raise UsageError("MASTER_ADDR is empty: set it to the address of the node that runs rank 0")
+    return addr
+
+
+def _check_torchrun_worker(config: Config, environ: Mapping[str, str], world_size: int) -> None:
+    """The variables torchrun gives each worker; a pod that sets LOCAL_WORLD_SIZE itself looks like one too."""
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if name not in environ:
+            raise UsageError(
+                f"LOCAL_WORLD_SIZE is set, so this process runs as a torchrun worker, but {name} is not: "
+                "start it with torchrun, or leave LOCAL_WORLD_SIZE unset"
+            )
+    if _env_int(environ, "RANK", 0) >= world_size:
+        raise UsageError(f"RANK={environ['RANK']} must be below WORLD_SIZE={world_size}")
+    _master_addr(environ)
+    _env_port(environ)
+    for option, value in (
+        ("--nproc-per-node", config.process.nproc_per_node),
+        ("--master-port", config.process.master_port),
+    ):
+        if value is not None:
+            raise UsageError(f"{option} is torchrun's to set under torchrun: give it to torchrun, not to train.py")
 
 
 def _free_port() -> int:
@@ -141,6 +174,7 @@ def plan_launch(config: Config, environ: Mapping[str, str]) -> LaunchPlan:
     if "TORCHELASTIC_RUN_ID" in environ or "LOCAL_WORLD_SIZE" in environ:
         world_size = _env_int(environ, "WORLD_SIZE", 1)
         local_rank = _env_int(environ, "LOCAL_RANK", 0)
+        _check_torchrun_worker(config, environ, world_size)
         if not config.process.cpu and local_rank >= len(gpus):
             raise UsageError(
                 f"LOCAL_RANK {local_rank} has no GPU: {len(gpus)} visible here "
@@ -150,10 +184,10 @@ def plan_launch(config: Config, environ: Mapping[str, str]) -> LaunchPlan:
             mode="torchrun",
             device_type=device_type,
             nproc=_env_int(environ, "LOCAL_WORLD_SIZE", 1),
-            node_rank=int(environ.get("GROUP_RANK", "0") or 0),
+            node_rank=_env_int(environ, "GROUP_RANK", 0) if environ.get("GROUP_RANK") else 0,
             world_size=world_size,
-            master_addr=environ.get("MASTER_ADDR", ""),
-            master_port=int(environ.get("MASTER_PORT", "0") or 0),
+            master_addr=_master_addr(environ),
+            master_port=_env_port(environ),
             gpus=gpus,
         )
     elif "WORLD_SIZE" in environ and "MASTER_ADDR" in environ:
@@ -163,14 +197,14 @@ def plan_launch(config: Config, environ: Mapping[str, str]) -> LaunchPlan:
             raise UsageError(f"RANK={node_rank} must be below WORLD_SIZE={nnodes} (they count nodes here)")
         if config.process.master_port is None and "MASTER_PORT" not in environ:
             raise UsageError("MASTER_ADDR is set but MASTER_PORT is not: set MASTER_PORT or pass --master-port")
-        port = config.process.master_port or _env_int(environ, "MASTER_PORT", 1)
+        port = config.process.master_port or _env_port(environ)
         nproc = _local_process_count(config, gpus)
-        plan = LaunchPlan("node-env", device_type, nproc, node_rank, nnodes * nproc, environ["MASTER_ADDR"], port, gpus)
+        plan = LaunchPlan("node-env", device_type, nproc, node_rank, nnodes * nproc, _master_addr(environ), port, gpus)
     else:
         if config.process.master_port is not None:
             port = config.process.master_port
         elif "MASTER_PORT" in environ:
-            port = _env_int(environ, "MASTER_PORT", 1)
+            port = _env_port(environ)
         else:
             port = _free_port()
         nproc = _local_process_count(config, gpus)

@@ -10,6 +10,7 @@ import os
 import socket
 
 from resnet_ddp.config import Config
+from resnet_ddp.core.lineage import FINAL_MODEL_NAME, LINEAGE_NAME
 from resnet_ddp.entry import savedir
 from resnet_ddp.errors import UsageError
 
@@ -17,6 +18,7 @@ from resnet_ddp.errors import UsageError
 def refuse_what_cannot_run(config: Config, plan) -> None:
     """Every start-up check of this process's share of the job, then the save dir."""
     check_save_dir_can_be_made(config.save_dir)
+    check_outputs_can_be_written(config.save_dir)
     if plan.holds_rank_zero:
         check_resume_point(config)
     if plan.holds_rank_zero and config.reporting.tensorboard:
@@ -49,6 +51,20 @@ def check_save_dir_can_be_made(path: str) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         what = "is not writable" if existing == os.path.abspath(path) else f"cannot be made in {existing}"
         raise UsageError(f"save dir {path!r} {what}: permission denied")
+
+
+# The files the job writes at the top of the save dir (named here as their torch-importing modules name them).
+_OUTPUT_FILES = (LINEAGE_NAME, FINAL_MODEL_NAME, "summary.json", "preflight.json", savedir.LOCK_NAME)
+
+
+def check_outputs_can_be_written(save_dir: str) -> None:
+    """A directory left where the job writes a file (or a file where it keeps its logs) would fail the run late."""
+    for name in _OUTPUT_FILES:
+        if os.path.isdir(os.path.join(save_dir, name)):
+            raise UsageError(f"save dir {save_dir} holds a directory {name}, where the job writes a file: remove it")
+    logs = os.path.join(save_dir, "logs")
+    if os.path.exists(logs) and not os.path.isdir(logs):
+        raise UsageError(f"save dir {save_dir} holds a file logs, where the job keeps its log directory: remove it")
 
 
 def make_save_dir(path: str) -> None:

@@ -44,7 +44,10 @@ _held: List[int] = []  # the lock's file descriptor, open for the life of the pr
 def lock(save_dir: str, wait_s: float = LOCK_WAIT_S) -> None:
     """Hold the save dir for this job, or refuse (UsageError) naming the job that holds it."""
     path = os.path.join(save_dir, LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UsageError(f"save dir {save_dir}: its lock file {path} cannot be opened: {exc.strerror or exc}") from None
     deadline = time.monotonic() + wait_s
     said = False
     while True:

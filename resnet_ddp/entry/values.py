@@ -37,7 +37,12 @@ def parse_duration(text: str) -> float:
 
 def parse_duration_or_zero(text: str) -> float:
     """A duration, or 0 (none)."""
-    return 0.0 if text.strip() in ("0", "0s") else parse_duration(text)
+    try:
+        if float(text.strip().rstrip("smh")) == 0:  # 0, 0.0, 00, 0s, 0m
+            return 0.0
+    except ValueError:
+        pass
+    return parse_duration(text)
 
 
 def _fraction_or_percent(text: str) -> float:
