@@ -140,7 +140,7 @@ _TORCHRUN_WORKER = {
         (["--cpu"], _TORCHRUN_WORKER, "runs as a torchrun worker, but RANK is not"),
         (["--cpu"], {**_TORCHRUN_WORKER, "RANK": "5"}, "RANK=5 must be below WORLD_SIZE=1"),
         (["--cpu"], {**_TORCHRUN_WORKER, "RANK": "0", "GROUP_RANK": "abc"}, "GROUP_RANK='abc' must be an integer"),
-        (TINY, {**_TORCHRUN_WORKER, "RANK": "0"}, "--nproc-per-node is torchrun's to set under torchrun"),
+        (TINY, {**_TORCHRUN_WORKER, "RANK": "0"}, "--nproc-per-node 2 contradicts torchrun's LOCAL_WORLD_SIZE=1"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, env, expected, save_dir):

@@ -126,12 +126,15 @@ def _check_torchrun_worker(config: Config, environ: Mapping[str, str], world_siz
         raise UsageError(f"RANK={environ['RANK']} must be below WORLD_SIZE={world_size}")
     _master_addr(environ)
     _env_port(environ)
-    for option, value in (
-        ("--nproc-per-node", config.process.nproc_per_node),
-        ("--master-port", config.process.master_port),
+    for option, value, name in (
+        ("--nproc-per-node", config.process.nproc_per_node, "LOCAL_WORLD_SIZE"),
+        ("--master-port", config.process.master_port, "MASTER_PORT"),
     ):
-        if value is not None:
-            raise UsageError(f"{option} is torchrun's to set under torchrun: give it to torchrun, not to train.py")
+        if value is not None and str(value) != environ.get(name):
+            raise UsageError(
+                f"{option} {value} contradicts torchrun's {name}={environ.get(name)}: under torchrun, give it to "
+                "torchrun, not to train.py"
+            )
 
 
 def _free_port() -> int:
