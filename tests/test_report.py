@@ -331,3 +331,26 @@ def test_a_resumed_run_shows_both_ends_and_is_not_taken_for_the_earlier_one(tmp_
     headline = only(with_gid(figure, "headline")).get_text()
     assert "running" in headline and "stopped by signal" not in headline
     assert "of an earlier run" in (tmp_path / "report.html").read_text()
+
+
+def test_lines_that_are_no_records_of_ours_are_skipped(tmp_path):
+    save_dir = write_save_dir(tmp_path, records_of_a_run(), SUMMARY)
+    with open(save_dir / "logs" / "metrics.jsonl", "ab") as f:
+        f.write(b'\xff\xfe not text\n{"kind": "step"}\n{"kind": "step", "rank": 0, "time": "x"}\n[1, 2]\n')
+    assert report.main([str(save_dir)]) == 0
+    assert (save_dir / "report.png").stat().st_size > 0
+
+
+def test_what_the_report_cannot_do_is_one_line_and_exit_2(tmp_path, capsys):
+    save_dir = write_save_dir(tmp_path, records_of_a_run(), SUMMARY)
+    (save_dir / "report.png").mkdir()  # where the picture goes
+    for argv, says in (
+        ([str(save_dir)], "cannot write the report in"),
+        ([], "the following arguments are required: save_dir"),
+        ([str(save_dir), "extra"], "unrecognized arguments: extra"),
+        ([str(tmp_path / "none")], "does not exist"),
+    ):
+        assert report.main(argv) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("resnet-ddp report: error:") and says in line, line
+    assert not list(save_dir.glob("*.tmp")) and not list(save_dir.glob(".*.tmp"))

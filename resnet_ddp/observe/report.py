@@ -10,7 +10,6 @@ straggler warnings, the end) are marked on every panel. Needs matplotlib (the
 
 from __future__ import annotations
 
-import argparse
 import base64
 import glob
 import html
@@ -23,6 +22,7 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from resnet_ddp.core.files import write_atomically
 from resnet_ddp.errors import UsageError
 
 METRICS_PATH = os.path.join("logs", "metrics.jsonl")  # as observe.metrics.metrics_path, without importing torch
@@ -37,17 +37,28 @@ FAILURE_RED, MARKER_BLACK = "tab:red", "0.15"
 
 
 def read_records(path: str) -> List[dict]:
-    """Every complete JSON line; a line cut short by a crash (the last one) is skipped."""
+    """Every complete record; a line cut short by a crash (the last one), or that is no record of ours, is
+    skipped."""
     records = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(record, dict):
+            if _is_record(record):
                 records.append(record)
     return records
+
+
+def _is_record(record) -> bool:
+    """Every record the job writes has its kind, time and rank (docs/metrics.md)."""
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("kind"), str)
+        and isinstance(record.get("time"), (int, float))
+        and isinstance(record.get("rank"), int)
+    )
 
 
 def read_summary(save_dir: str) -> Optional[dict]:
@@ -481,8 +492,6 @@ def write_report(save_dir: str) -> List[str]:
     draw(records, title, summary).savefig(buffer, format="png", dpi=DPI)
     png = buffer.getvalue()
     png_path, html_path = os.path.join(save_dir, PNG_NAME), os.path.join(save_dir, HTML_NAME)
-    with open(png_path, "wb") as f:
-        f.write(png)
     page = (
         f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         "<style>body{font-family:sans-serif;margin:2em}th{text-align:left;padding-right:1em}</style></head>"
@@ -491,17 +500,21 @@ def write_report(save_dir: str) -> List[str]:
         f'src="data:image/png;base64,{base64.b64encode(png).decode()}">'
         f"{_events_table(records)}{_summary_table(summary, records)}</body></html>\n"
     )
-    with open(html_path, "w", encoding="utf-8") as f:
-        f.write(page)
+    try:
+        write_atomically(png_path, lambda f: f.write(png))  # a failed write leaves no half-written report
+        write_atomically(html_path, lambda f: f.write(page.encode("utf-8")))
+    except OSError as exc:
+        raise UsageError(f"cannot write the report in {save_dir}: {exc.strerror or exc} ({exc.filename})") from None
     return [png_path, html_path]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="resnet-ddp report", description=__doc__.split("\n\n")[0])
+    from resnet_ddp.entry.cli import _Parser  # errors in one line
+
+    parser = _Parser(prog="resnet-ddp report", description=__doc__.split("\n\n")[0])
     parser.add_argument("save_dir", help="the run's --save-dir (it holds logs/metrics.jsonl)")
-    args = parser.parse_args(argv)
     try:
-        paths = write_report(args.save_dir)
+        paths = write_report(parser.parse_args(argv).save_dir)
     except UsageError as exc:
         print(f"resnet-ddp report: error: {exc}", file=sys.stderr)
         return 2
