@@ -117,6 +117,8 @@ _TORCHRUN_WORKER = {
         (["--epochs", "two"], {}, "--epochs"),
         (["--no-such-option"], {}, "--no-such-option"),
         ([], {"RESNET_DDP_BATCH_SIZE": "big"}, "RESNET_DDP_BATCH_SIZE"),
+        ([], {"RESNET_DDP_LR": "nan"}, "--lr must be a positive number a float32 holds, got nan (from RESNET_DDP_LR)"),
+        (["--fail-rank", "xyz"], {}, "'xyz' is not a rank (0, 1, ...) or 'all'"),
         (TINY + ["--dataset-size", "1"], {}, "--dataset-size 1 is smaller than the 2 processes"),
         (TINY + ["--fail-at-step", "1", "--fail-rank", "2"], {}, "--fail-rank 2"),
         (TINY + ["--compile"], {"CXX": "/no/such/compiler"}, "--compile needs a C++ compiler"),

@@ -703,6 +703,16 @@ def validate(config: Config) -> None:
         raise UsageError("--gpu-memory-ballast holds GPU memory, and a --cpu run has none: drop one of them")
 
 
+def _naming_its_variable(message: str, argv: Sequence[str], environ: Mapping[str, str]) -> str:
+    """A refusal of an option that came from its RESNET_DDP_* variable says so: the command line has no such word."""
+    option = message.split(" ", 1)[0]
+    variable = ENV_PREFIX + option[2:].replace("-", "_").upper()
+    on_the_command_line = any(arg == option or arg.startswith(option + "=") for arg in argv)
+    if option.startswith("--") and variable in environ and not on_the_command_line:
+        return f"{message} (from {variable})"
+    return message
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["report"]:
@@ -718,7 +728,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(presets.table(), flush=True)
             return 0
         config = config_from_args(args)
-        validate(config)
+        try:
+            validate(config)
+        except UsageError as exc:
+            raise UsageError(_naming_its_variable(str(exc), argv, os.environ)) from None
         from resnet_ddp.core import compile_cache
 
         if not config.health.preflight_only:  # a check leaves its report and logs only

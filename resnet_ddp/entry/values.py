@@ -136,7 +136,10 @@ def parse_bool(text: str) -> bool:
 def parse_fail_rank(text: str) -> int:
     if text == "all":
         return ALL_RANKS
-    return int(text)
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rank (0, 1, ...) or 'all'") from None
 
 
 def parse_preflight_mode(text: str) -> str:
