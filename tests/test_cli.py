@@ -119,6 +119,7 @@ _TORCHRUN_WORKER = {
         ([], {"RESNET_DDP_BATCH_SIZE": "big"}, "RESNET_DDP_BATCH_SIZE"),
         ([], {"RESNET_DDP_LR": "nan"}, "--lr must be a positive number a float32 holds, got nan (from RESNET_DDP_LR)"),
         (["--fail-rank", "xyz"], {}, "'xyz' is not a rank (0, 1, ...) or 'all'"),
+        (["--scenario", "memory", "--cpu"], {}, "--scenario memory holds GPU memory, and a --cpu run has none"),
         (TINY + ["--dataset-size", "1"], {}, "--dataset-size 1 is smaller than the 2 processes"),
         (TINY + ["--fail-at-step", "1", "--fail-rank", "2"], {}, "--fail-rank 2"),
         (TINY + ["--compile"], {"CXX": "/no/such/compiler"}, "--compile needs a C++ compiler"),
@@ -181,6 +182,22 @@ def test_a_directory_where_the_job_writes_a_file_is_refused_before_training(name
     (line,) = result.stderr.strip().splitlines()
     assert f"holds a directory {name}, where the job writes a file" in line
     assert sorted(p.name for p in save_dir.iterdir()) == [name]  # nothing trained, nothing written
+
+
+def test_a_save_dir_refusal_names_where_the_save_dir_came_from(tmp_path, monkeypatch, capsys):
+    from resnet_ddp.entry import cli
+
+    monkeypatch.setenv("OUTPUT_DIR", "   ")  # AstraGo's variable, set blank
+    assert cli.main(["--cpu"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "OUTPUT_DIR is blank" in line
+    monkeypatch.delenv("OUTPUT_DIR")
+    dangling = tmp_path / "volume"
+    dangling.symlink_to(tmp_path / "not-mounted")
+    assert cli.main(["--cpu", "--save-dir", str(dangling)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "is a symbolic link to" in line and "which does not exist" in line
+    assert not (tmp_path / "not-mounted").exists()
 
 
 def test_every_spelling_of_zero_ends_the_metrics_linger_at_once():

@@ -354,3 +354,10 @@ def test_what_the_report_cannot_do_is_one_line_and_exit_2(tmp_path, capsys):
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert line.startswith("resnet-ddp report: error:") and says in line, line
     assert not list(save_dir.glob("*.tmp")) and not list(save_dir.glob(".*.tmp"))
+
+
+def test_a_summary_with_fields_of_other_types_is_drawn_without_them(tmp_path):
+    edited = {**SUMMARY, "img_s": "fast", "world_size": "two", "mfu": [0.1], "exit_reason": 0}
+    save_dir = write_save_dir(tmp_path, records_of_a_run(), edited)
+    assert report.main([str(save_dir)]) == 0
+    assert (save_dir / "report.png").stat().st_size > 0

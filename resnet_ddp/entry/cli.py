@@ -668,6 +668,8 @@ def validate(config: Config) -> None:
     if not config.save_dir.strip():
         raise UsageError(
             f"--save-dir is empty: name a directory (or leave it out for $OUTPUT_DIR, else {Config.save_dir})"
+            if config.save_dir != os.environ.get("OUTPUT_DIR")
+            else "OUTPUT_DIR is blank: set it to the save dir, or unset it, or pass --save-dir"
         )
     if config.model.image_size < MIN_IMAGE_SIZE:
         raise UsageError(
@@ -700,6 +702,9 @@ def validate(config: Config) -> None:
             "--duty-cycle and --load-profile both given: the profile sets each phase's duty cycle; give one of them"
         )
     if scenario.gpu_memory_ballast is not None and process.cpu:
+        preset = presets.BY_NAME.get(scenario.name)
+        if preset is not None and "--gpu-memory-ballast" in preset.options:
+            raise UsageError(f"--scenario {scenario.name} holds GPU memory, and a --cpu run has none: drop one of them")
         raise UsageError("--gpu-memory-ballast holds GPU memory, and a --cpu run has none: drop one of them")
 
 

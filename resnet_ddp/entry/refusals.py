@@ -40,6 +40,8 @@ def refuse_what_cannot_run(config: Config, plan) -> None:
 
 def check_save_dir_can_be_made(path: str) -> None:
     """The save dir exists and is writable, or can be made: without making it."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise UsageError(f"save dir {path!r} is a symbolic link to {os.readlink(path)!r}, which does not exist")
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         parent = os.path.dirname(existing)

@@ -36,6 +36,19 @@ RANK_LINESTYLES = ("-", "--", "-.", ":")
 FAILURE_RED, MARKER_BLACK = "tab:red", "0.15"
 
 
+_NUMBER = (int, float)
+_SUMMARY_TYPES = {  # the fields the picture and the headline format, with the types summary.json gives them
+    "img_s": _NUMBER,
+    "step_ms_p50": _NUMBER,
+    "mfu": _NUMBER,
+    "gpu_util_pct": _NUMBER,
+    "world_size": int,
+    "device": str,
+    "exit_reason": str,
+    "ended_utc": str,
+}
+
+
 def read_records(path: str) -> List[dict]:
     """Every complete record; a line cut short by a crash (the last one), or that is no record of ours, is
     skipped."""
@@ -68,7 +81,10 @@ def read_summary(save_dir: str) -> Optional[dict]:
             summary = json.load(f)
     except (OSError, ValueError):
         return None
-    return summary if isinstance(summary, dict) else None
+    if not isinstance(summary, dict):
+        return None
+    # A field of another type than the job writes (a hand-edited file) is left out rather than drawn.
+    return {k: v for k, v in summary.items() if k not in _SUMMARY_TYPES or isinstance(v, _SUMMARY_TYPES[k])}
 
 
 def utc(unix_time: float) -> datetime:
