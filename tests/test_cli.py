@@ -200,6 +200,21 @@ def test_a_save_dir_refusal_names_where_the_save_dir_came_from(tmp_path, monkeyp
     assert not (tmp_path / "not-mounted").exists()
 
 
+def test_help_shows_a_scenarios_defaults_and_comes_despite_a_malformed_variable(monkeypatch, capsys):
+    from resnet_ddp.entry import cli
+
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["--scenario", "burst", "--help"])
+    assert exit.value.code == 0 and "(from --scenario burst)" in " ".join(capsys.readouterr().out.split())
+    monkeypatch.setenv("RESNET_DDP_EPOCHS", "x")
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["--help"])
+    captured = capsys.readouterr()
+    assert exit.value.code == 0 and "usage: resnet-ddp" in captured.out
+    (warning,) = captured.err.strip().splitlines()
+    assert "RESNET_DDP_EPOCHS='x' is not valid for --epochs" in warning
+
+
 def test_every_spelling_of_zero_ends_the_metrics_linger_at_once():
     from resnet_ddp.entry.values import parse_duration_or_zero
 
@@ -210,14 +225,15 @@ def test_every_spelling_of_zero_ends_the_metrics_linger_at_once():
 def test_the_launchers_lines_follow_the_log_format(monkeypatch, capsys):
     from resnet_ddp.entry import cli
 
-    assert cli.main(["--epochs", "0", "--log-format", "json"]) == 2
-    (line,) = capsys.readouterr().err.strip().splitlines()
-    record = json.loads(line)
-    assert (record["level"], record["rank"], record["message"]) == (
-        "ERROR",
-        None,
-        "error: --epochs must be at least 1, got 0",
-    )
+    for spelling in (["--log-format", "json"], ["--log-form=json"]):  # argparse takes abbreviations too
+        assert cli.main(["--epochs", "0", *spelling]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        record = json.loads(line)
+        assert (record["level"], record["rank"], record["message"]) == (
+            "ERROR",
+            None,
+            "error: --epochs must be at least 1, got 0",
+        )
     monkeypatch.setenv("RESNET_DDP_LOG_TIMESTAMPS", "1")
     assert cli.main(["--epochs", "0"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()

@@ -529,12 +529,23 @@ def unknown_variables(environ: Mapping[str, str]) -> List[str]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, environ: Mapping[str, str] = os.environ) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    helping = [arg for arg in argv if arg in ("-h", "--help")]
+    if helping:
+        try:
+            build_parser(environ)
+        except UsageError as exc:  # the help still comes, with the defaults the variables would have changed
+            log.warning(f"warning: {exc}")
+            environ = {}
     parser = build_parser(environ)
-    args = parser.parse_args(argv)
+    # --help waits for the second parse, which knows a --scenario's defaults and shows them.
+    args = parser.parse_args([arg for arg in argv if arg not in helping])
     if args.scenario not in (None, presets.LIST):  # parse again with the preset's defaults under the rest
         parser = build_parser(environ, args.scenario)
         args = parser.parse_args(argv)
         _settle_duty_cycle_and_profile(args, parser.scenario_defaults)
+    elif helping:
+        parser.parse_args(argv)  # prints the help and exits
     return args
 
 
@@ -758,18 +769,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _log_format_asked(argv: Sequence[str], environ: Mapping[str, str]) -> Tuple[str, bool]:
     """--log-format and --log-timestamps as given, read before the options parse (a bad value stays text)."""
+
+    def spells(arg: str, option: str) -> bool:  # the option, or an abbreviation argparse takes for it
+        return len(arg) > len("--log-") and option.startswith(arg)
+
     log_format = environ.get(ENV_PREFIX + "LOG_FORMAT", "text")
     for i, arg in enumerate(argv):
-        if arg == "--log-format" and i + 1 < len(argv):
-            log_format = argv[i + 1]
-        elif arg.startswith("--log-format="):
-            log_format = arg.split("=", 1)[1]
-    timestamps = "--log-timestamps" in argv or environ.get(ENV_PREFIX + "LOG_TIMESTAMPS", "").lower() in (
-        "1",
-        "true",
-        "yes",
-        "on",
-    )
+        name, equals, value = arg.partition("=")
+        if spells(name, "--log-format"):
+            log_format = value if equals else (argv[i + 1] if i + 1 < len(argv) else log_format)
+    from_environment = environ.get(ENV_PREFIX + "LOG_TIMESTAMPS", "").lower() in ("1", "true", "yes", "on")
+    timestamps = from_environment or any(spells(arg, "--log-timestamps") for arg in argv)
     return ("json" if log_format == "json" else "text"), timestamps
 
 
