@@ -337,6 +337,15 @@ def test_endpoint_tensorboard_summary_and_report_of_a_run_stopped_by_sigterm(sav
     assert base64.b64encode(png).decode() in page and "stopped by signal" in page
 
 
+def test_a_finished_run_with_the_endpoint_and_data_loader_workers_exits(save_dir):
+    # The endpoint's parts held the DataLoader past the run; at exit multiprocessing then waited for ever on
+    # its workers (they ignore SIGTERM). TINY has no workers, so this run gives it one.
+    args = [*TINY, "--num-workers", "1", "--epochs", "1", "--metrics-port", str(free_port()), "--metrics-linger", "0"]
+    result = run_train(*args, "--save-dir", str(save_dir), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((save_dir / "summary.json").read_text())["exit_reason"] == "finished"
+
+
 def test_a_busy_metrics_port_is_refused_before_any_training_process_starts(save_dir):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -182,6 +182,12 @@ class HostBatches:
                 return
             yield batch if self.copy_stream is None else self._copied_to_device(batch)
 
+    def close(self) -> None:
+        """Stop the DataLoader's workers now. Left to the end of the process, a loader that something still
+        holds (a reference cycle) was joined by multiprocessing's exit handler, which waited for ever on
+        workers that ignore SIGTERM (_die_with_the_rank)."""
+        self.loader = None  # the last reference: its persistent iterator shuts the workers down
+
     def _copied_to_device(self, batch):
         training = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self.copy_stream):
@@ -232,6 +238,9 @@ class DeviceBatches:
             torch.index_select(self.colours, 0, labels, out=colours)
             images += colours.view(-1, 3, 1, 1)
             yield images, labels
+
+    def close(self) -> None:
+        """Nothing to stop: no worker processes."""
 
 
 def _die_with_the_rank(_worker_id: int) -> None:

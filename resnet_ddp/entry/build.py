@@ -104,6 +104,7 @@ def build_trainer(
     if ballast_size is not None:
         GpuMemoryBallast.check_before_training(ballast_size, rank, control)
     batches = _build_batches(config, rank)
+    stack.callback(batches.close)  # closed after everything registered later (the endpoint's linger among them)
     facts.mark("data_ready")
     phases.reached("model build")
     model, optimizer, side_stream = _build_model_and_optimizer(config, rank)
