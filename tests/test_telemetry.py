@@ -346,6 +346,30 @@ def test_a_finished_run_with_the_endpoint_and_data_loader_workers_exits(save_dir
     assert json.loads((save_dir / "summary.json").read_text())["exit_reason"] == "finished"
 
 
+def test_a_resumed_run_keeps_tensorboards_steps_up_to_its_checkpoint_and_replaces_those_after(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from resnet_ddp.observe.tensorboard import TensorBoardWriter
+
+    def log(writer, steps, loss):
+        for step in steps:
+            writer.write({"kind": "step", "global_step": step, "time": 1e9 + step, "loss": loss})
+        writer.close()
+
+    log(TensorBoardWriter(str(tmp_path), 0), range(1, 5), loss=1.0)  # interrupted after step 4; checkpoint at 2
+    log(TensorBoardWriter(str(tmp_path), 2), range(3, 6), loss=2.0)  # resumed from step 2
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+        (1, 1.0),
+        (2, 1.0),
+        (3, 2.0),
+        (4, 2.0),
+        (5, 2.0),
+    ]
+
+
 def test_a_busy_metrics_port_is_refused_before_any_training_process_starts(save_dir):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -46,8 +46,10 @@ class TensorBoardWriter:
     def __init__(self, save_dir: str, steps_done: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        # After a resume, purge_step makes TensorBoard drop what the interrupted run logged past the checkpoint.
-        self._writer = SummaryWriter(os.path.join(save_dir, TENSORBOARD_DIR), purge_step=steps_done or None)
+        # After a resume, purge_step makes TensorBoard drop what the interrupted run logged past the checkpoint:
+        # from the first step this run will log again, not the checkpoint's own, which it never logs again.
+        purge_step = steps_done + 1 if steps_done else None
+        self._writer = SummaryWriter(os.path.join(save_dir, TENSORBOARD_DIR), purge_step=purge_step)
 
     def write(self, record: dict) -> None:
         step, when = record["global_step"], record["time"]
