@@ -370,6 +370,20 @@ def test_a_resumed_run_keeps_tensorboards_steps_up_to_its_checkpoint_and_replace
     ]
 
 
+def test_a_failed_runs_counters_include_the_steps_after_its_last_log_point(save_dir):
+    port = free_port()
+    args = ["--log-interval", "5", "--fail-at-step", "7", "--fail-rank", "1", "--metrics-port", str(port)]
+    job = Job(train_command(*TINY, "--epochs", "50", *args, "--metrics-linger", "1m", "--save-dir", str(save_dir)))
+    final = _until_the_end_is_served(job, port)
+    assert job.wait(timeout=120).returncode == 1
+    records = [json.loads(line) for line in (save_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    for end in (r for r in records if r["kind"] == "end"):
+        rank = str(end["rank"])
+        (steps,) = [s.value for s in final if s.name == "resnet_ddp_steps_total" and s.labels["rank"] == rank]
+        (images,) = [s.value for s in final if s.name == "resnet_ddp_images_total" and s.labels["rank"] == rank]
+        assert end["global_step"] == 6 and (steps, images) == (6, 6 * 8)  # the last log point was step 5
+
+
 def test_a_busy_metrics_port_is_refused_before_any_training_process_starts(save_dir):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -255,18 +255,21 @@ class PrometheusExporter:
                 child.set(record[key] * factor)
             self.checkpoints.inc()
         elif kind == "end":
+            self._count_steps_to(record["global_step"])  # a failed run's end comes without a last step record
             self._observe_step_times()  # those after the last log point
             self._ended = record["exit_reason"]
             self._set_state(RUN_STATES.get(self._ended, "failed"))
             self._exit_code.set(record["exit_code"])
 
-    def _step(self, record: dict) -> None:
-        step = record["global_step"]
+    def _count_steps_to(self, step: int) -> None:
         done = step - self._last_step
-        self._last_step = step
+        self._last_step = max(step, self._last_step)
         if done > 0:  # images first: a scrape between the two never sees more steps than images
             self.images.inc(done * self.batch_size)
             self.steps.inc(done)
+
+    def _step(self, record: dict) -> None:
+        self._count_steps_to(record["global_step"])
         self._observe_step_times()
         self.progress.set(record["progress"])
         for key, (child, factor) in self.step_gauges.items():
