@@ -77,7 +77,11 @@ class _Parser(argparse.ArgumentParser):
 
 def env_name(action: argparse.Action) -> str:
     """The option's variable: --batch-size -> RESNET_DDP_BATCH_SIZE (named after the option, not its dest)."""
-    return ENV_PREFIX + action.option_strings[0].lstrip("-").replace("-", "_").upper()
+    return _variable_of(action.option_strings[0])
+
+
+def _variable_of(option: str) -> str:
+    return ENV_PREFIX + option.lstrip("-").replace("-", "_").upper()
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -722,7 +726,7 @@ def validate(config: Config) -> None:
 def _naming_its_variable(message: str, argv: Sequence[str], environ: Mapping[str, str]) -> str:
     """A refusal of an option that came from its RESNET_DDP_* variable says so: the command line has no such word."""
     option = message.split(" ", 1)[0]
-    variable = ENV_PREFIX + option[2:].replace("-", "_").upper()
+    variable = _variable_of(option)
     on_the_command_line = any(arg == option or arg.startswith(option + "=") for arg in argv)
     if option.startswith("--") and variable in environ and not on_the_command_line:
         return f"{message} (from {variable})"

@@ -124,8 +124,6 @@ def _check_torchrun_worker(config: Config, environ: Mapping[str, str], world_siz
             )
     if _env_int(environ, "RANK", 0) >= world_size:
         raise UsageError(f"RANK={environ['RANK']} must be below WORLD_SIZE={world_size}")
-    _master_addr(environ)
-    _env_port(environ)
     for option, value, name in (
         ("--nproc-per-node", config.process.nproc_per_node, "LOCAL_WORLD_SIZE"),
         ("--master-port", config.process.master_port, "MASTER_PORT"),

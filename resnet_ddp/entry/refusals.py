@@ -10,7 +10,15 @@ import os
 import socket
 
 from resnet_ddp.config import Config
-from resnet_ddp.core.lineage import FINAL_MODEL_NAME, LINEAGE_NAME
+from resnet_ddp.core.lineage import (
+    FINAL_MODEL_NAME,
+    LINEAGE_NAME,
+    continued_lineage,
+    other_arithmetic,
+    recorded_fingerprint,
+    resume_candidates,
+    would_overwrite,
+)
 from resnet_ddp.entry import savedir
 from resnet_ddp.errors import UsageError
 
@@ -122,8 +130,6 @@ def check_resume_point(config: Config) -> None:
     read here, and the training process loads the checkpoint. Only an explicit --resume, or a save dir
     without that record, has the checkpoint loaded here, and torch's import with it.
     """
-    from resnet_ddp.core.lineage import other_arithmetic, recorded_fingerprint, resume_candidates
-
     resume = config.checkpoint.resume
     if resume == "never":
         check_nothing_is_overwritten(config, 0, None)
@@ -147,8 +153,6 @@ def check_resume_point(config: Config) -> None:
 def check_nothing_is_overwritten(config: Config, start_step: int, resumed) -> None:
     """A run that starts afresh, or from a checkpoint other than its line's newest, writes its checkpoints under
     names that earlier runs may have used in the save dir: refused while such files are there."""
-    from resnet_ddp.core.lineage import continued_lineage, would_overwrite
-
     names = would_overwrite(config.save_dir, start_step, continued_lineage(config.save_dir, resumed))
     if names:
         what = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
