@@ -44,6 +44,7 @@ def _stop(job, sig=signal.SIGTERM, pid=None):
         ("imports", 1),
         ("checks", 1),
         ("spawning", 1),
+        ("rank start", 2),
         ("rendezvous", 2),
         ("model build", 2),
         ("first step", 2),
@@ -71,6 +72,16 @@ def test_sigterm_ends_the_job_with_143_at_every_phase(phase, processes, save_dir
         assert json.loads((save_dir / "summary.json").read_text())["exit_reason"] == "stopped by signal"
     if phase == "final export":  # the run was complete: its model is there, and the job says it was stopped
         assert (save_dir / "model_final.pth").exists()
+
+
+def test_sigint_while_the_ranks_start_ends_the_job_with_130_without_a_traceback(save_dir):
+    """A rank that Python is still starting has Python's own SIGINT handler (a KeyboardInterrupt traceback)
+    until ours: the launcher starts it with the stop signals held, and it takes them once it can."""
+    job = _paused_job("rank start", *LONG, "--save-dir", str(save_dir))
+    result, took = _stop(job, signal.SIGINT)
+    assert result.returncode == 130 and took < STOPPED_WITHIN_S, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr
+    assert wait_for_no_leftovers(job) == []
 
 
 def test_sigint_while_the_ranks_wait_for_each_other_ends_the_job_with_130(save_dir):
@@ -136,9 +147,14 @@ def test_a_killed_launcher_leaves_no_process_behind_and_its_save_dir_to_the_next
     assert not stale.exists()
 
 
-def test_a_killed_torchrun_leaves_no_worker_behind(save_dir):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "train.py"]
-    job = _paused_job("steady training", *LONG, "--num-workers", "1", "--save-dir", str(save_dir), launcher=torchrun)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "train.py"]
+
+
+@pytest.mark.parametrize("phase", ["imports", "steady training"])
+def test_a_killed_torchrun_leaves_no_worker_behind(phase, save_dir):
+    """From a worker's first line on: one that torchrun's death left behind would otherwise hold the save dir
+    while it waits on the dead torchrun's store."""
+    job = _paused_job(phase, *LONG, "--num-workers", "1", "--save-dir", str(save_dir), launcher=TORCHRUN)
     job.process.kill()
     job.wait(timeout=60)
     assert wait_for_no_leftovers(job, within_s=60) == []
@@ -155,3 +171,15 @@ def test_a_broken_pipe_ends_the_scenario_list_without_a_traceback(tmp_path):
         timeout=60,
     )
     assert listed.returncode == 0 and listed.stdout.strip() == "smoke" and "Traceback" not in listed.stderr
+
+
+def test_a_torchrun_worker_tells_a_reaper_from_an_agent_by_pid_1s_command_line():
+    """A worker torchrun left before it could ask for its death finds PID 1 as its parent; PID 1 is torchrun
+    itself where torchrun is a container's first process, and then the worker must go on."""
+    from resnet_ddp.entry.process import may_be_an_agent
+
+    agents = [b"/usr/bin/python3\0/usr/local/bin/torchrun\0--nproc-per-node\0008\0train.py\0", b"torchrun\0train.py\0"]
+    reapers = [b"/sbin/tini\0--\0torchrun\0train.py\0", b"/pause\0", b"/sbin/init\0", b"/bin/sh\0-c\0torchrun x\0"]
+    assert all(may_be_an_agent(line) for line in agents)
+    assert not any(may_be_an_agent(line) for line in reapers)
+    assert may_be_an_agent(None)  # PID 1 unreadable: the worker cannot tell, and goes on

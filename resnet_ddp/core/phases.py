@@ -4,8 +4,9 @@ RESNET_DDP_TEST_PAUSE_AT=<phase> (tests only) makes every process that reaches
 that phase say so on stderr and wait there, so that a test sends its signal at a
 known point instead of after a guessed delay. Without the variable, `reached`
 costs one dictionary lookup. The phases, in order: imports, checks, spawning (the
-launcher, between starting two ranks), rendezvous, model build, first step,
-steady training, epoch end, final export.
+launcher, between starting two ranks), rank start (a spawned rank, its stop signals
+still held), rendezvous, model build, first step, steady training, epoch end, final
+export.
 """
 
 from __future__ import annotations

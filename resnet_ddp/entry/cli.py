@@ -37,7 +37,7 @@ from resnet_ddp.config import (
     TrainingConfig,
 )
 from resnet_ddp.core import phases
-from resnet_ddp.entry.process import exit_on_stop_signals, exit_process
+from resnet_ddp.entry.process import die_with_elastic_agent, exit_on_stop_signals, exit_process
 from resnet_ddp.entry.values import (
     parse_bool,
     parse_duration,
@@ -790,6 +790,8 @@ def _log_format_asked(argv: Sequence[str], environ: Mapping[str, str]) -> Tuple[
 def run() -> NoReturn:
     """The command (train.py, python -m resnet_ddp, resnet-ddp): main(), then a quick end of the process."""
     exit_on_stop_signals()  # first: a container's PID 1 ignores the signals it has no handler for
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: torchrun may be killed while this one starts
+        die_with_elastic_agent()
     phases.reached("imports")
     try:
         code = main()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.resource_tracker
 import os
 import signal
 import socket
@@ -29,7 +30,13 @@ from resnet_ddp.config import Config
 from resnet_ddp.core import phases
 from resnet_ddp.entry import kernel_prebuild
 from resnet_ddp.entry.gpus import Gpu, visible_gpus
-from resnet_ddp.entry.process import default_stop_signals, die_with_parent, exit_process
+from resnet_ddp.entry.process import (
+    default_stop_signals,
+    die_with_parent,
+    exit_process,
+    stop_signal_pending,
+    stop_signals_held,
+)
 from resnet_ddp.errors import ReportedElsewhere, UsageError
 
 log = logging.getLogger(__name__)
@@ -243,8 +250,9 @@ def _before_torch(config: Config, plan: LaunchPlan, local_rank: int) -> None:
 
 
 def _run_torchrun_worker(config: Config, plan: LaunchPlan) -> int:
-    """This process is one of torchrun's workers: it dies with torchrun, and an error that escapes reaches
-    torchrun's failure report (its error file) through torch.distributed.elastic's `record`."""
+    """This process is one of torchrun's workers: it dies with torchrun (from its first line, entry/cli.py, where
+    torchrun started it), and an error that escapes reaches torchrun's failure report (its error file) through
+    torch.distributed.elastic's `record`."""
     die_with_parent()
     _before_torch(config, plan, int(os.environ.get("LOCAL_RANK", "0")))
     from torch.distributed.elastic.multiprocessing.errors import record
@@ -263,8 +271,10 @@ def _run_torchrun_worker(config: Config, plan: LaunchPlan) -> int:
 
 
 def _worker_main(local_rank: int, config: Config, plan: LaunchPlan, launcher_pid: int) -> None:
-    """Entry of a spawned process: become a torch.distributed worker, then run the job."""
+    """Entry of a spawned process: become a torch.distributed worker, then run the job. It starts with the stop
+    signals held (launcher's stop_signals_held): a stop forwarded meanwhile ends it at default_stop_signals()."""
     die_with_parent(launcher_pid)
+    phases.reached("rank start", until=stop_signal_pending)
     default_stop_signals()
     os.environ.update(plan.worker_env(local_rank))
     _before_torch(config, plan, local_rank)
@@ -314,13 +324,17 @@ def _spawn_and_supervise(config: Config, plan: LaunchPlan) -> int:
                 os.kill(process.pid, signum)
 
     previous = {sig: signal.signal(sig, forward_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # The first start would start multiprocessing's resource tracker, which unblocks the stop signals as it
+    # returns, in the middle of stop_signals_held: start it before.
+    multiprocessing.resource_tracker.ensure_running()
     try:
         for local_rank, process in enumerate(processes):
             if received:  # stopped while starting its ranks: start no more
                 break
             if local_rank:
                 phases.reached("spawning", until=lambda: bool(received))
-            process.start()
+            with stop_signals_held():  # a signal meanwhile is forwarded once the rank has a pid
+                process.start()
         return _supervise(processes, plan, received)
     finally:
         for sig, handler in previous.items():

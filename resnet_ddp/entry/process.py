@@ -38,9 +38,31 @@ def exit_on_stop_signals() -> None:
 
 
 def default_stop_signals() -> None:
-    """A rank before its stop agreement: the kernel ends it on a stop signal, wherever it is."""
+    """A rank before its stop agreement: the kernel ends it on a stop signal, wherever it is; one that came while
+    the launcher started it (stop_signals_held) ends it now."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def stop_signals_held():
+    """Stop signals wait inside: they are blocked, and a process started inside starts with them blocked too.
+
+    A signal forwarded to a rank while Python starts it would meet Python's own SIGINT handler (a
+    KeyboardInterrupt traceback) or go unforwarded (the launcher does not know the rank's pid yet). Held, the
+    launcher forwards it as soon as the start returns, and the rank takes it in default_stop_signals().
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def stop_signal_pending() -> bool:
+    """Whether a stop signal waits here, held (stop_signals_held)."""
+    return bool(signal.sigpending() & set(STOP_SIGNALS))
 
 
 def die_with_parent(expected_parent: Optional[int] = None) -> None:
@@ -53,6 +75,35 @@ def die_with_parent(expected_parent: Optional[int] = None) -> None:
         return
     if expected_parent is not None and os.getppid() != expected_parent:
         os._exit(128 + signal.SIGKILL)
+
+
+def die_with_elastic_agent() -> None:
+    """die_with_parent for a worker of torchrun (or another elastic agent), as early as its first line.
+
+    The worker cannot know the agent's pid. One whose parent is now PID 1, and PID 1 is no Python process
+    (torchrun and every elastic agent are), was left by an agent that died before this call: it ends, where it
+    would otherwise wait on the dead agent's store for --dist-timeout, holding the save dir.
+    """
+    die_with_parent()
+    if os.getppid() == 1 and not may_be_an_agent(_command_line(1)):
+        sys.stderr.write("resnet-ddp: torchrun, which started this worker, has died: ending\n")
+        os._exit(128 + signal.SIGKILL)
+
+
+def _command_line(pid: int) -> Optional[bytes]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def may_be_an_agent(command_line: Optional[bytes]) -> bool:
+    """Whether a process with this command line (NUL-separated, as /proc gives it) may be torchrun or another
+    elastic agent: any Python process, or one we cannot see (then we assume the parent lives)."""
+    if command_line is None:
+        return True
+    return any(b"python" in arg or b"torch" in arg for arg in command_line.split(b"\0")[:2])
 
 
 def exit_process(code: int) -> NoReturn:
