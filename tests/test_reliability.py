@@ -99,6 +99,26 @@ def test_a_truncated_newest_checkpoint_is_reported_and_the_previous_used_with_th
     assert [group["lr"] for group in state["optimizer"]["param_groups"]] == [0.05]
 
 
+@pytest.mark.parametrize(
+    "phase,resumed_step", [("checkpoint recorded", 4), ("checkpoint written", 8)], ids=["before", "after"]
+)
+def test_a_job_killed_as_a_checkpoint_takes_its_name_restarts_from_the_newest_whole_one(phase, resumed_step, save_dir):
+    """SIGKILL (a node lost, the OOM killer) just before or just after a checkpoint file takes its name: the
+    restart resumes from the newest whole checkpoint of the line, and pruning still keeps only the newest."""
+    args = [*TINY, "--keep-checkpoints", "1", "--save-dir", str(save_dir)]
+    assert run_train(*args, "--epochs", "1").returncode == 0  # checkpoint-000000004.pt
+    job = Job(train_command(*args, "--epochs", "2"), {"RESNET_DDP_TEST_PAUSE_AT": phase})
+    job.wait_for_stderr(f"resnet-ddp: paused at {phase}")  # rank 0's writer, at step 8's checkpoint
+    job.process.kill()  # the ranks die with their launcher
+    job.wait(timeout=60)
+    assert wait_for_no_leftovers(job, within_s=60) == []
+    result = run_train(*args, "--epochs", "3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"resuming from {save_dir / f'checkpoint-{resumed_step:09d}.pt'}" in result.stdout
+    assert checkpoints(save_dir) == ["checkpoint-000000012.pt"]
+    assert not list(save_dir.glob(".*.tmp"))
+
+
 def _wait_for_line(job: Job, text: str, within_s: float = 120) -> None:
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:

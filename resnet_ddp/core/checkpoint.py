@@ -12,6 +12,7 @@ never resumed from by `auto` while the lineage has one, and never pruned.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from resnet_ddp.config import CheckpointConfig
-from resnet_ddp.core import distributed
+from resnet_ddp.core import distributed, phases
 from resnet_ddp.core.callbacks import Callback
 from resnet_ddp.core.checkpoint_writer import CheckpointWriter
 from resnet_ddp.core.files import root_cause, save_atomically, write_json
@@ -243,26 +244,41 @@ class CheckpointManager(Callback):
         }
 
     def _write(self, state: dict) -> dict:
-        """In the writer's thread: the file, then the lineage and pruning. A failed write leaves the previous
-        checkpoints as they were."""
+        """In the writer's thread: the file, the lineage, then pruning. A failed write leaves the previous
+        checkpoints as they were.
+
+        A kill at any instant leaves checkpoints.json naming every checkpoint of the line on disk: it names the
+        new one before the file takes its name, and drops the pruned ones only once they are gone. It may name
+        a file that is not there (a resume passes over it); a checkpoint it does not name is another line's,
+        which a restart would neither resume from nor write over.
+        """
         path = checkpoint_path(self.save_dir, state["global_step"])
+        name = os.path.basename(path)
+        lineage = [name] + [n for n in self.lineage if n != name]
+
+        def record_before_naming() -> None:
+            self._record_lineage(lineage)
+            phases.reached("checkpoint recorded")
+
         try:
-            save_atomically(state, path)
+            save_atomically(state, path, before_rename=record_before_naming)
         except Exception as exc:  # torch.save wraps the disk's OSError in a RuntimeError
             kept = "the previous checkpoints are intact" if self.lineage else "no checkpoint was written before it"
             raise CheckpointWriteError(f"could not write checkpoint {path}: {root_cause(exc)}; {kept}") from exc
-        name = os.path.basename(path)
-        lineage = [name] + [n for n in self.lineage if n != name]
-        for old in lineage[self.config.keep :]:
-            try:
-                os.unlink(os.path.join(self.save_dir, old))
-            except FileNotFoundError:
-                pass
+        phases.reached("checkpoint written")
         self.lineage = lineage[: self.config.keep]
-        write_json(
-            os.path.join(self.save_dir, LINEAGE_NAME), {"newest_first": self.lineage, "fingerprint": self.fingerprint}
-        )
+        if lineage[self.config.keep :]:
+            for old in lineage[self.config.keep :]:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.save_dir, old))
+            with contextlib.suppress(OSError):  # a record still naming a pruned file is harmless; the next corrects it
+                self._record_lineage(self.lineage)
         return {"global_step": state["global_step"], "path": path, "bytes": os.path.getsize(path)}
+
+    def _record_lineage(self, newest_first: List[str]) -> None:
+        write_json(
+            os.path.join(self.save_dir, LINEAGE_NAME), {"newest_first": newest_first, "fingerprint": self.fingerprint}
+        )
 
     def _written(self, figures: dict) -> None:
         """Once a checkpoint is on disk: its write time is what a preemption's grace period must cover."""

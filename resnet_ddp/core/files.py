@@ -10,7 +10,7 @@ import json
 import math
 import os
 import tempfile
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Optional
 
 TEMP_SUFFIX = ".tmp"
 
@@ -29,8 +29,11 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """`write` into a temporary file beside `path`, fsync it, rename it over `path`, fsync the dir."""
+def write_atomically(
+    path: str, write: Callable[[BinaryIO], None], before_rename: Optional[Callable[[], None]] = None
+) -> None:
+    """`write` into a temporary file beside `path`, fsync it, rename it over `path`, fsync the dir.
+    `before_rename` runs once the data is safe on disk, before the file takes its name (a record naming it)."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=TEMP_SUFFIX)
     try:
@@ -39,6 +42,8 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -47,10 +52,10 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
     fsync_dir(directory)
 
 
-def save_atomically(obj, path: str) -> None:
+def save_atomically(obj, path: str, before_rename: Optional[Callable[[], None]] = None) -> None:
     import torch
 
-    write_atomically(path, lambda f: torch.save(obj, f))
+    write_atomically(path, lambda f: torch.save(obj, f), before_rename)
 
 
 def strict_json(value):

@@ -6,7 +6,8 @@ known point instead of after a guessed delay. Without the variable, `reached`
 costs one dictionary lookup. The phases, in order: imports, checks, spawning (the
 launcher, between starting two ranks), rank start (a spawned rank, its stop signals
 still held), rendezvous, model build, first step, steady training, epoch end, final
-export.
+export; and in rank 0's checkpoint writer, checkpoint recorded (checkpoints.json names
+the new file, which has no name yet) and checkpoint written (named, not yet pruned).
 """
 
 from __future__ import annotations
