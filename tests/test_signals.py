@@ -91,6 +91,22 @@ def test_sigint_while_the_ranks_wait_for_each_other_ends_the_job_with_130(save_d
     assert wait_for_no_leftovers(job) == []
 
 
+def test_sigterm_as_the_ranks_finish_their_first_step_is_a_stop_not_a_failure(save_dir):
+    """A rank that has not finished its first step ends on the signal at once (nothing to save, and a compile
+    could outlast a pod's grace period); one that has finished it waits to agree on a step and meets a peer that
+    is gone. Rank 1 is paused just before its first step counts, rank 0 just after."""
+    phases = "first step ending@1,first step ended@0"
+    job = Job([sys.executable, "train.py", *LONG, "--save-dir", str(save_dir)], {"RESNET_DDP_TEST_PAUSE_AT": phases})
+    job.wait_for_stderr(PAUSED, count=2)
+    result, took = _stop(job)
+    assert result.returncode == 143 and took < STOPPED_WITHIN_S, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "failed" not in result.stdout + result.stderr
+    assert "[Rank 0] stopped by SIGTERM before the ranks agreed on a step: " in result.stdout
+    summary = json.loads((save_dir / "summary.json").read_text())
+    assert (summary["exit_reason"], summary["exit_code"], summary["signal"]) == ("stopped by signal", 143, "SIGTERM")
+    assert wait_for_no_leftovers(job) == []
+
+
 def test_a_sigterm_to_the_whole_process_group_stops_at_one_step_with_a_checkpoint(save_dir):
     """`timeout`, a terminal's Ctrl-C and some process managers signal every process of the group, DataLoader
     workers included: the ranks still stop together after one step, with their workers until then."""

@@ -28,6 +28,8 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from resnet_ddp.core import phases
+
 log = logging.getLogger(__name__)
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -191,7 +193,10 @@ class StopAgreement:
     def poll(self, global_step: int) -> Optional[StopReason]:
         """Called after every step on every rank: the agreed reason to stop as of the previous call, or the end
         of the run's steps, or None to go on. A reason that interrupts the run is announced in a line."""
-        self._stepped = True
+        if not self._stepped:
+            phases.reached("first step ending")
+            self._stepped = True
+            phases.reached("first step ended", until=lambda: bool(self.requested))
         self.heartbeat()
         code = 0
         if self._pending is not None:

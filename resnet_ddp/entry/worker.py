@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import traceback
 from typing import Optional
 
 from resnet_ddp.config import Config
 from resnet_ddp.core import distributed, phases
 from resnet_ddp.core.outcome import RunOutcome
-from resnet_ddp.core.stopping import first_signal
+from resnet_ddp.core.stopping import StopReason, first_signal
 from resnet_ddp.errors import CheckpointWriteError, ReportedElsewhere, UsageError
 from resnet_ddp.observe import console as console_setup
 from resnet_ddp.observe.metrics import MetricsLog, metrics_path
@@ -76,6 +77,9 @@ def _train(config: Config, rank: distributed.RankInfo, console, log_file: str) -
             raise  # a refusal: the launcher says it in one line and exits 2
         except Exception as exc:
             console.stop_bar()
+            signum = first_signal()
+            if signum is not None and not isinstance(exc, CheckpointWriteError):
+                return _stopped_unagreed(signum, exc, config, rank, facts, trainer, metrics, log_file)
             return _failed(exc, config, rank, facts, trainer, metrics, log_file)
 
 
@@ -107,13 +111,43 @@ def _failed(
     outcome = RunOutcome.failed(
         cause["error"] or error, cause["rank"], cause["host"], rank_error_known=cause["error"] is not None
     )
+    _record_the_end(outcome, config, rank, facts, trainer, metrics)
+    return 1
+
+
+def _stopped_unagreed(
+    signum: int,
+    exc: Exception,
+    config: Config,
+    rank: distributed.RankInfo,
+    facts: RunFacts,
+    trainer,
+    metrics: MetricsLog,
+    log_file: str,
+) -> int:
+    """A stop signal came, and then the job broke: a peer had ended on the signal at once (it had not finished
+    its first step, so had nothing to save) while this rank had finished its first and waited to agree on a step.
+    The job was stopped, with nothing saved: this rank says so in one line and exits as a stopped rank does."""
+    outcome = RunOutcome.of(StopReason(StopReason.SIGNAL, signum=signum), None)
+    log.info(
+        f"stopped by {signal.Signals(signum).name} before the ranks agreed on a step: a rank still in its first "
+        f"step ended at once, and this run's steps are not saved (what broke is in {log_file})"
+    )
+    log.debug(traceback.format_exc().rstrip())  # the log file's only
+    _record_the_end(outcome, config, rank, facts, trainer, metrics)
+    return outcome.exit_code
+
+
+def _record_the_end(
+    outcome: RunOutcome, config: Config, rank: distributed.RankInfo, facts: RunFacts, trainer, metrics: MetricsLog
+) -> None:
+    """A broken run's `end` record, and (rank 0) its summary.json, from what this rank knows."""
     steps = trainer.state.global_step if trainer is not None else 0
     with contextlib.suppress(Exception):  # a full disk may refuse even this line
         metrics.record({"kind": "end", "global_step": steps, **outcome.summary_fields()})
     if rank.is_main:
         epochs = trainer.state.epoch - 1 if trainer is not None else 0
         write_failure_summary(config.save_dir, facts, outcome, steps, epochs)
-    return 1
 
 
 def _say_why(exc: Exception, error: str, log_file: str) -> None:

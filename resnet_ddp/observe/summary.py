@@ -238,8 +238,8 @@ def _per_rank(values: Sequence[float], unit: str) -> str:
 
 
 def write_failure_summary(save_dir: str, facts: Optional[RunFacts], outcome, steps: int, epochs_done: int) -> None:
-    """summary.json of a run that failed, from what this rank knows; never raises (the first error is the one to
-    report)."""
+    """summary.json of a run that failed (or broke after a stop signal), from what this rank knows; never raises
+    (the first error is the one to report)."""
     summary = {**outcome.summary_fields(), "steps": steps, "epochs_done": epochs_done}
     if facts is not None:
         with contextlib.suppress(Exception):  # a broken device may not even answer its name
