@@ -270,6 +270,19 @@ def test_a_hung_rank_ends_the_job_through_the_dist_timeout(save_dir):
     assert wait_for_no_leftovers(job) == []
 
 
+def test_sigterm_while_a_rank_hangs_ends_the_job_as_stopped_without_waiting_for_the_dist_timeout(save_dir):
+    """The hung rank never reaches the stop agreement, and the others wait on it in a collective: the launcher
+    kills them all once its stop deadline has passed, long before --dist-timeout, and exits as stopped."""
+    hang = ["--fail-at-step", "3", "--fail-rank", "1", "--fail-mode", "hang", "--dist-timeout", "600"]
+    job = Job(train_command(*TINY, "--epochs", "50", *hang, "--save-dir", str(save_dir)))
+    _wait_for_line(job, "injecting fault 'hang'")
+    job.process.send_signal(signal.SIGTERM)
+    result = job.wait(timeout=300)
+    assert result.returncode == 143, result.stderr[-2000:]
+    assert "rank 0, 1 had not stopped 30 s after SIGTERM (a rank hangs, and the others wait on it)" in result.stderr
+    assert wait_for_no_leftovers(job) == []
+
+
 def test_a_full_disk_while_checkpointing_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path):
     save_dir = tmp_path / "small-disk"
     save_dir.mkdir()

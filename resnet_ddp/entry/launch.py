@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 DEFAULT_CPU_PROCESSES = 2
 # How long ranks get to exit on SIGTERM before SIGKILL, once one rank has failed.
 TERMINATE_GRACE_S = 10.0
+# How long ranks get to stop after a stop signal before SIGKILL (torchrun waits as long for its workers).
+STOP_DEADLINE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -350,7 +352,9 @@ def _supervise(processes, plan: LaunchPlan, received: List[int]) -> int:
     A rank that exits 143 or 130 stopped on an agreed signal, and one killed by SIGTERM or SIGINT before it
     could handle them was stopped too: that is a stop, not a failure. Once one rank has stopped, the others
     get TERMINATE_GRACE_S to follow (they stop after the same step, or have nothing to save yet), then are
-    killed: a rank still waiting for a peer that is gone would otherwise wait for --dist-timeout.
+    killed: a rank still waiting for a peer that is gone would otherwise wait for --dist-timeout. Ranks that
+    have not stopped STOP_DEADLINE_S after the launcher's stop signal (one hangs, and the others wait on it)
+    are killed, and the job still ends as stopped.
     """
     stopped_since: Optional[float] = None
     while True:
@@ -378,6 +382,9 @@ def _supervise(processes, plan: LaunchPlan, received: List[int]) -> int:
         ):
             _terminate(running)
             break
+        if received and stopped_since is not None and time.monotonic() - stopped_since > STOP_DEADLINE_S:
+            _kill_unstopped(processes, plan, received[0])
+            break
         multiprocessing.connection.wait([p.sentinel for p in running], timeout=1.0)
     codes = [p.exitcode for p in processes if p.pid is not None]
     stops = [code if code > 0 else 128 - code for code in codes if code]
@@ -391,6 +398,20 @@ def _report_failures(failed, plan: LaunchPlan) -> None:
         rank = plan.node_rank * plan.nproc + local_rank
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         log.error(f"rank {rank} {how}; stopping the other ranks")
+
+
+def _kill_unstopped(processes, plan: LaunchPlan, signum: int) -> None:
+    """SIGKILL the ranks still running (of `processes`, every rank of this launcher), saying which."""
+    running = [(i, p) for i, p in enumerate(processes) if p.pid is not None and p.exitcode is None]
+    ranks = ", ".join(str(plan.node_rank * plan.nproc + local_rank) for local_rank, _ in running)
+    log.error(
+        f"rank {ranks} had not stopped {STOP_DEADLINE_S:.0f} s after {signal.Signals(signum).name} (a rank hangs, "
+        "and the others wait on it): killing them"
+    )
+    for _, process in running:
+        process.kill()
+    for _, process in running:
+        process.join()
 
 
 def _terminate(processes) -> None:
