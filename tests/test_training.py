@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import sys
 
 import pytest
@@ -189,6 +190,11 @@ def test_a_failing_rank_ends_the_whole_job(mode, code, says, save_dir):
         assert sorted(r["rank"] for r in ends) == [0, 1]
         assert all(r["exit_reason"] == "failed" and r["first_failure"]["rank"] == 1 for r in ends)
         assert_records_follow_the_schema(records)
+    else:
+        # Rank 1 ended without an error of its own: rank 0, on its host, finds its process gone and names it.
+        assert summary["first_failure"] == {"rank": 1, "host": socket.gethostname(), "error": None}
+        (line,) = [l for l in result.stderr.splitlines() if l.startswith("[Rank 0]")]
+        assert "failed because rank 1 (host " in line and "ended first, without an error" in line
 
 
 def test_when_rank_0_fails_first_the_others_say_so_in_one_line(save_dir):

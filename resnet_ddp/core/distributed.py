@@ -49,7 +49,9 @@ def init_process_group(device_type: str, timeout_s: float) -> RankInfo:
         timeout=timedelta(seconds=timeout_s),
     )
     node = int(os.environ.get("GROUP_RANK", rank // local_world_size))
-    return RankInfo(rank, world_size, local_rank, local_world_size, device, node)
+    info = RankInfo(rank, world_size, local_rank, local_world_size, device, node)
+    _register_process(info)
+    return info
 
 
 def share_host_cores(rank: RankInfo) -> None:
@@ -99,33 +101,117 @@ def describe(place: Dict[str, object]) -> str:
     return f"rank {place['rank']} ({where})"
 
 
-_FAILURES = "resnet_ddp/failures/attempt{attempt}"  # torchrun restarts a job's workers with a new attempt number
+_ATTEMPT = "resnet_ddp/attempt{attempt}"  # torchrun restarts a job's workers with a new attempt number
 FAILURE_STORE_TIMEOUT_S = 5.0
+_PF_EXITING = 0x4  # /proc/<pid>/stat's flags: the process is ending
 
 
-def record_failure(place: Dict[str, object], error: str) -> Optional[Dict[str, object]]:
+def _prefix() -> str:
+    return _ATTEMPT.format(attempt=os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def _process_space() -> str:
+    """This host and PID namespace: where a peer's pid means the same process (pods may share a host name)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = "?"
+    return f"{socket.gethostname()}/{namespace}"
+
+
+def _register_process(rank: RankInfo) -> None:
+    """Put this rank's pid in the store, where a peer of this host that fails can see whether it is still alive."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(
+            f"{_prefix()}/pids/{_process_space()}/{rank.local_rank}",
+            json.dumps({"rank": rank.rank, "pid": os.getpid()}),
+        )
+    except Exception:  # a store without set: a peer's death goes unnamed, nothing worse
+        pass
+
+
+def _process_ended(pid: int) -> bool:
+    """Gone, a zombie, or ending (its sockets close before it becomes a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return True
+    return fields[0] in ("Z", "X") or bool(int(fields[6]) & _PF_EXITING)
+
+
+def _ended_peer(store, place: Dict[str, object], local_world_size: int) -> Optional[Dict[str, object]]:
+    """A rank of this host whose process has ended: it failed without a word (a kill, the OOM killer, an exit)."""
+    for local_rank in range(local_world_size):
+        key = f"{_prefix()}/pids/{_process_space()}/{local_rank}"
+        if local_rank == place["local_rank"] or not store.check([key]):
+            continue
+        peer = json.loads(store.get(key))
+        if _process_ended(peer["pid"]):
+            return {"rank": peer["rank"], "host": place["host"], "error": None, "ended": True, "time": time.time()}
+    return None
+
+
+def record_failure(place: Dict[str, object], error: str, local_world_size: int = 1) -> Optional[Dict[str, object]]:
     """Tell the job that this rank failed; returns the job's first failure (this one, or a peer's that came first).
 
     Through the process group's key-value store, which every rank reaches: the
     first rank to count itself there is the root cause, and the others, failing
-    because of it, learn who it was. None where the store cannot be reached (it
-    lives in a process that is gone), within a few seconds.
+    because of it, learn who it was. A rank of this host whose process has already
+    ended, with nothing counted, came first: it is counted first (error None,
+    "ended" True). None where the store cannot be reached (it lives in a process
+    that is gone), within a few seconds.
     """
-    prefix = _FAILURES.format(attempt=os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    failures = f"{_prefix()}/failures"
     mine = {**place, "error": error, "time": time.time()}
     if not _store_listening():
         return None
     try:
         store = dist.distributed_c10d._get_default_store()
         store.set_timeout(timedelta(seconds=FAILURE_STORE_TIMEOUT_S))
-        number = store.add(f"{prefix}/count", 1)
-        store.set(f"{prefix}/{number}", json.dumps(mine))
-        if number == 1:
-            return mine
-        store.wait([f"{prefix}/1"], timedelta(seconds=FAILURE_STORE_TIMEOUT_S))
-        return json.loads(store.get(f"{prefix}/1"))
+        records = [mine]
+        if not store.check([f"{failures}/1"]):
+            ended = _ended_peer(store, place, local_world_size)
+            records = [ended, mine] if ended else records
+        numbers = []
+        for record in records:
+            numbers.append(store.add(f"{failures}/count", 1))
+            store.set(f"{failures}/{numbers[-1]}", json.dumps(record))
+        if numbers[0] == 1:
+            return records[0]
+        store.wait([f"{failures}/1"], timedelta(seconds=FAILURE_STORE_TIMEOUT_S))
+        return json.loads(store.get(f"{failures}/1"))
     except Exception:  # no group, no store, a store whose host has gone: say what this rank knows
         return None
+
+
+def count_a_stop_at_once() -> None:
+    """This rank ends on a stop signal before its first step: peers past theirs, which then find it gone, learn
+    from the store that the job was stopped, not broken."""
+    try:
+        if _store_listening():
+            store = dist.distributed_c10d._get_default_store()
+            store.set_timeout(timedelta(seconds=FAILURE_STORE_TIMEOUT_S))
+            store.add(f"{_prefix()}/stopped_at_once", 1)
+    except Exception:  # not joined yet, or no store: nobody has stepped to ask
+        pass
+
+
+def broken_by_a_stop() -> bool:
+    """After this rank received a stop signal and then broke: whether a peer ended on that signal before its first
+    step (and no rank counted a failure first). Where the store has gone with rank 0's process, the signal is taken
+    for the cause."""
+    if not _store_listening():
+        return True
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=FAILURE_STORE_TIMEOUT_S))
+        if store.check([f"{_prefix()}/failures/1"]):
+            return False
+        return store.add(f"{_prefix()}/stopped_at_once", 0) > 0
+    except Exception:  # the store went while asked
+        return True
 
 
 def _store_listening() -> bool:

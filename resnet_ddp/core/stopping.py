@@ -28,7 +28,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from resnet_ddp.core import phases
+from resnet_ddp.core import distributed, phases
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,7 @@ class StopAgreement:
         if not self._stepped:
             # Still starting (the first step may compile for a minute): nothing to save yet, and a stop
             # agreed after that step would come too late for a pod's grace period. End now.
+            distributed.count_a_stop_at_once()
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(128 + signum)

@@ -78,7 +78,7 @@ def _train(config: Config, rank: distributed.RankInfo, console, log_file: str) -
         except Exception as exc:
             console.stop_bar()
             signum = first_signal()
-            if signum is not None and not isinstance(exc, CheckpointWriteError):
+            if signum is not None and not isinstance(exc, CheckpointWriteError) and distributed.broken_by_a_stop():
                 return _stopped_unagreed(signum, exc, config, rank, facts, trainer, metrics, log_file)
             return _failed(exc, config, rank, facts, trainer, metrics, log_file)
 
@@ -96,7 +96,7 @@ def _failed(
     naming the first failure."""
     error = one_line(exc)
     place = distributed.placement(rank)
-    first = distributed.record_failure(place, error)
+    first = distributed.record_failure(place, error, rank.local_world_size)
     _tell_torchrun(exc)
     if first is None and not rank.is_main:
         # The job's store lives in rank 0's process (or torchrun's agent): unreachable, that ended first.
@@ -105,7 +105,12 @@ def _failed(
         _say_why(exc, error, log_file)
     else:
         who = f"rank {first['rank']}" + (f" (host {first['host']})" if first["host"] else "")
-        log.error(f"failed because {who} failed first: {error} (traceback in {log_file})")
+        how = (
+            "ended first, without an error (killed, as by the OOM killer, or it exited)"
+            if first.get("ended")
+            else "failed first"
+        )
+        log.error(f"failed because {who} {how}: {error} (traceback in {log_file})")
         log.debug(traceback.format_exc().rstrip())  # the log file's only
     cause = first or {"rank": rank.rank, "host": place["host"], "error": error}
     outcome = RunOutcome.failed(
@@ -127,7 +132,9 @@ def _stopped_unagreed(
 ) -> int:
     """A stop signal came, and then the job broke: a peer had ended on the signal at once (it had not finished
     its first step, so had nothing to save) while this rank had finished its first and waited to agree on a step.
-    The job was stopped, with nothing saved: this rank says so in one line and exits as a stopped rank does."""
+    The job was stopped, with nothing saved: this rank says so in one line and exits as a stopped rank does.
+    (A signal that comes because a peer failed, from a launcher stopping the rest, is no such stop: the store
+    says which, distributed.broken_by_a_stop.)"""
     outcome = RunOutcome.of(StopReason(StopReason.SIGNAL, signum=signum), None)
     log.info(
         f"stopped by {signal.Signals(signum).name} before the ranks agreed on a step: a rank still in its first "
