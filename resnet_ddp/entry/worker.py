@@ -79,21 +79,16 @@ def _train(config: Config, rank: distributed.RankInfo, console, log_file: str) -
             console.stop_bar()
             signum = first_signal()
             if signum is not None and not isinstance(exc, CheckpointWriteError) and distributed.broken_by_a_stop():
-                return _stopped_unagreed(signum, exc, config, rank, facts, trainer, metrics, log_file)
-            return _failed(exc, config, rank, facts, trainer, metrics, log_file)
+                outcome = _stopped_unagreed(signum, log_file)
+            else:
+                outcome = _failed(exc, rank, log_file)
+            _record_the_end(outcome, config, rank, facts, trainer, metrics)
+            return outcome.exit_code
 
 
-def _failed(
-    exc: Exception,
-    config: Config,
-    rank: distributed.RankInfo,
-    facts: RunFacts,
-    trainer,
-    metrics: MetricsLog,
-    log_file: str,
-) -> int:
-    """Say why this rank failed, once, where it belongs; its `end` record says it too; rank 0 writes summary.json
-    naming the first failure."""
+def _failed(exc: Exception, rank: distributed.RankInfo, log_file: str) -> RunOutcome:
+    """Say why this rank failed, once, where it belongs; the outcome names the first failure (for the `end`
+    record, and rank 0's summary.json)."""
     error = one_line(exc)
     place = distributed.placement(rank)
     first = distributed.record_failure(place, error, rank.local_world_size)
@@ -113,23 +108,12 @@ def _failed(
         log.error(f"failed because {who} {how}: {error} (traceback in {log_file})")
         log.debug(traceback.format_exc().rstrip())  # the log file's only
     cause = first or {"rank": rank.rank, "host": place["host"], "error": error}
-    outcome = RunOutcome.failed(
+    return RunOutcome.failed(
         cause["error"] or error, cause["rank"], cause["host"], rank_error_known=cause["error"] is not None
     )
-    _record_the_end(outcome, config, rank, facts, trainer, metrics)
-    return 1
 
 
-def _stopped_unagreed(
-    signum: int,
-    exc: Exception,
-    config: Config,
-    rank: distributed.RankInfo,
-    facts: RunFacts,
-    trainer,
-    metrics: MetricsLog,
-    log_file: str,
-) -> int:
+def _stopped_unagreed(signum: int, log_file: str) -> RunOutcome:
     """A stop signal came, and then the job broke: a peer had ended on the signal at once (it had not finished
     its first step, so had nothing to save) while this rank had finished its first and waited to agree on a step.
     The job was stopped, with nothing saved: this rank says so in one line and exits as a stopped rank does.
@@ -141,8 +125,7 @@ def _stopped_unagreed(
         f"step ended at once, and this run's steps are not saved (what broke is in {log_file})"
     )
     log.debug(traceback.format_exc().rstrip())  # the log file's only
-    _record_the_end(outcome, config, rank, facts, trainer, metrics)
-    return outcome.exit_code
+    return outcome
 
 
 def _record_the_end(
