@@ -91,19 +91,30 @@ def test_sigint_while_the_ranks_wait_for_each_other_ends_the_job_with_130(save_d
     assert wait_for_no_leftovers(job) == []
 
 
-def test_sigterm_as_the_ranks_finish_their_first_step_is_a_stop_not_a_failure(save_dir):
+@pytest.mark.parametrize("in_it,past_it", [(1, 0), (0, 1)], ids=["rank 1 in it", "rank 0 in it"])
+def test_sigterm_as_the_ranks_finish_their_first_step_is_a_stop_not_a_failure(in_it, past_it, save_dir):
     """A rank that has not finished its first step ends on the signal at once (nothing to save, and a compile
     could outlast a pod's grace period); one that has finished it waits to agree on a step and meets a peer that
-    is gone. Rank 1 is paused just before its first step counts, rank 0 just after."""
-    phases = "first step ending@1,first step ended@0"
+    is gone. One rank is paused just before its first step counts, the other just after. Where rank 0 ended,
+    the job's store went with it, and rank 1 cannot tell a stop from a failure: the launcher can."""
+    phases = f"first step ending@{in_it},first step ended@{past_it}"
     job = Job([sys.executable, "train.py", *LONG, "--save-dir", str(save_dir)], {"RESNET_DDP_TEST_PAUSE_AT": phases})
     job.wait_for_stderr(PAUSED, count=2)
     result, took = _stop(job)
     assert result.returncode == 143 and took < STOPPED_WITHIN_S, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr and "failed" not in result.stdout + result.stderr
-    assert "[Rank 0] stopped by SIGTERM before the ranks agreed on a step: " in result.stdout
-    summary = json.loads((save_dir / "summary.json").read_text())
-    assert (summary["exit_reason"], summary["exit_code"], summary["signal"]) == ("stopped by signal", 143, "SIGTERM")
+    assert "Traceback" not in result.stderr
+    if past_it == 0:  # rank 0 learns from the store that rank 1 stopped, and writes summary.json
+        assert "failed" not in result.stdout + result.stderr
+        assert "[Rank 0] stopped by SIGTERM before the ranks agreed on a step: " in result.stdout
+        summary = json.loads((save_dir / "summary.json").read_text())
+        assert (summary["exit_reason"], summary["exit_code"], summary["signal"]) == (
+            "stopped by signal",
+            143,
+            "SIGTERM",
+        )
+    else:
+        (line,) = [line for line in result.stderr.splitlines() if line.startswith("[Rank 1]")]
+        assert "failed because rank 0 ended first: " in line
     assert wait_for_no_leftovers(job) == []
 
 

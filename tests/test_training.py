@@ -208,7 +208,7 @@ def test_when_rank_0_fails_first_the_others_say_so_in_one_line(save_dir):
     assert result.returncode == 1, result.stderr[-2000:]
     assert "rank 0 exited with code 1" in result.stderr
     rank1 = [line for line in result.stderr.splitlines() if line.startswith("[Rank 1]")]
-    assert len(rank1) == 1 and "failed because rank 0 failed first" in rank1[0], rank1
+    assert len(rank1) == 1 and "failed because rank 0 ended first: " in rank1[0], rank1
     records = [json.loads(line) for line in (save_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
     (end,) = [r for r in records if r["kind"] == "end" and r["rank"] == 1]
     # rank 0's error is not rank 1's to tell: its own stays in `error`

@@ -200,10 +200,10 @@ def count_a_stop_at_once() -> None:
 
 def broken_by_a_stop() -> bool:
     """After this rank received a stop signal and then broke: whether a peer ended on that signal before its first
-    step (and no rank counted a failure first). Where the store has gone with rank 0's process, the signal is taken
-    for the cause."""
+    step (and no rank counted a failure first). Not where the store has gone with rank 0's process: then nobody
+    can tell (the launcher can: entry/launch.py)."""
     if not _store_listening():
-        return True
+        return False
     try:
         store = dist.distributed_c10d._get_default_store()
         store.set_timeout(timedelta(seconds=FAILURE_STORE_TIMEOUT_S))
@@ -211,7 +211,7 @@ def broken_by_a_stop() -> bool:
             return False
         return store.add(f"{_prefix()}/stopped_at_once", 0) > 0
     except Exception:  # the store went while asked
-        return True
+        return False
 
 
 def _store_listening() -> bool:

@@ -352,7 +352,8 @@ def _supervise(processes, plan: LaunchPlan, received: List[int]) -> int:
     A rank that exits 143 or 130 stopped on an agreed signal, and one killed by SIGTERM or SIGINT before it
     could handle them was stopped too: that is a stop, not a failure. Once one rank has stopped, the others
     get TERMINATE_GRACE_S to follow (they stop after the same step, or have nothing to save yet), then are
-    killed: a rank still waiting for a peer that is gone would otherwise wait for --dist-timeout. Ranks that
+    killed: a rank still waiting for a peer that is gone would otherwise wait for --dist-timeout. Once the
+    launcher has a stop signal, no rank's exit is a failure: the job was stopped. Ranks that
     have not stopped STOP_DEADLINE_S after the launcher's stop signal (one hangs, and the others wait on it)
     are killed, and the job still ends as stopped.
     """
@@ -362,7 +363,9 @@ def _supervise(processes, plan: LaunchPlan, received: List[int]) -> int:
         # was neither failed nor running, and the launcher exited 1 without naming it.
         codes = [p.exitcode for p in processes]
         failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0, *STOP_CODES)]
-        if failed:
+        # After a stop signal, a rank that breaks was stopped too: a peer still in its first step ended on the
+        # signal at once, and the rank waiting on it found it gone (it says so itself, in its own words).
+        if failed and not received:
             _report_failures(failed, plan)
             _terminate(processes)
             # Peers of a failed rank fail too, with 1, once their collectives break, and they may

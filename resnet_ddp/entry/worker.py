@@ -93,18 +93,16 @@ def _failed(exc: Exception, rank: distributed.RankInfo, log_file: str) -> RunOut
     place = distributed.placement(rank)
     first = distributed.record_failure(place, error, rank.local_world_size)
     _tell_torchrun(exc)
+    how = "failed first"
     if first is None and not rank.is_main:
         # The job's store lives in rank 0's process (or torchrun's agent): unreachable, that ended first.
-        first = {"rank": 0, "host": None, "error": None}
+        first, how = {"rank": 0, "host": None, "error": None}, "ended first"
+    elif first is not None and first.get("ended"):
+        how = "ended first, without an error (killed, as by the OOM killer, or it exited)"
     if first is None or first["rank"] == rank.rank:
         _say_why(exc, error, log_file)
     else:
         who = f"rank {first['rank']}" + (f" (host {first['host']})" if first["host"] else "")
-        how = (
-            "ended first, without an error (killed, as by the OOM killer, or it exited)"
-            if first.get("ended")
-            else "failed first"
-        )
         log.error(f"failed because {who} {how}: {error} (traceback in {log_file})")
         log.debug(traceback.format_exc().rstrip())  # the log file's only
     cause = first or {"rank": rank.rank, "host": place["host"], "error": error}
