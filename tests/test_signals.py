@@ -74,6 +74,20 @@ def test_sigterm_ends_the_job_with_143_at_every_phase(phase, processes, save_dir
         assert (save_dir / "model_final.pth").exists()
 
 
+def test_a_stop_while_the_launcher_starts_its_ranks_starts_no_more(save_dir):
+    """Rank 0 waits at its start and the launcher before starting rank 1: after the signal, no rank 1 starts
+    (it would sit in the rendezvous until the launcher's grace ran out)."""
+    job = Job(
+        [sys.executable, "train.py", *LONG, "--save-dir", str(save_dir)],
+        {"RESNET_DDP_TEST_PAUSE_AT": "spawning,rank start"},
+    )
+    job.wait_for_stderr(PAUSED, count=2)  # the launcher at spawning, rank 0 at its start
+    result, took = _stop(job)
+    assert result.returncode == 143 and took < STOPPED_WITHIN_S, result.stderr[-3000:]
+    assert result.stderr.count(f"{PAUSED} rank start") == 1
+    assert wait_for_no_leftovers(job) == []
+
+
 def test_sigint_while_the_ranks_start_ends_the_job_with_130_without_a_traceback(save_dir):
     """A rank that Python is still starting has Python's own SIGINT handler (a KeyboardInterrupt traceback)
     until ours: the launcher starts it with the stop signals held, and it takes them once it can."""

@@ -331,10 +331,10 @@ def _spawn_and_supervise(config: Config, plan: LaunchPlan) -> int:
     multiprocessing.resource_tracker.ensure_running()
     try:
         for local_rank, process in enumerate(processes):
-            if received:  # stopped while starting its ranks: start no more
-                break
             if local_rank:
                 phases.reached("spawning", until=lambda: bool(received))
+            if received:  # stopped while starting its ranks: start no more
+                break
             with stop_signals_held():  # a signal meanwhile is forwarded once the rank has a pid
                 process.start()
         return _supervise(processes, plan, received)
