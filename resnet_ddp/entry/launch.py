@@ -333,9 +333,9 @@ def _spawn_and_supervise(config: Config, plan: LaunchPlan) -> int:
         for local_rank, process in enumerate(processes):
             if local_rank:
                 phases.reached("spawning", until=lambda: bool(received))
-            if received:  # stopped while starting its ranks: start no more
-                break
-            with stop_signals_held():  # a signal meanwhile is forwarded once the rank has a pid
+            with stop_signals_held():  # a signal from here on is forwarded once the rank has a pid
+                if received:  # stopped while starting its ranks: start no more
+                    break
                 process.start()
         return _supervise(processes, plan, received)
     finally:
