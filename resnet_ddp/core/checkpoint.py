@@ -266,11 +266,11 @@ class CheckpointManager(Callback):
             kept = "the previous checkpoints are intact" if self.lineage else "no checkpoint was written before it"
             raise CheckpointWriteError(f"could not write checkpoint {path}: {root_cause(exc)}; {kept}") from exc
         phases.reached("checkpoint written")
-        self.lineage = lineage[: self.config.keep]
-        if lineage[self.config.keep :]:
-            for old in lineage[self.config.keep :]:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self.save_dir, old))
+        self.lineage, pruned = lineage[: self.config.keep], lineage[self.config.keep :]
+        for old in pruned:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.save_dir, old))
+        if pruned:
             with contextlib.suppress(OSError):  # a record still naming a pruned file is harmless; the next corrects it
                 self._record_lineage(self.lineage)
         return {"global_step": state["global_step"], "path": path, "bytes": os.path.getsize(path)}

@@ -143,8 +143,9 @@ def _process_ended(pid: int) -> bool:
 
 def _ended_peer(store, place: Dict[str, object], local_world_size: int) -> Optional[Dict[str, object]]:
     """A rank of this host whose process has ended: it failed without a word (a kill, the OOM killer, an exit)."""
+    pids = f"{_prefix()}/pids/{_process_space()}"
     for local_rank in range(local_world_size):
-        key = f"{_prefix()}/pids/{_process_space()}/{local_rank}"
+        key = f"{pids}/{local_rank}"
         if local_rank == place["local_rank"] or not store.check([key]):
             continue
         peer = json.loads(store.get(key))
@@ -165,11 +166,10 @@ def record_failure(place: Dict[str, object], error: str, local_world_size: int =
     """
     failures = f"{_prefix()}/failures"
     mine = {**place, "error": error, "time": time.time()}
-    if not _store_listening():
-        return None
     try:
-        store = dist.distributed_c10d._get_default_store()
-        store.set_timeout(timedelta(seconds=FAILURE_STORE_TIMEOUT_S))
+        store = _listening_store()
+        if store is None:
+            return None
         records = [mine]
         if not store.check([f"{failures}/1"]):
             ended = _ended_peer(store, place, local_world_size)
@@ -190,9 +190,8 @@ def count_a_stop_at_once() -> None:
     """This rank ends on a stop signal before its first step: peers past theirs, which then find it gone, learn
     from the store that the job was stopped, not broken."""
     try:
-        if _store_listening():
-            store = dist.distributed_c10d._get_default_store()
-            store.set_timeout(timedelta(seconds=FAILURE_STORE_TIMEOUT_S))
+        store = _listening_store()
+        if store is not None:
             store.add(f"{_prefix()}/stopped_at_once", 1)
     except Exception:  # not joined yet, or no store: nobody has stepped to ask
         pass
@@ -202,16 +201,22 @@ def broken_by_a_stop() -> bool:
     """After this rank received a stop signal and then broke: whether a peer ended on that signal before its first
     step (and no rank counted a failure first). Not where the store has gone with rank 0's process: then nobody
     can tell (the launcher can: entry/launch.py)."""
-    if not _store_listening():
-        return False
     try:
-        store = dist.distributed_c10d._get_default_store()
-        store.set_timeout(timedelta(seconds=FAILURE_STORE_TIMEOUT_S))
-        if store.check([f"{_prefix()}/failures/1"]):
+        store = _listening_store()
+        if store is None or store.check([f"{_prefix()}/failures/1"]):
             return False
         return store.add(f"{_prefix()}/stopped_at_once", 0) > 0
     except Exception:  # the store went while asked
         return False
+
+
+def _listening_store():
+    """The job's key-value store, with a short timeout; None where its address no longer takes connections."""
+    if not _store_listening():
+        return None
+    store = dist.distributed_c10d._get_default_store()
+    store.set_timeout(timedelta(seconds=FAILURE_STORE_TIMEOUT_S))
+    return store
 
 
 def _store_listening() -> bool:

@@ -86,10 +86,14 @@ class LaunchPlan:
             return os.environ.get("LOCAL_RANK", "0") == "0"
         return True
 
+    def global_rank(self, local_rank: int) -> int:
+        """The job's rank of this launcher's `local_rank`-th process."""
+        return self.node_rank * self.nproc + local_rank
+
     def worker_env(self, local_rank: int) -> Dict[str, str]:
         """The torch.distributed env:// variables for one spawned process."""
         return {
-            "RANK": str(self.node_rank * self.nproc + local_rank),
+            "RANK": str(self.global_rank(local_rank)),
             "WORLD_SIZE": str(self.world_size),
             "LOCAL_RANK": str(local_rank),
             "LOCAL_WORLD_SIZE": str(self.nproc),
@@ -398,7 +402,7 @@ def _supervise(processes, plan: LaunchPlan, received: List[int]) -> int:
 
 def _report_failures(failed, plan: LaunchPlan) -> None:
     for local_rank, code in failed:
-        rank = plan.node_rank * plan.nproc + local_rank
+        rank = plan.global_rank(local_rank)
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         log.error(f"rank {rank} {how}; stopping the other ranks")
 
@@ -406,7 +410,7 @@ def _report_failures(failed, plan: LaunchPlan) -> None:
 def _kill_unstopped(processes, plan: LaunchPlan, signum: int) -> None:
     """SIGKILL the ranks still running (of `processes`, every rank of this launcher), saying which."""
     running = [(i, p) for i, p in enumerate(processes) if p.pid is not None and p.exitcode is None]
-    ranks = ", ".join(str(plan.node_rank * plan.nproc + local_rank) for local_rank, _ in running)
+    ranks = ", ".join(str(plan.global_rank(local_rank)) for local_rank, _ in running)
     log.error(
         f"rank {ranks} had not stopped {STOP_DEADLINE_S:.0f} s after {signal.Signals(signum).name} (a rank hangs, "
         "and the others wait on it): killing them"
