@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -89,9 +88,10 @@ def clean_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """As the launcher picks one: outside the ephemeral range, which other tests' connections draw from."""
+    from resnet_ddp.entry.launch import free_port as launcher_free_port
+
+    return launcher_free_port()
 
 
 class Job:

@@ -139,6 +139,17 @@ def test_resnet50_smoke(save_dir):
     assert_trained(result, save_dir, ranks=2, epochs=1, arch="resnet50", num_classes=100)
 
 
+def test_the_standalone_rendezvous_port_lies_outside_the_ports_outgoing_connections_take():
+    """A port of the ephemeral range can be handed to some connection between the launcher's pick and rank 0's
+    listen (the job then fails with EADDRINUSE, as one CI run did under parallel tests)."""
+    from resnet_ddp.entry.launch import ephemeral_ports, free_port
+
+    low, high = ephemeral_ports()
+    for _ in range(20):
+        port = free_port()
+        assert not low <= port <= high and 1024 <= port <= 65535
+
+
 def test_two_standalone_jobs_on_one_node_do_not_collide(tmp_path):
     jobs = [Job(train_command(*TINY, "--epochs", "1", "--save-dir", str(tmp_path / name))) for name in "ab"]
     for job in jobs:

@@ -18,6 +18,7 @@ import multiprocessing
 import multiprocessing.connection
 import multiprocessing.resource_tracker
 import os
+import random
 import signal
 import socket
 import sys
@@ -148,7 +149,33 @@ def _check_torchrun_worker(config: Config, environ: Mapping[str, str], world_siz
             )
 
 
-def _free_port() -> int:
+EPHEMERAL_PORTS = "/proc/sys/net/ipv4/ip_local_port_range"
+LOWEST_PICKED_PORT = 20000
+
+
+def ephemeral_ports() -> Tuple[int, int]:
+    """The range the kernel picks from for outgoing connections (Linux's default where it cannot be read)."""
+    try:
+        with open(EPHEMERAL_PORTS) as f:
+            low, high = map(int, f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port() -> int:
+    """A port free now for rank 0's store, chosen outside the ephemeral range: the kernel hands ports of that range
+    to outgoing connections (every rank's, and every job's on the node) in the seconds before rank 0 listens, and
+    a port it gave away there fails the job with EADDRINUSE. The kernel's own pick where nothing else is free."""
+    low, high = ephemeral_ports()
+    outside = [*range(LOWEST_PICKED_PORT, low), *range(high + 1, 65536)]
+    for port in random.sample(outside, min(64, len(outside))):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("", port))  # every address, as the store listens
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -220,7 +247,7 @@ def plan_launch(config: Config, environ: Mapping[str, str]) -> LaunchPlan:
         elif "MASTER_PORT" in environ:
             port = _env_port(environ)
         else:
-            port = _free_port()
+            port = free_port()
         nproc = _local_process_count(config, gpus)
         plan = LaunchPlan("standalone", device_type, nproc, 0, nproc, "127.0.0.1", port, gpus)
     _check_gpu_features(config, plan.own_gpus)
