@@ -28,6 +28,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 from typing import Dict
 
 CACHE_DIR = "compile-cache"
@@ -93,21 +94,55 @@ def environment_fields(device) -> Dict[str, object]:
     return fields
 
 
+def job_fields(config, device, world_size: int) -> Dict[str, object]:
+    """Everything of a job (a Config) and its machine that shapes what torch.compile makes for it."""
+    speed = config.speed
+    return {
+        **environment_fields(device),
+        **config.fingerprint(),
+        "batch_size": config.training.batch_size,
+        "channels_last": speed.channels_last,
+        "cuda_graphs": speed.cuda_graphs,
+        "sync_bn": config.model.sync_bn,
+        "fuse_bn_relu": config.model.fuse_bn_relu,
+        "syncbn_symm_mem": speed.syncbn_symm_mem,
+        "world_size": world_size,
+    }
+
+
+def compiled_before(save_dir: str) -> bool:
+    """Whether a job in this save dir has compiled anything (without importing torch): a restart loads it."""
+    try:
+        return any(
+            os.path.isdir(os.path.join(save_dir, CACHE_DIR, name, "inductor"))
+            for name in os.listdir(os.path.join(save_dir, CACHE_DIR))
+        )
+    except OSError:
+        return False
+
+
 def directory(save_dir: str, fields: Dict[str, object]) -> str:
     return os.path.join(save_dir, CACHE_DIR, cache_key(fields))
 
 
 def prepare(save_dir: str, fields: Dict[str, object]) -> str:
-    """The cache directory for `fields` under the save dir, made, checked and ready; its path."""
+    """The cache directory for `fields` under the save dir, made, checked and ready; its path.
+
+    The directory appears with its key.json in it (renamed into place whole), so that a process preparing it
+    beside another (the rank and its compile helper, entry/compile_prebuild.py) never finds it without one.
+    """
     path = directory(save_dir, fields)
-    key_path = os.path.join(path, KEY_NAME)
-    if os.path.isdir(path) and _read(key_path) != fields:
+    if os.path.isdir(path) and _read(os.path.join(path, KEY_NAME)) != fields:
         shutil.rmtree(path, ignore_errors=True)  # not what its name says: never load from it
-    os.makedirs(path, exist_ok=True)
-    if not os.path.exists(key_path):
-        with open(key_path + ".tmp", "w") as f:
+    if not os.path.isdir(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        new = tempfile.mkdtemp(prefix=".new-", dir=os.path.dirname(path))
+        with open(os.path.join(new, KEY_NAME), "w") as f:
             json.dump(fields, f, indent=2, sort_keys=True)
-        os.replace(key_path + ".tmp", key_path)
+        try:
+            os.rename(new, path)
+        except OSError:  # made meanwhile by another process
+            shutil.rmtree(new, ignore_errors=True)
     return path
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Optional
+import logging
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -12,6 +13,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from resnet_ddp.core.distributed import RankInfo
 from resnet_ddp.layers.syncbn import convert_sync_batchnorm
+
+log = logging.getLogger(__name__)
 
 _DDP_PARAMETERS = inspect.signature(DistributedDataParallel.__init__).parameters
 
@@ -57,15 +60,79 @@ def wrap_ddp(
     return ddp
 
 
-def compile_model(model: nn.Module, processes: int) -> nn.Module:
+def compile_model(model: nn.Module, processes: int, before_second_part: Callable[[], None]) -> nn.Module:
+    """`model` compiled; what the step calls.
+
+    One process compiles a ResNet in two parts (TwoPartForward), so that a helper can compile the second
+    while the process compiles the first (entry/compile_prebuild.py); `before_second_part` runs once, before the
+    second part's first call.
+    """
     if processes == 1:
         # dynamo splits a DDP model's graph at its gradient buckets so that their all-reduces overlap the
         # backward; one process has nothing to overlap. Whole, the graph is one that AOTAutograd's cache keeps
         # (it never keeps split ones), and a restart loads the compiled step instead of tracing it again.
-        import torch._dynamo
-
-        torch._dynamo.config.optimize_ddp = False
+        settle_compile_for_one_process()
+        module = unwrap(model)
+        if TwoPartForward.fits(module):
+            module.forward = TwoPartForward(module, before_second_part)
+            return model  # DDP's forward calls the module's, now the two compiled parts
     return torch.compile(model)
+
+
+def settle_compile_for_one_process() -> None:
+    """What a compile of a one-process job sets, in its rank and in the helper that compiles beside it alike."""
+    import torch._dynamo
+
+    torch._dynamo.config.optimize_ddp = False
+
+
+class TwoPartForward:
+    """A torchvision ResNet's forward as two parts, each compiled on its own (layers/blocks.py: first_part,
+    second_part).
+
+    Compiling takes tens of seconds of one thread. In two parts, a helper process compiles the second while
+    the rank compiles the first (entry/compile_prebuild.py), and the rank loads the helper's from the compile
+    cache. The boundary costs only the fusion of one block's output into the next block's first kernels.
+    """
+
+    def __init__(self, module: nn.Module, before_second_part: Callable[[], None] = lambda: None):
+        from resnet_ddp.layers import blocks  # imports torchvision, as build_model did
+
+        self.module = module
+        self.first = torch.compile(blocks.first_part)
+        self.second = torch.compile(blocks.second_part)
+        self._before_second_part: Optional[Callable[[], None]] = before_second_part
+
+    @staticmethod
+    def fits(module: nn.Module) -> bool:
+        from torchvision.models import ResNet
+
+        return isinstance(module, ResNet)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.first(self.module, x)
+        if self._before_second_part is None:
+            return self.second(self.module, x)
+        self._before_second_part()
+        self._before_second_part = None
+        loaded = _compiled_graphs_loaded()
+        out = self.second(self.module, x)
+        where = "loaded from the compile cache" if _compiled_graphs_loaded() > loaded else "compiled here"
+        log.debug(f"the compiled model's second part: {where}")
+        return out
+
+    def second_part_only(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward with only the second part compiled: what the helper runs."""
+        from resnet_ddp.layers import blocks
+
+        return self.second(self.module, blocks.first_part(self.module, x))
+
+
+def _compiled_graphs_loaded() -> int:
+    """How many compiled graphs this process has loaded from AOTAutograd's cache (torch's own count)."""
+    from torch._dynamo.utils import counters
+
+    return counters["aot_autograd"]["autograd_cache_hit"]
 
 
 def _ddp(model: nn.Module, rank: RankInfo, sync_bn: bool) -> DistributedDataParallel:

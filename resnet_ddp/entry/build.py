@@ -53,7 +53,7 @@ from resnet_ddp.core.progress import TrainState
 from resnet_ddp.core.step import EagerStep, GraphedStep, make_scaler
 from resnet_ddp.core.stopping import RunLength, StopAgreement, signal_received
 from resnet_ddp.core.trainer import Trainer
-from resnet_ddp.entry import kernel_prebuild
+from resnet_ddp.entry import compile_prebuild, kernel_prebuild
 from resnet_ddp.health.slowdown import TestSlowdown
 from resnet_ddp.health.straggler import StragglerDetector
 from resnet_ddp.health.watchdog import ProgressWatchdog
@@ -168,7 +168,7 @@ def build_trainer(
     if speed.compile:  # before anything is compiled: a restarted job reuses what an earlier one compiled
         _use_compile_cache(config, rank, control)
     step = EagerStep(
-        compile_model(model, rank.world_size) if speed.compile else model,
+        compile_model(model, rank.world_size, compile_prebuild.wait) if speed.compile else model,
         torch.nn.CrossEntropyLoss(),
         optimizer,
         rank.device,
@@ -262,18 +262,7 @@ def build_trainer(
 
 def _use_compile_cache(config: Config, rank: distributed.RankInfo, control) -> None:
     """Inductor's and Triton's caches in the save dir, under a key of everything that shapes what they hold."""
-    speed = config.speed
-    fields = {
-        **compile_cache.environment_fields(rank.device),
-        **config.fingerprint(),
-        "batch_size": config.training.batch_size,
-        "channels_last": speed.channels_last,
-        "cuda_graphs": speed.cuda_graphs,
-        "sync_bn": config.model.sync_bn,
-        "fuse_bn_relu": config.model.fuse_bn_relu,
-        "syncbn_symm_mem": speed.syncbn_symm_mem,
-        "world_size": rank.world_size,
-    }
+    fields = compile_cache.job_fields(config, rank.device, rank.world_size)
     if rank.local_rank == 0:  # one process of the node checks and makes it
         compile_cache.prepare(config.save_dir, fields)
     dist.barrier(group=control)

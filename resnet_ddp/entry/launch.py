@@ -29,7 +29,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from resnet_ddp.config import Config
 from resnet_ddp.core import phases
-from resnet_ddp.entry import kernel_prebuild
+from resnet_ddp.entry import compile_prebuild, kernel_prebuild
 from resnet_ddp.entry.gpus import Gpu, visible_gpus
 from resnet_ddp.entry.process import (
     default_stop_signals,
@@ -274,12 +274,14 @@ def run(config: Config, plan: LaunchPlan) -> int:
 def _before_torch(config: Config, plan: LaunchPlan, local_rank: int) -> None:
     """A rank's first steps, before it imports torch. Local rank 0 writes the job's bytecode cache where there is
     one (core/compile_cache.py): on a shared volume, one writer per node is enough. It also has SyncBatchNorm's
-    kernels compiled beside the ranks' start."""
+    kernels, or the second part of a compiled one-process model, compiled beside the ranks' start."""
     if local_rank != 0:
         if sys.pycache_prefix is not None:
             sys.dont_write_bytecode = True
     elif plan.gpus and kernel_prebuild.wanted(config, plan.gpus[0].shared):
         kernel_prebuild.start(device_index=0)
+    elif compile_prebuild.wanted(config, plan.world_size, plan.gpus[0].shared if plan.gpus else None):
+        compile_prebuild.start(config, device_index=0)
 
 
 def _run_torchrun_worker(config: Config, plan: LaunchPlan) -> int:

@@ -44,17 +44,53 @@ class FusedBottleneck(resnet.Bottleneck):
 
 class FusedResNet(resnet.ResNet):
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.bn1(self.conv1(x), relu=True))
-        # Each block's output feeds the next block twice, its main path and its residual. The block hands it
-        # over as two aliases of one tensor, so that their gradients reach its BatchNorm's backward apart and
-        # are summed there with the ReLU's mask in one pass (syncbn.py), not first by autograd.
-        blocks = [block for layer in (self.layer1, self.layer2, self.layer3, self.layer4) for block in layer]
-        residual_x = x
-        for block, after in zip(blocks, blocks[1:] + [None]):
-            fork = hasattr(block, "forward_pair") and hasattr(after, "forward_pair")
-            out = block.forward_pair(x, residual_x, fork) if hasattr(block, "forward_pair") else block(x)
-            x, residual_x = out if fork else (out, out)
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return forward_span(self, x, 0, None)
+
+
+def residual_blocks(model: resnet.ResNet) -> list:
+    """A torchvision ResNet's residual blocks in the order they run."""
+    return [block for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for block in layer]
+
+
+def forward_span(model: resnet.ResNet, x: torch.Tensor, start: int, stop) -> torch.Tensor:
+    """A ResNet's forward over its residual blocks [start, stop): from block 0 the stem first, to the last block
+    (stop None) the pooling and classifier after. Consecutive spans make the whole forward, on torchvision's
+    ResNets and on ours (compiled in two parts: core/model.py)."""
+    blocks = residual_blocks(model)
+    if start == 0:
+        x = model.conv1(x)
+        x = model.bn1(x, relu=True) if isinstance(model, FusedResNet) else model.relu(model.bn1(x))
+        x = model.maxpool(x)
+    span = blocks[start:stop]
+    # Each block's output feeds the next block twice, its main path and its residual. Within a span the block
+    # hands it over as two aliases of one tensor, so that their gradients reach its BatchNorm's backward apart
+    # and are summed there with the ReLU's mask in one pass (syncbn.py), not first by autograd.
+    residual_x = x
+    for block, after in zip(span, span[1:] + [None]):
+        fork = hasattr(block, "forward_pair") and hasattr(after, "forward_pair")
+        out = block.forward_pair(x, residual_x, fork) if hasattr(block, "forward_pair") else block(x)
+        x, residual_x = out if fork else (out, out)
+    if stop is None:
+        x = model.fc(torch.flatten(model.avgpool(x), 1))
+    return x
+
+
+# The share of the residual blocks in the first of a compiled model's two parts (core/model.py,
+# TwoPartForward): 9 of ResNet-50's 16, as the rank starts compiling its part seconds after the helper.
+FIRST_PART_SHARE = 0.5625
+
+
+def split_point(model: resnet.ResNet) -> int:
+    """The first residual block of the second part."""
+    return round(len(residual_blocks(model)) * FIRST_PART_SHARE)
+
+
+def first_part(model: resnet.ResNet, x: torch.Tensor) -> torch.Tensor:
+    return forward_span(model, x, 0, split_point(model))
+
+
+def second_part(model: resnet.ResNet, x: torch.Tensor) -> torch.Tensor:
+    return forward_span(model, x, split_point(model), None)
 
 
 _FUSED = {resnet.BasicBlock: FusedBasicBlock, resnet.Bottleneck: FusedBottleneck, resnet.ResNet: FusedResNet}

@@ -1,0 +1,128 @@
+"""A one-process job's compiled model: a helper process compiles its second part while the rank compiles the first.
+
+Compiling ResNet-50 takes most of a compiled job's first start, in one thread of
+the rank. One process compiles its model in two parts (core/model.py,
+TwoPartForward). The rank's process starts this helper the moment it starts,
+before it imports torch; the helper builds the same model on the same device,
+compiles the second part into the job's compile cache (core/compile_cache.py,
+keyed as the rank keys it) and ends. The rank compiles the first part, waits for
+the helper before the second part's first call, and loads it from the cache.
+torch keys every compiled graph by the graph, its inputs' shapes and layouts, its
+settings and the GPU: where anything differs, the rank finds no match and
+compiles the part itself.
+
+Nothing depends on the helper: one that fails, or is not started, leaves the rank
+to compile both parts. It is not started where a restart finds compiled artifacts
+in the save dir (it loads them), where a job has several processes (each compiles
+graphs of its own: its SyncBatchNorm's collectives name its rank), and, as the
+kernel helper (kernel_prebuild.py), where its CUDA context could disturb the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import time
+from typing import List, Optional
+
+from resnet_ddp.config import Config
+from resnet_ddp.core import compile_cache
+
+log = logging.getLogger(__name__)
+
+WAIT_S = 300.0  # far above the helper's tens of seconds: past it, the rank compiles the second part itself
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_helper: List[subprocess.Popen] = []  # the rank's helper, waited for before the second part's first call
+
+
+def wanted(config: Config, world_size: int, gpu_shared: Optional[bool]) -> bool:
+    """Whether this job compiles in two parts and a helper may compile the second beside its one rank."""
+    on_gpu = not config.process.cpu
+    return (
+        bool(config.speed.compile)
+        and world_size == 1
+        and (gpu_shared is True or not on_gpu)
+        and config.health.preflight == "off"
+        and config.scenario.gpu_memory_ballast is None
+        and not compile_cache.compiled_before(config.save_dir)
+    )
+
+
+def start(config: Config, device_index: int, environ=os.environ) -> None:
+    """In the rank's process, before torch: start the helper, handing it the job's configuration."""
+    command = [sys.executable, "-m", __name__, str(os.getpid()), str(device_index)]
+    # This package importable wherever the job was started from (train.py beside it, not installed).
+    path = os.pathsep.join(p for p in (environ.get("PYTHONPATH"), _PACKAGE_ROOT) if p)
+    try:
+        helper = subprocess.Popen(
+            command,
+            env={**environ, "PYTHONPATH": path},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,  # a failure only costs the rank the compiling; its code is logged
+        )
+        with helper.stdin:
+            helper.stdin.write(pickle.dumps(config))  # far less than a pipe holds: never blocks
+    except OSError as exc:  # no room for a process: the rank compiles both parts
+        log.debug(f"the second part of the compiled model is not prebuilt: {exc}")
+        return
+    _helper.append(helper)
+
+
+def wait(timeout_s: float = WAIT_S) -> None:
+    """Before the second part's first call: wait for the helper to end, if one was started."""
+    started = time.monotonic()
+    while _helper:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            code = _helper[-1].wait(timeout_s)
+            if code != 0:
+                log.debug(f"the helper compiling the model's second part exited with {code}")
+        _helper.pop()  # one that outlived the wait is left to its end: it dies with this process
+        log.debug(f"waited {time.monotonic() - started:.1f} s for the helper compiling the model's second part")
+
+
+def _main(argv: List[str]) -> int:
+    """The helper: `python -m resnet_ddp.entry.compile_prebuild PARENT_PID DEVICE_INDEX`, the job's Config
+    pickled on stdin. It dies with the rank (its parent)."""
+    from resnet_ddp.entry.process import die_with_parent, exit_process
+
+    die_with_parent(int(argv[0]))
+    config: Config = pickle.load(sys.stdin.buffer)
+    import torch
+
+    from resnet_ddp.core.data import normalise
+    from resnet_ddp.core.model import TwoPartForward, build_model, settle_compile_for_one_process
+    from resnet_ddp.core.step import AMP_DTYPES
+
+    device = torch.device("cpu") if config.process.cpu else torch.device("cuda", int(argv[1]))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = config.speed.cudnn_benchmark  # as the rank has it (entry/build.py)
+    compile_cache.use(compile_cache.prepare(config.save_dir, compile_cache.job_fields(config, device, 1)))
+    settle_compile_for_one_process()
+    # The rank's model, layout and batch (entry/build.py, core/step.py): the same graphs, so the same keys.
+    model = build_model(config.model.arch, config.training.num_classes, config.model.sync_bn, config.model.fuse_bn_relu)
+    if config.speed.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = model.to(device)
+    if not TwoPartForward.fits(model):
+        return 0
+    size, batch = config.model.image_size, config.training.batch_size
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, config.training.num_classes, (batch,), device=device)
+    amp = AMP_DTYPES.get(config.speed.amp)
+    with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+        loss = torch.nn.CrossEntropyLoss()(
+            TwoPartForward(model).second_part_only(normalise(images, config.speed.channels_last)), labels
+        )
+    loss.backward()  # compiles the second part's backward, and the cache keeps forward and backward together
+    exit_process(0)
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
