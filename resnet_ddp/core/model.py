@@ -122,10 +122,14 @@ class TwoPartForward:
         return out
 
     def second_part_only(self, x: torch.Tensor) -> torch.Tensor:
-        """The forward with only the second part compiled: what the helper runs."""
+        """The forward with only the second part compiled: what the helper runs. The first part runs without
+        autograd, holding none of its activations on the GPU the rank is starting on; its output requires grad,
+        as the rank's does."""
         from resnet_ddp.layers import blocks
 
-        return self.second(self.module, blocks.first_part(self.module, x))
+        with torch.no_grad():
+            x = blocks.first_part(self.module, x)
+        return self.second(self.module, x.requires_grad_())
 
 
 def _compiled_graphs_loaded() -> int:
