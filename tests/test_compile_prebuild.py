@@ -1,5 +1,5 @@
-"""A one-process compiled job: its model in two compiled parts, the second compiled by a helper beside the rank
-(core/model.py TwoPartForward, entry/compile_prebuild.py). On CPU here; the GPU lane runs it on a GPU."""
+"""A one-process compiled job: its model in compiled parts, the later ones compiled by helpers beside the rank
+(core/model.py CompiledInParts, entry/compile_prebuild.py). On CPU here; the GPU lane runs it on a GPU."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from conftest import run_train
 from resnet_ddp.core.model import build_model
 from resnet_ddp.entry import compile_prebuild
 from resnet_ddp.entry.cli import parse_config
-from resnet_ddp.layers.blocks import first_part, second_part, split_point
+from resnet_ddp.layers.blocks import PARTS, residual_blocks, split_points
 
 TINY_COMPILED = [
     "--cpu",
@@ -32,7 +32,7 @@ TINY_COMPILED = [
 
 @pytest.mark.parametrize("fuse_bn_relu", [True, False], ids=["fused-blocks", "torchvision-blocks"])
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
-def test_the_two_parts_make_the_models_own_forward_and_backward(arch, fuse_bn_relu):
+def test_the_parts_make_the_models_own_forward_and_backward(arch, fuse_bn_relu):
     torch.manual_seed(0)
     model = build_model(arch, 10, sync_bn=True, fuse_bn_relu=fuse_bn_relu)
     x = torch.randn(4, 3, 32, 32)
@@ -40,14 +40,16 @@ def test_the_two_parts_make_the_models_own_forward_and_backward(arch, fuse_bn_re
     whole.square().sum().backward()
     expected = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    parts = second_part(model, first_part(model, x))
+    parts = x
+    for part in PARTS:
+        parts = part(model, parts)
     parts.square().sum().backward()
     torch.testing.assert_close(parts, whole)
     for got, want in zip((p.grad for p in model.parameters()), expected):
         torch.testing.assert_close(got, want)
-    assert (
-        0 < split_point(model) < sum(len(layer) for layer in (model.layer1, model.layer2, model.layer3, model.layer4))
-    )
+    # every part has residual blocks; the rank's helpers compile one part each
+    assert 0 < split_points(model)[0] < split_points(model)[1] < len(residual_blocks(model))
+    assert len(PARTS) == compile_prebuild.PARTS
 
 
 def test_the_helper_is_wanted_for_a_compiled_one_process_job_that_has_compiled_nothing_yet(tmp_path):
@@ -67,12 +69,12 @@ def test_the_helper_is_wanted_for_a_compiled_one_process_job_that_has_compiled_n
     assert not wanted("--compile")
 
 
-def test_a_new_compiled_one_process_job_loads_the_second_part_its_helper_compiled(save_dir):
+def test_a_new_compiled_one_process_job_loads_the_parts_its_helpers_compiled(save_dir):
     result = run_train(*TINY_COMPILED, "--max-steps", "2", "--save-dir", str(save_dir), timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     log = (save_dir / "logs" / "rank0.log").read_text()
-    assert "s for the helper compiling the model's second part" in log, log
-    assert "the compiled model's second part: loaded from the compile cache" in log, log
+    assert "s for the helpers compiling the model's later parts" in log, log
+    assert "the compiled model's later parts: 2 loaded from the cache" in log, log
     # A restart loads both parts from the save dir, and starts no helper.
     again = run_train(*TINY_COMPILED, "--max-steps", "4", "--save-dir", str(save_dir), timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -80,15 +82,16 @@ def test_a_new_compiled_one_process_job_loads_the_second_part_its_helper_compile
     assert "resuming from " in again.stdout and "helper" not in log.split("resuming from ")[-1], log
 
 
-def test_the_rank_waits_for_its_helper_and_compiles_alone_once_it_failed(tmp_path, caplog):
+def test_the_rank_goes_on_at_once_where_its_helpers_died(tmp_path, caplog):
     config = parse_config(["--save-dir", str(tmp_path), *TINY_COMPILED], environ={})
     compile_prebuild.start(config, device_index=0, environ={"PYTHONPATH": ""})
-    (helper,) = compile_prebuild._helper
-    helper.kill()  # a helper that died: the rank goes on at once, and compiles the part itself
+    assert len(compile_prebuild._helpers) == compile_prebuild.PARTS - 1
+    for helper in compile_prebuild._helpers:
+        helper.kill()  # the rank then compiles their parts itself
     with caplog.at_level(logging.DEBUG, logger=compile_prebuild.__name__):
         compile_prebuild.wait(timeout_s=120)
-    assert "the helper compiling the model's second part exited with -9" in caplog.text
-    assert not compile_prebuild._helper
+    assert caplog.text.count("a helper compiling a part of the model exited with -9") == compile_prebuild.PARTS - 1
+    assert not compile_prebuild._helpers
 
 
 @pytest.fixture(autouse=True)

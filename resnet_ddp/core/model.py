@@ -60,48 +60,46 @@ def wrap_ddp(
     return ddp
 
 
-def compile_model(model: nn.Module, processes: int, before_second_part: Callable[[], None]) -> nn.Module:
+def compile_model(model: nn.Module, processes: int, before_helpers_parts: Callable[[], None]) -> nn.Module:
     """`model` compiled; what the step calls.
 
-    One process compiles a ResNet in two parts (TwoPartForward), so that a helper can compile the second
-    while the process compiles the first (entry/compile_prebuild.py); `before_second_part` runs once, before the
+    One process compiles a ResNet in parts (CompiledInParts), so that helpers can compile the later parts while
+    the process compiles the first (entry/compile_prebuild.py); `before_helpers_parts` runs once, before the
     second part's first call.
     """
     if processes == 1:
         # dynamo splits a DDP model's graph at its gradient buckets so that their all-reduces overlap the
-        # backward; one process has nothing to overlap. Whole, the graph is one that AOTAutograd's cache keeps
+        # backward; one process has nothing to overlap. Whole, a graph is one that AOTAutograd's cache keeps
         # (it never keeps split ones), and a restart loads the compiled step instead of tracing it again.
         settle_compile_for_one_process()
         module = unwrap(model)
-        if TwoPartForward.fits(module):
-            module.forward = TwoPartForward(module, before_second_part)
-            return model  # DDP's forward calls the module's, now the two compiled parts
+        if CompiledInParts.fits(module):
+            module.forward = CompiledInParts(module, before_helpers_parts)
+            return model  # DDP's forward calls the module's, now the compiled parts
     return torch.compile(model)
 
 
 def settle_compile_for_one_process() -> None:
-    """What a compile of a one-process job sets, in its rank and in the helper that compiles beside it alike."""
+    """What a compile of a one-process job sets, in its rank and in the helpers that compile beside it alike."""
     import torch._dynamo
 
     torch._dynamo.config.optimize_ddp = False
 
 
-class TwoPartForward:
-    """A torchvision ResNet's forward as two parts, each compiled on its own (layers/blocks.py: first_part,
-    second_part).
+class CompiledInParts:
+    """A torchvision ResNet's forward as consecutive parts (layers/blocks.py, PARTS), each compiled on its own.
 
-    Compiling takes tens of seconds of one thread. In two parts, a helper process compiles the second while
-    the rank compiles the first (entry/compile_prebuild.py), and the rank loads the helper's from the compile
-    cache. The boundary costs only the fusion of one block's output into the next block's first kernels.
+    Compiling takes tens of seconds of one thread. In parts, helper processes compile the later ones while the
+    rank compiles the first (entry/compile_prebuild.py), and the rank loads theirs from the compile cache.
+    A boundary costs only the fusion of one block's output into the next block's first kernels.
     """
 
-    def __init__(self, module: nn.Module, before_second_part: Callable[[], None] = lambda: None):
+    def __init__(self, module: nn.Module, before_helpers_parts: Callable[[], None] = lambda: None):
         from resnet_ddp.layers import blocks  # imports torchvision, as build_model did
 
         self.module = module
-        self.first = torch.compile(blocks.first_part)
-        self.second = torch.compile(blocks.second_part)
-        self._before_second_part: Optional[Callable[[], None]] = before_second_part
+        self.parts = [torch.compile(part) for part in blocks.PARTS]
+        self._before_helpers_parts: Optional[Callable[[], None]] = before_helpers_parts
 
     @staticmethod
     def fits(module: nn.Module) -> bool:
@@ -110,26 +108,32 @@ class TwoPartForward:
         return isinstance(module, ResNet)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.first(self.module, x)
-        if self._before_second_part is None:
-            return self.second(self.module, x)
-        self._before_second_part()
-        self._before_second_part = None
+        x = self.parts[0](self.module, x)
+        if self._before_helpers_parts is None:
+            for part in self.parts[1:]:
+                x = part(self.module, x)
+            return x
+        self._before_helpers_parts()
+        self._before_helpers_parts = None
         loaded = _compiled_graphs_loaded()
-        out = self.second(self.module, x)
-        where = "loaded from the compile cache" if _compiled_graphs_loaded() > loaded else "compiled here"
-        log.debug(f"the compiled model's second part: {where}")
-        return out
+        for part in self.parts[1:]:
+            x = part(self.module, x)
+        log.debug(f"the compiled model's later parts: {_compiled_graphs_loaded() - loaded} loaded from the cache")
+        return x
 
-    def second_part_only(self, x: torch.Tensor) -> torch.Tensor:
-        """The forward with only the second part compiled: what the helper runs. The first part runs without
-        autograd, holding none of its activations on the GPU the rank is starting on; its output requires grad,
-        as the rank's does."""
+    def compiling_one_part(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """The forward with only part `index` compiled: what a helper runs. The parts before it run without
+        autograd, holding none of their activations on the GPU the rank is starting on; their output requires
+        grad, as the rank's does."""
         from resnet_ddp.layers import blocks
 
         with torch.no_grad():
-            x = blocks.first_part(self.module, x)
-        return self.second(self.module, x.requires_grad_())
+            for part in blocks.PARTS[:index]:
+                x = part(self.module, x)
+        x = self.parts[index](self.module, x.requires_grad_())
+        for part in blocks.PARTS[index + 1 :]:
+            x = part(self.module, x)
+        return x
 
 
 def _compiled_graphs_loaded() -> int:

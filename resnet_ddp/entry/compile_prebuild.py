@@ -1,21 +1,21 @@
-"""A one-process job's compiled model: a helper process compiles its second part while the rank compiles the first.
+"""A one-process job's compiled model: helper processes compile its later parts while the rank compiles the first.
 
 Compiling ResNet-50 takes most of a compiled job's first start, in one thread of
-the rank. One process compiles its model in two parts (core/model.py,
-TwoPartForward). The rank's process starts this helper the moment it starts,
-before it imports torch; the helper builds the same model on the same device,
-compiles the second part into the job's compile cache (core/compile_cache.py,
+the rank. One process compiles its model in parts (core/model.py,
+CompiledInParts). The rank's process starts a helper for each later part the
+moment it starts, before it imports torch; a helper builds the same model on the
+same device, compiles its part into the job's compile cache (core/compile_cache.py,
 keyed as the rank keys it) and ends. The rank compiles the first part, waits for
-the helper before the second part's first call, and loads it from the cache.
+the helpers before the second part's first call, and loads theirs from the cache.
 torch keys every compiled graph by the graph, its inputs' shapes and layouts, its
 settings and the GPU: where anything differs, the rank finds no match and
 compiles the part itself.
 
-Nothing depends on the helper: one that fails, or is not started, leaves the rank
-to compile both parts. It is not started where a restart finds compiled artifacts
+Nothing depends on the helpers: one that fails, or is not started, leaves the rank
+to compile its part. They are not started where a restart finds compiled artifacts
 in the save dir (it loads them), where a job has several processes (each compiles
 graphs of its own: its SyncBatchNorm's collectives name its rank), and, as the
-kernel helper (kernel_prebuild.py), where its CUDA context could disturb the job.
+kernel helper (kernel_prebuild.py), where their CUDA contexts could disturb the job.
 """
 
 from __future__ import annotations
@@ -34,14 +34,15 @@ from resnet_ddp.core import compile_cache
 
 log = logging.getLogger(__name__)
 
-WAIT_S = 300.0  # far above the helper's tens of seconds: past it, the rank compiles the second part itself
+PARTS = 3  # core/model.py CompiledInParts (layers/blocks.py PARTS): the rank compiles the first, a helper each other
+WAIT_S = 300.0  # far above the helpers' tens of seconds: past it, the rank compiles what is missing itself
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-_helper: List[subprocess.Popen] = []  # the rank's helper, waited for before the second part's first call
+_helpers: List[subprocess.Popen] = []  # the rank's helpers, waited for before the second part's first call
 
 
 def wanted(config: Config, world_size: int, gpu_shared: Optional[bool]) -> bool:
-    """Whether this job compiles in two parts and a helper may compile the second beside its one rank."""
+    """Whether this job compiles in parts and helpers may compile the later ones beside its one rank."""
     on_gpu = not config.process.cpu
     return (
         bool(config.speed.compile)
@@ -54,40 +55,45 @@ def wanted(config: Config, world_size: int, gpu_shared: Optional[bool]) -> bool:
 
 
 def start(config: Config, device_index: int, environ=os.environ) -> None:
-    """In the rank's process, before torch: start the helper, handing it the job's configuration."""
-    command = [sys.executable, "-m", __name__, str(os.getpid()), str(device_index)]
+    """In the rank's process, before torch: start a helper for each later part, handing it the job's configuration."""
     # This package importable wherever the job was started from (train.py beside it, not installed).
     path = os.pathsep.join(p for p in (environ.get("PYTHONPATH"), _PACKAGE_ROOT) if p)
-    try:
-        helper = subprocess.Popen(
-            command,
-            env={**environ, "PYTHONPATH": path},
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,  # a failure only costs the rank the compiling; its code is logged
-        )
-        with helper.stdin:
-            helper.stdin.write(pickle.dumps(config))  # far less than a pipe holds: never blocks
-    except OSError as exc:  # no room for a process: the rank compiles both parts
-        log.debug(f"the second part of the compiled model is not prebuilt: {exc}")
-        return
-    _helper.append(helper)
+    for part in range(1, PARTS):
+        command = [sys.executable, "-m", __name__, str(os.getpid()), str(device_index), str(part)]
+        try:
+            helper = subprocess.Popen(
+                command,
+                env={**environ, "PYTHONPATH": path},
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,  # a failure only costs the rank the compiling; its code is logged
+            )
+            with helper.stdin:
+                helper.stdin.write(pickle.dumps(config))  # far less than a pipe holds: never blocks
+        except OSError as exc:  # no room for a process: the rank compiles that part
+            log.debug(f"part {part + 1} of the compiled model is not prebuilt: {exc}")
+            continue
+        _helpers.append(helper)
 
 
 def wait(timeout_s: float = WAIT_S) -> None:
-    """Before the second part's first call: wait for the helper to end, if one was started."""
+    """Before the second part's first call: wait for the helpers to end, if any were started."""
+    if not _helpers:
+        return
     started = time.monotonic()
-    while _helper:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            code = _helper[-1].wait(timeout_s)
-            if code != 0:
-                log.debug(f"the helper compiling the model's second part exited with {code}")
-        _helper.pop()  # one that outlived the wait is left to its end: it dies with this process
-        log.debug(f"waited {time.monotonic() - started:.1f} s for the helper compiling the model's second part")
+    while _helpers:
+        helper = _helpers.pop()
+        try:
+            code = helper.wait(max(0.0, started + timeout_s - time.monotonic()))
+        except subprocess.TimeoutExpired:  # left to its end: it dies with this process
+            continue
+        if code != 0:
+            log.debug(f"a helper compiling a part of the model exited with {code}")
+    log.debug(f"waited {time.monotonic() - started:.1f} s for the helpers compiling the model's later parts")
 
 
 def _main(argv: List[str]) -> int:
-    """The helper: `python -m resnet_ddp.entry.compile_prebuild PARENT_PID DEVICE_INDEX`, the job's Config
+    """A helper: `python -m resnet_ddp.entry.compile_prebuild PARENT_PID DEVICE_INDEX PART`, the job's Config
     pickled on stdin. It dies with the rank (its parent)."""
     from resnet_ddp.entry.process import die_with_parent, exit_process
 
@@ -96,7 +102,7 @@ def _main(argv: List[str]) -> int:
     import torch
 
     from resnet_ddp.core.data import normalise
-    from resnet_ddp.core.model import TwoPartForward, build_model, settle_compile_for_one_process
+    from resnet_ddp.core.model import CompiledInParts, build_model, settle_compile_for_one_process
     from resnet_ddp.core.step import AMP_DTYPES
 
     device = torch.device("cpu") if config.process.cpu else torch.device("cuda", int(argv[1]))
@@ -110,7 +116,7 @@ def _main(argv: List[str]) -> int:
     if config.speed.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = model.to(device)
-    if not TwoPartForward.fits(model):
+    if not CompiledInParts.fits(model):
         return 0
     size, batch = config.model.image_size, config.training.batch_size
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
@@ -118,9 +124,10 @@ def _main(argv: List[str]) -> int:
     amp = AMP_DTYPES.get(config.speed.amp)
     with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
         loss = torch.nn.CrossEntropyLoss()(
-            TwoPartForward(model).second_part_only(normalise(images, config.speed.channels_last)), labels
+            CompiledInParts(model).compiling_one_part(int(argv[2]), normalise(images, config.speed.channels_last)),
+            labels,
         )
-    loss.backward()  # compiles the second part's backward, and the cache keeps forward and backward together
+    loss.backward()  # compiles the part's backward, and the cache keeps forward and backward together
     exit_process(0)
 
 

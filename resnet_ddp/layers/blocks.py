@@ -75,22 +75,34 @@ def forward_span(model: resnet.ResNet, x: torch.Tensor, start: int, stop) -> tor
     return x
 
 
-# The share of the residual blocks in the first of a compiled model's two parts (core/model.py,
-# TwoPartForward): 9 of ResNet-50's 16, as the rank starts compiling its part seconds after the helper.
-FIRST_PART_SHARE = 0.5625
+# Where a compiled one-process model's parts (core/model.py, CompiledInParts) begin, as shares of the residual
+# blocks: ResNet-50's 16 in 6, 5 and 5. The rank compiles the first, helpers the others (the helpers start
+# seconds before the rank is ready to compile; the last part has the classifier too).
+PART_STARTS = (0.375, 0.6875)
 
 
-def split_point(model: resnet.ResNet) -> int:
-    """The first residual block of the second part."""
-    return round(len(residual_blocks(model)) * FIRST_PART_SHARE)
+def split_points(model: resnet.ResNet) -> tuple:
+    """The first residual block of the second part, and of the third."""
+    blocks = len(residual_blocks(model))
+    return tuple(round(blocks * share) for share in PART_STARTS)
 
 
+# One function per part, so that torch.compile keeps a graph of each apart (one function called with its bounds
+# as arguments would be compiled again for each part, and then for sizes that vary).
 def first_part(model: resnet.ResNet, x: torch.Tensor) -> torch.Tensor:
-    return forward_span(model, x, 0, split_point(model))
+    return forward_span(model, x, 0, split_points(model)[0])
 
 
 def second_part(model: resnet.ResNet, x: torch.Tensor) -> torch.Tensor:
-    return forward_span(model, x, split_point(model), None)
+    start, stop = split_points(model)
+    return forward_span(model, x, start, stop)
+
+
+def third_part(model: resnet.ResNet, x: torch.Tensor) -> torch.Tensor:
+    return forward_span(model, x, split_points(model)[1], None)
+
+
+PARTS = (first_part, second_part, third_part)
 
 
 _FUSED = {resnet.BasicBlock: FusedBasicBlock, resnet.Bottleneck: FusedBottleneck, resnet.ResNet: FusedResNet}
