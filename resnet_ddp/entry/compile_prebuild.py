@@ -31,12 +31,12 @@ from typing import List, Optional
 
 from resnet_ddp.config import Config
 from resnet_ddp.core import compile_cache
+from resnet_ddp.entry.process import start_helper
 
 log = logging.getLogger(__name__)
 
 PARTS = 3  # core/model.py CompiledInParts (layers/blocks.py PARTS): the rank compiles the first, a helper each other
 WAIT_S = 300.0  # far above the helpers' tens of seconds: past it, the rank compiles what is missing itself
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _helpers: List[subprocess.Popen] = []  # the rank's helpers, waited for before the second part's first call
 
@@ -56,24 +56,12 @@ def wanted(config: Config, world_size: int, gpu_shared: Optional[bool]) -> bool:
 
 def start(config: Config, device_index: int, environ=os.environ) -> None:
     """In the rank's process, before torch: start a helper for each later part, handing it the job's configuration."""
-    # This package importable wherever the job was started from (train.py beside it, not installed).
-    path = os.pathsep.join(p for p in (environ.get("PYTHONPATH"), _PACKAGE_ROOT) if p)
     for part in range(1, PARTS):
-        command = [sys.executable, "-m", __name__, str(os.getpid()), str(device_index), str(part)]
+        args = [str(os.getpid()), str(device_index), str(part)]
         try:
-            helper = subprocess.Popen(
-                command,
-                env={**environ, "PYTHONPATH": path},
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,  # a failure only costs the rank the compiling; its code is logged
-            )
-            with helper.stdin:
-                helper.stdin.write(pickle.dumps(config))  # far less than a pipe holds: never blocks
+            _helpers.append(start_helper(__name__, args, environ, stdin=pickle.dumps(config)))
         except OSError as exc:  # no room for a process: the rank compiles that part
             log.debug(f"part {part + 1} of the compiled model is not prebuilt: {exc}")
-            continue
-        _helpers.append(helper)
 
 
 def wait(timeout_s: float = WAIT_S) -> None:

@@ -28,13 +28,13 @@ import time
 from typing import List, Optional
 
 from resnet_ddp.config import Config
+from resnet_ddp.entry.process import start_helper
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".prebuild.lock"
 WAIT_S = 120.0  # far above the helper's few seconds: past it, a rank compiles what is missing itself
 _POLL_S = 0.05
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _helper: List[subprocess.Popen] = []  # local rank 0's helper, waited for before its first step
 
@@ -63,16 +63,7 @@ def start(device_index: int, environ=os.environ) -> None:
         os.makedirs(cache, exist_ok=True)
         if any(name != LOCK_NAME for name in os.listdir(cache)):
             return  # filled by an earlier start: loading them takes no time
-        command = [sys.executable, "-m", __name__, cache, str(device_index), str(os.getpid())]
-        # This package importable wherever the job was started from (train.py beside it, not installed).
-        path = os.pathsep.join(p for p in (environ.get("PYTHONPATH"), _PACKAGE_ROOT) if p)
-        helper = subprocess.Popen(
-            command,
-            env={**environ, "PYTHONPATH": path},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,  # a failure only costs the ranks the compiling; its code is logged
-        )
+        helper = start_helper(__name__, [cache, str(device_index), str(os.getpid())], environ)
     except OSError as exc:  # a read-only cache, no room for a process: the ranks compile them
         log.debug(f"SyncBatchNorm's kernels are not prebuilt: {exc}")
         return

@@ -1,5 +1,5 @@
 """Process-level behaviour every launch mode shares: how a stop signal ends a process before training, dying
-with the launcher, and a quick exit.
+with the launcher, starting a helper process, and a quick exit.
 
 Before any rank is running, SIGTERM and SIGINT end the process at once with
 128 + the signal (nothing needs saving yet). A handler is installed, not left to
@@ -16,12 +16,14 @@ import contextlib
 import ctypes
 import os
 import signal
+import subprocess
 import sys
 import threading
-from typing import NoReturn, Optional
+from typing import List, NoReturn, Optional
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _PR_SET_PDEATHSIG = 1
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _exit_at_once(signum, _frame) -> None:
@@ -104,6 +106,24 @@ def may_be_an_agent(command_line: Optional[bytes]) -> bool:
     if command_line is None:
         return True
     return any(b"python" in arg or b"torch" in arg for arg in command_line.split(b"\0")[:2])
+
+
+def start_helper(module: str, args: List[str], environ, stdin: Optional[bytes] = None) -> subprocess.Popen:
+    """`python -m module args...` beside this process, with `stdin` written to it. This package is importable
+    there wherever the job was started from (train.py beside it, not installed); its output is dropped (a
+    helper's failure shows in its exit code). OSError where it cannot start."""
+    path = os.pathsep.join(p for p in (environ.get("PYTHONPATH"), _PACKAGE_ROOT) if p)
+    helper = subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        env={**environ, "PYTHONPATH": path},
+        stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    if stdin is not None:
+        with helper.stdin:
+            helper.stdin.write(stdin)  # far less than a pipe holds: never blocks
+    return helper
 
 
 def exit_process(code: int) -> NoReturn:
