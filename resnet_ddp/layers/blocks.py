@@ -55,7 +55,7 @@ def residual_blocks(model: resnet.ResNet) -> list:
 def forward_span(model: resnet.ResNet, x: torch.Tensor, start: int, stop) -> torch.Tensor:
     """A ResNet's forward over its residual blocks [start, stop): from block 0 the stem first, to the last block
     (stop None) the pooling and classifier after. Consecutive spans make the whole forward, on torchvision's
-    ResNets and on ours (compiled in two parts: core/model.py)."""
+    ResNets and on ours (compiled in parts: core/model.py)."""
     blocks = residual_blocks(model)
     if start == 0:
         x = model.conv1(x)
