@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import time
 
 import pytest
 import torch
-from conftest import run_train
+from conftest import Job, run_train, train_command, wait_for_no_leftovers
 
 from resnet_ddp.core.model import build_model
 from resnet_ddp.entry import compile_prebuild
@@ -92,6 +95,35 @@ def test_the_rank_goes_on_at_once_where_its_helpers_died(tmp_path, caplog):
         compile_prebuild.wait(timeout_s=120)
     assert caplog.text.count("a helper compiling a part of the model exited with -9") == compile_prebuild.PARTS - 1
     assert not compile_prebuild._helpers
+
+
+def _helpers_of(job: Job) -> list:
+    def command_line(pid: int) -> bytes:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read()
+        except OSError:
+            return b""
+
+    return [pid for pid in job.leftover_pids() if b"resnet_ddp.entry.compile_prebuild" in command_line(pid)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_job_stopped_or_killed_while_its_helpers_compile_leaves_no_process(save_dir, sig):
+    # ResNet-50's parts take the helpers minutes to compile on a CPU: one that outlived its rank would be seen
+    job = Job(train_command(*TINY_COMPILED, "--arch", "resnet50", "--max-steps", "2", "--save-dir", str(save_dir)))
+    try:
+        deadline = time.monotonic() + 180
+        # the compile cache is made once torch is imported: a helper there is past its own start
+        while len(_helpers_of(job)) < compile_prebuild.PARTS - 1 or not list(save_dir.glob("compile-cache/*/key.json")):
+            assert job.process.poll() is None and time.monotonic() < deadline, "the helpers never started compiling"
+            time.sleep(0.05)
+        os.kill(job.process.pid, sig)  # the launcher, as a pod's deletion or the node's OOM killer reaches it
+        result = job.wait(timeout=240)
+        assert result.returncode == (128 + sig if sig == signal.SIGTERM else -sig), result.stdout + result.stderr
+        assert wait_for_no_leftovers(job) == []
+    finally:
+        job.kill()
 
 
 @pytest.fixture(autouse=True)
