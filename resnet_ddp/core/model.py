@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from resnet_ddp.config import Config
 from resnet_ddp.core.distributed import RankInfo
 from resnet_ddp.layers.syncbn import convert_sync_batchnorm
 
@@ -34,6 +35,13 @@ def build_model(arch: str, num_classes: int, sync_bn: bool, fuse_bn_relu: bool =
 
             model = hand_relu_to_batchnorm(model)
     return model
+
+
+def job_model(config: Config) -> nn.Module:
+    """The model a job trains, in its memory layout, on the host: its ranks and its compile helpers
+    (entry/compile_prebuild.py) build it here alike, so that their compiled graphs match."""
+    model = build_model(config.model.arch, config.training.num_classes, config.model.sync_bn, config.model.fuse_bn_relu)
+    return model.to(memory_format=torch.channels_last) if config.speed.channels_last else model
 
 
 def _torchvision_model(arch: str, num_classes: int) -> nn.Module:
@@ -109,16 +117,14 @@ class CompiledInParts:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = self.parts[0](self.module, x)
-        if self._before_helpers_parts is None:
-            for part in self.parts[1:]:
-                x = part(self.module, x)
-            return x
-        self._before_helpers_parts()
-        self._before_helpers_parts = None
-        loaded = _compiled_graphs_loaded()
+        first_call = self._before_helpers_parts is not None
+        if first_call:
+            self._before_helpers_parts()
+            self._before_helpers_parts, before = None, _compiled_graphs_loaded()
         for part in self.parts[1:]:
             x = part(self.module, x)
-        log.debug(f"the compiled model's later parts: {_compiled_graphs_loaded() - loaded} loaded from the cache")
+        if first_call:
+            log.debug(f"the compiled model's later parts: {_compiled_graphs_loaded() - before} loaded from the cache")
         return x
 
     def compiling_one_part(self, index: int, x: torch.Tensor) -> torch.Tensor:

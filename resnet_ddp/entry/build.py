@@ -47,7 +47,7 @@ from resnet_ddp.core.data import (
     host_batch_bytes,
     shm_free_bytes,
 )
-from resnet_ddp.core.model import build_model, compile_model, export_state_dict, train_flops_per_image, wrap_ddp
+from resnet_ddp.core.model import compile_model, export_state_dict, job_model, train_flops_per_image, wrap_ddp
 from resnet_ddp.core.nonfinite import NonFiniteReport, NonFiniteWatch
 from resnet_ddp.core.progress import TrainState
 from resnet_ddp.core.step import EagerStep, GraphedStep, make_scaler
@@ -295,9 +295,7 @@ def _build_batches(config: Config, rank: distributed.RankInfo):
 
 
 def _build_model_and_optimizer(config: Config, rank: distributed.RankInfo):
-    model = build_model(config.model.arch, config.training.num_classes, config.model.sync_bn, config.model.fuse_bn_relu)
-    if config.speed.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = job_model(config)
     side_stream = torch.cuda.Stream(rank.device) if config.speed.cuda_graphs else None
     model = wrap_ddp(model, rank, config.model.sync_bn, stream=side_stream)
     training = config.training

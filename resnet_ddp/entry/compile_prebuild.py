@@ -90,7 +90,7 @@ def _main(argv: List[str]) -> int:
     import torch
 
     from resnet_ddp.core.data import normalise
-    from resnet_ddp.core.model import CompiledInParts, build_model, settle_compile_for_one_process
+    from resnet_ddp.core.model import CompiledInParts, job_model, settle_compile_for_one_process
     from resnet_ddp.core.step import AMP_DTYPES
 
     device = torch.device("cpu") if config.process.cpu else torch.device("cuda", int(argv[1]))
@@ -100,10 +100,7 @@ def _main(argv: List[str]) -> int:
     compile_cache.use(compile_cache.prepare(config.save_dir, compile_cache.job_fields(config, device, 1)))
     settle_compile_for_one_process()
     # The rank's model, layout and batch (entry/build.py, core/step.py): the same graphs, so the same keys.
-    model = build_model(config.model.arch, config.training.num_classes, config.model.sync_bn, config.model.fuse_bn_relu)
-    if config.speed.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = model.to(device)
+    model = job_model(config).to(device)
     if not CompiledInParts.fits(model):
         return 0
     size, batch = config.model.image_size, config.training.batch_size
