@@ -1,4 +1,4 @@
-"""A one-process compiled job: its model in compiled parts, the later ones compiled by helpers beside the rank
+"""A one-process compiled job: its model in compiled parts, each compiled by a helper beside the rank
 (core/model.py CompiledInParts, entry/compile_prebuild.py). On CPU here; the GPU lane runs it on a GPU."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from resnet_ddp.entry import compile_prebuild
 from resnet_ddp.entry.cli import parse_config
 from resnet_ddp.layers.blocks import PARTS, residual_blocks, split_points
 
+PARTS_LOADED = f"{compile_prebuild.PARTS} of {compile_prebuild.PARTS}"
 TINY_COMPILED = [
     "--cpu",
     "--compile",
@@ -51,7 +52,8 @@ def test_the_parts_make_the_models_own_forward_and_backward(arch, fuse_bn_relu):
     for got, want in zip((p.grad for p in model.parameters()), expected):
         torch.testing.assert_close(got, want)
     # every part has residual blocks; the rank's helpers compile one part each
-    assert 0 < split_points(model)[0] < split_points(model)[1] < len(residual_blocks(model))
+    starts = (0, *split_points(model), len(residual_blocks(model)))
+    assert all(start < stop for start, stop in zip(starts, starts[1:])), starts
     assert len(PARTS) == compile_prebuild.PARTS
 
 
@@ -76,24 +78,29 @@ def test_a_new_compiled_one_process_job_loads_the_parts_its_helpers_compiled(sav
     result = run_train(*TINY_COMPILED, "--max-steps", "2", "--save-dir", str(save_dir), timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     log = (save_dir / "logs" / "rank0.log").read_text()
-    assert "s for the helpers compiling the model's later parts" in log, log
-    assert "the compiled model's later parts: 2 loaded from the cache" in log, log
-    # A restart loads both parts from the save dir, and starts no helper.
+    for part in range(1, compile_prebuild.PARTS + 1):
+        assert f"s for the helper compiling part {part} of the model" in log, log
+    assert f"the compiled model's parts: {PARTS_LOADED} loaded from the cache" in log, log
+    # A restart loads every part from the save dir, and starts no helper.
     again = run_train(*TINY_COMPILED, "--max-steps", "4", "--save-dir", str(save_dir), timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     log = (save_dir / "logs" / "rank0.log").read_text()
-    assert "resuming from " in again.stdout and "helper" not in log.split("resuming from ")[-1], log
+    restarted = log.split("resuming from ")[-1]
+    assert "resuming from " in again.stdout and "helper" not in restarted, log
+    assert f"the compiled model's parts: {PARTS_LOADED} loaded from the cache" in restarted, log
 
 
 def test_the_rank_goes_on_at_once_where_its_helpers_died(tmp_path, caplog):
     config = parse_config(["--save-dir", str(tmp_path), *TINY_COMPILED], environ={})
     compile_prebuild.start(config, device_index=0, environ={"PYTHONPATH": ""})
-    assert len(compile_prebuild._helpers) == compile_prebuild.PARTS - 1
-    for helper in compile_prebuild._helpers:
+    assert sorted(compile_prebuild._helpers) == list(range(compile_prebuild.PARTS))
+    for helper in compile_prebuild._helpers.values():
         helper.kill()  # the rank then compiles their parts itself
     with caplog.at_level(logging.DEBUG, logger=compile_prebuild.__name__):
-        compile_prebuild.wait(timeout_s=120)
-    assert caplog.text.count("a helper compiling a part of the model exited with -9") == compile_prebuild.PARTS - 1
+        for part in range(compile_prebuild.PARTS):
+            compile_prebuild.wait(part, timeout_s=120)
+    for part in range(1, compile_prebuild.PARTS + 1):
+        assert f"the helper compiling part {part} of the model exited with -9" in caplog.text, caplog.text
     assert not compile_prebuild._helpers
 
 
@@ -115,7 +122,7 @@ def test_a_job_stopped_or_killed_while_its_helpers_compile_leaves_no_process(sav
     try:
         deadline = time.monotonic() + 180
         # the compile cache is made once torch is imported: a helper there is past its own start
-        while len(_helpers_of(job)) < compile_prebuild.PARTS - 1 or not list(save_dir.glob("compile-cache/*/key.json")):
+        while len(_helpers_of(job)) < compile_prebuild.PARTS or not list(save_dir.glob("compile-cache/*/key.json")):
             assert job.process.poll() is None and time.monotonic() < deadline, "the helpers never started compiling"
             time.sleep(0.05)
         os.kill(job.process.pid, sig)  # the launcher, as a pod's deletion or the node's OOM killer reaches it
@@ -129,4 +136,5 @@ def test_a_job_stopped_or_killed_while_its_helpers_compile_leaves_no_process(sav
 @pytest.fixture(autouse=True)
 def _no_helper_left():
     yield
-    compile_prebuild.wait()
+    for part in list(compile_prebuild._helpers):
+        compile_prebuild.wait(part)

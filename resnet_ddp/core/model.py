@@ -68,12 +68,12 @@ def wrap_ddp(
     return ddp
 
 
-def compile_model(model: nn.Module, processes: int, before_helpers_parts: Callable[[], None]) -> nn.Module:
+def compile_model(model: nn.Module, processes: int, before_part: Callable[[int], None]) -> nn.Module:
     """`model` compiled; what the step calls.
 
-    One process compiles a ResNet in parts (CompiledInParts), so that helpers can compile the later parts while
-    the process compiles the first (entry/compile_prebuild.py); `before_helpers_parts` runs once, before the
-    second part's first call.
+    One process compiles a ResNet in parts (CompiledInParts), so that helper processes can compile the parts
+    while the process starts (entry/compile_prebuild.py); `before_part(index)` runs once, before that part's
+    first call.
     """
     if processes == 1:
         # dynamo splits a DDP model's graph at its gradient buckets so that their all-reduces overlap the
@@ -82,7 +82,7 @@ def compile_model(model: nn.Module, processes: int, before_helpers_parts: Callab
         settle_compile_for_one_process()
         module = unwrap(model)
         if CompiledInParts.fits(module):
-            module.forward = CompiledInParts(module, before_helpers_parts)
+            module.forward = CompiledInParts(module, before_part)
             return model  # DDP's forward calls the module's, now the compiled parts
     return torch.compile(model)
 
@@ -97,17 +97,17 @@ def settle_compile_for_one_process() -> None:
 class CompiledInParts:
     """A torchvision ResNet's forward as consecutive parts (layers/blocks.py, PARTS), each compiled on its own.
 
-    Compiling takes tens of seconds of one thread. In parts, helper processes compile the later ones while the
-    rank compiles the first (entry/compile_prebuild.py), and the rank loads theirs from the compile cache.
-    A boundary costs only the fusion of one block's output into the next block's first kernels.
+    Compiling takes tens of seconds of one thread. In parts, helper processes compile them beside the rank while
+    it starts (entry/compile_prebuild.py), and the rank loads theirs from the compile cache. A boundary costs
+    only the fusion of one block's output into the next block's first kernels.
     """
 
-    def __init__(self, module: nn.Module, before_helpers_parts: Callable[[], None] = lambda: None):
+    def __init__(self, module: nn.Module, before_part: Callable[[int], None] = lambda index: None):
         from resnet_ddp.layers import blocks  # imports torchvision, as build_model did
 
         self.module = module
         self.parts = [torch.compile(part) for part in blocks.PARTS]
-        self._before_helpers_parts: Optional[Callable[[], None]] = before_helpers_parts
+        self._before_part: Optional[Callable[[int], None]] = before_part
 
     @staticmethod
     def fits(module: nn.Module) -> bool:
@@ -116,30 +116,32 @@ class CompiledInParts:
         return isinstance(module, ResNet)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.parts[0](self.module, x)
-        first_call = self._before_helpers_parts is not None
-        if first_call:
-            self._before_helpers_parts()
-            self._before_helpers_parts, before = None, _compiled_graphs_loaded()
-        for part in self.parts[1:]:
+        if self._before_part is not None:
+            return self._first_call(x)
+        for part in self.parts:
             x = part(self.module, x)
-        if first_call:
-            log.debug(f"the compiled model's later parts: {_compiled_graphs_loaded() - before} loaded from the cache")
+        return x
+
+    def _first_call(self, x: torch.Tensor) -> torch.Tensor:
+        before_part, self._before_part = self._before_part, None
+        loaded = _compiled_graphs_loaded()
+        for index, part in enumerate(self.parts):
+            before_part(index)
+            x = part(self.module, x)
+        loaded = _compiled_graphs_loaded() - loaded
+        log.debug(f"the compiled model's parts: {loaded} of {len(self.parts)} loaded from the cache")
         return x
 
     def compiling_one_part(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """The forward with only part `index` compiled: what a helper runs. The parts before it run without
-        autograd, holding none of their activations on the GPU the rank is starting on; their output requires
+        """Part `index`'s output, compiled, from the parts before it run without autograd: what a helper runs.
+        None of those parts' activations stay on the GPU the rank is starting on; the part's input requires
         grad, as the rank's does."""
         from resnet_ddp.layers import blocks
 
         with torch.no_grad():
             for part in blocks.PARTS[:index]:
                 x = part(self.module, x)
-        x = self.parts[index](self.module, x.requires_grad_())
-        for part in blocks.PARTS[index + 1 :]:
-            x = part(self.module, x)
-        return x
+        return self.parts[index](self.module, x.requires_grad_(index > 0))
 
 
 def _compiled_graphs_loaded() -> int:

@@ -1,15 +1,15 @@
-"""A one-process job's compiled model: helper processes compile its later parts while the rank compiles the first.
+"""A one-process job's compiled model: helper processes compile its parts while the rank starts.
 
 Compiling ResNet-50 takes most of a compiled job's first start, in one thread of
 the rank. One process compiles its model in parts (core/model.py,
-CompiledInParts). The rank's process starts a helper for each later part the
-moment it starts, before it imports torch; a helper builds the same model on the
-same device, compiles its part into the job's compile cache (core/compile_cache.py,
-keyed as the rank keys it) and ends. The rank compiles the first part, waits for
-the helpers before the second part's first call, and loads theirs from the cache.
-torch keys every compiled graph by the graph, its inputs' shapes and layouts, its
-settings and the GPU: where anything differs, the rank finds no match and
-compiles the part itself.
+CompiledInParts). The rank's process starts a helper for each part the moment it
+starts, before it imports torch; a helper builds the same model on the same
+device, compiles its part, forward and backward, into the job's compile cache
+(core/compile_cache.py, keyed as the rank keys it) and ends. The rank sets up
+meanwhile, waits for each part's helper before that part's first call, and loads
+its graphs from the cache. torch keys every compiled graph by the graph, its
+inputs' shapes and layouts, its settings and the GPU: where anything differs, the
+rank finds no match and compiles the part itself.
 
 Nothing depends on the helpers: one that fails, or is not started, leaves the rank
 to compile its part. They are not started where a restart finds compiled artifacts
@@ -27,7 +27,7 @@ import pickle
 import subprocess
 import sys
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from resnet_ddp.config import Config
 from resnet_ddp.core import compile_cache
@@ -35,14 +35,15 @@ from resnet_ddp.entry.process import start_helper
 
 log = logging.getLogger(__name__)
 
-PARTS = 3  # core/model.py CompiledInParts (layers/blocks.py PARTS): the rank compiles the first, a helper each other
+PARTS = 4  # core/model.py CompiledInParts (layers/blocks.py PARTS): a helper compiles each
 WAIT_S = 300.0  # far above the helpers' tens of seconds: past it, the rank compiles what is missing itself
 
-_helpers: List[subprocess.Popen] = []  # the rank's helpers, waited for before the second part's first call
+_helpers: Dict[int, subprocess.Popen] = {}  # the rank's helpers by part, each waited for before its part's first call
+_deadline: List[float] = []  # when the rank stops waiting for any of them (set at the first wait)
 
 
 def wanted(config: Config, world_size: int, gpu_shared: Optional[bool]) -> bool:
-    """Whether this job compiles in parts and helpers may compile the later ones beside its one rank."""
+    """Whether this job compiles in parts and helpers may compile them beside its one rank."""
     on_gpu = not config.process.cpu
     return (
         bool(config.speed.compile)
@@ -55,29 +56,31 @@ def wanted(config: Config, world_size: int, gpu_shared: Optional[bool]) -> bool:
 
 
 def start(config: Config, device_index: int, environ=os.environ) -> None:
-    """In the rank's process, before torch: start a helper for each later part, handing it the job's configuration."""
-    for part in range(1, PARTS):
+    """In the rank's process, before torch: start a helper for each part, handing it the job's configuration."""
+    for part in range(PARTS):
         args = [str(os.getpid()), str(device_index), str(part)]
         try:
-            _helpers.append(start_helper(__name__, args, environ, stdin=pickle.dumps(config)))
+            _helpers[part] = start_helper(__name__, args, environ, stdin=pickle.dumps(config))
         except OSError as exc:  # no room for a process: the rank compiles that part
             log.debug(f"part {part + 1} of the compiled model is not prebuilt: {exc}")
 
 
-def wait(timeout_s: float = WAIT_S) -> None:
-    """Before the second part's first call: wait for the helpers to end, if any were started."""
-    if not _helpers:
+def wait(part: int, timeout_s: float = WAIT_S) -> None:
+    """Before part `part`'s first call: wait for its helper to end, if one was started."""
+    helper = _helpers.pop(part, None)
+    if helper is None:
         return
     started = time.monotonic()
-    while _helpers:
-        helper = _helpers.pop()
-        try:
-            code = helper.wait(max(0.0, started + timeout_s - time.monotonic()))
-        except subprocess.TimeoutExpired:  # left to its end: it dies with this process
-            continue
-        if code != 0:
-            log.debug(f"a helper compiling a part of the model exited with {code}")
-    log.debug(f"waited {time.monotonic() - started:.1f} s for the helpers compiling the model's later parts")
+    if not _deadline:
+        _deadline.append(started + timeout_s)
+    try:
+        code = helper.wait(max(0.0, _deadline[0] - started))
+    except subprocess.TimeoutExpired:  # left to its end: it dies with this process
+        log.debug(f"gave up waiting for the helper compiling part {part + 1} of the model")
+        return
+    if code != 0:
+        log.debug(f"the helper compiling part {part + 1} of the model exited with {code}")
+    log.debug(f"waited {time.monotonic() - started:.1f} s for the helper compiling part {part + 1} of the model")
 
 
 def _main(argv: List[str]) -> int:
@@ -105,14 +108,12 @@ def _main(argv: List[str]) -> int:
         return 0
     size, batch = config.model.image_size, config.training.batch_size
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
-    labels = torch.randint(0, config.training.num_classes, (batch,), device=device)
     amp = AMP_DTYPES.get(config.speed.amp)
     with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
-        loss = torch.nn.CrossEntropyLoss()(
-            CompiledInParts(model).compiling_one_part(int(argv[2]), normalise(images, config.speed.channels_last)),
-            labels,
-        )
-    loss.backward()  # compiles the part's backward, and the cache keeps forward and backward together
+        out = CompiledInParts(model).compiling_one_part(int(argv[2]), normalise(images, config.speed.channels_last))
+    # compiles the part's backward (its graph is fixed by the forward's, whatever gradient comes in), and the
+    # cache keeps forward and backward together
+    out.backward(torch.ones_like(out))
     exit_process(0)
 
 

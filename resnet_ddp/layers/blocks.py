@@ -76,33 +76,40 @@ def forward_span(model: resnet.ResNet, x: torch.Tensor, start: int, stop) -> tor
 
 
 # Where a compiled one-process model's parts (core/model.py, CompiledInParts) begin, as shares of the residual
-# blocks: ResNet-50's 16 in 6, 5 and 5. The rank compiles the first, helpers the others (the helpers start
-# seconds before the rank is ready to compile; the last part has the classifier too).
-PART_STARTS = (0.375, 0.6875)
+# blocks: ResNet-50's 16 in four parts of 4. A helper process compiles each part (entry/compile_prebuild.py).
+PART_STARTS = (0.25, 0.5, 0.75)
 
 
 def split_points(model: resnet.ResNet) -> tuple:
-    """The first residual block of the second part, and of the third."""
+    """The first residual block of each part after the first."""
     blocks = len(residual_blocks(model))
     return tuple(round(blocks * share) for share in PART_STARTS)
+
+
+def _part(model: resnet.ResNet, x: torch.Tensor, index: int) -> torch.Tensor:
+    bounds = (0, *split_points(model), None)
+    return forward_span(model, x, bounds[index], bounds[index + 1])
 
 
 # One function per part, so that torch.compile keeps a graph of each apart (one function called with its bounds
 # as arguments would be compiled again for each part, and then for sizes that vary).
 def first_part(model: resnet.ResNet, x: torch.Tensor) -> torch.Tensor:
-    return forward_span(model, x, 0, split_points(model)[0])
+    return _part(model, x, 0)
 
 
 def second_part(model: resnet.ResNet, x: torch.Tensor) -> torch.Tensor:
-    start, stop = split_points(model)
-    return forward_span(model, x, start, stop)
+    return _part(model, x, 1)
 
 
 def third_part(model: resnet.ResNet, x: torch.Tensor) -> torch.Tensor:
-    return forward_span(model, x, split_points(model)[1], None)
+    return _part(model, x, 2)
 
 
-PARTS = (first_part, second_part, third_part)
+def fourth_part(model: resnet.ResNet, x: torch.Tensor) -> torch.Tensor:
+    return _part(model, x, 3)
+
+
+PARTS = (first_part, second_part, third_part, fourth_part)
 
 
 _FUSED = {resnet.BasicBlock: FusedBasicBlock, resnet.Bottleneck: FusedBottleneck, resnet.ResNet: FusedResNet}
