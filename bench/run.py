@@ -242,7 +242,8 @@ def main() -> int:
 
     card = torch.cuda.get_device_name(0)
     payload = results_header(sys.argv[1:], card, available)
-    os.makedirs(args.results_dir, exist_ok=True)
+    for directory in (args.results_dir, args.log_dir):
+        os.makedirs(directory, exist_ok=True)
     slug = card.replace("NVIDIA ", "").replace(" ", "-").lower()
     path = _unused_path(os.path.join(args.results_dir, f"{payload['date']}-{slug}-x{available}"))
     plan = [("runs", name, int(gpus), []) for gpus in args.gpus.split(",") for name in args.configs.split(",")]

@@ -129,7 +129,8 @@ def main() -> int:
     slug = card.replace("NVIDIA ", "").replace(" ", "-").lower()
     suffix = "-image-bytecode" if args.image_bytecode else ""
     path = os.path.join(args.results_dir, f"{slug}-x{args.gpus}-startup{suffix}.json")
-    os.makedirs(args.results_dir, exist_ok=True)
+    for directory in (args.results_dir, args.log_dir):
+        os.makedirs(directory, exist_ok=True)
     image_env = {}
     if args.image_bytecode:
         prefix = os.path.abspath(args.image_bytecode)
