@@ -27,7 +27,7 @@ import pickle
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from resnet_ddp.config import Config
 from resnet_ddp.core import compile_cache
@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 PARTS = 4  # core/model.py CompiledInParts (layers/blocks.py PARTS): a helper compiles each
 WAIT_S = 300.0  # far above the helpers' tens of seconds: past it, the rank compiles what is missing itself
 
-_helpers: Dict[int, subprocess.Popen] = {}  # the rank's helpers by part, each waited for before its part's first call
-_deadline: List[float] = []  # when the rank stops waiting for any of them (set at the first wait)
+# The rank's helpers by part, each waited for before its part's first call, until WAIT_S after their start.
+_helpers: Dict[int, Tuple[subprocess.Popen, float]] = {}
 
 
 def wanted(config: Config, world_size: int, gpu_shared: Optional[bool]) -> bool:
@@ -57,24 +57,23 @@ def wanted(config: Config, world_size: int, gpu_shared: Optional[bool]) -> bool:
 
 def start(config: Config, device_index: int, environ=os.environ) -> None:
     """In the rank's process, before torch: start a helper for each part, handing it the job's configuration."""
+    deadline, pickled = time.monotonic() + WAIT_S, pickle.dumps(config)
     for part in range(PARTS):
         args = [str(os.getpid()), str(device_index), str(part)]
         try:
-            _helpers[part] = start_helper(__name__, args, environ, stdin=pickle.dumps(config))
+            _helpers[part] = (start_helper(__name__, args, environ, stdin=pickled), deadline)
         except OSError as exc:  # no room for a process: the rank compiles that part
             log.debug(f"part {part + 1} of the compiled model is not prebuilt: {exc}")
 
 
-def wait(part: int, timeout_s: float = WAIT_S) -> None:
+def wait(part: int) -> None:
     """Before part `part`'s first call: wait for its helper to end, if one was started."""
-    helper = _helpers.pop(part, None)
-    if helper is None:
+    if part not in _helpers:
         return
+    helper, deadline = _helpers.pop(part)
     started = time.monotonic()
-    if not _deadline:
-        _deadline.append(started + timeout_s)
     try:
-        code = helper.wait(max(0.0, _deadline[0] - started))
+        code = helper.wait(max(0.0, deadline - started))
     except subprocess.TimeoutExpired:  # left to its end: it dies with this process
         log.debug(f"gave up waiting for the helper compiling part {part + 1} of the model")
         return
