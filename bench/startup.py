@@ -19,6 +19,9 @@ builds it): before the runs, and untimed, every module on the interpreter's path
 each job runs with PYTHONPYCACHEPREFIX=DIR. Without it the jobs run with the image as it is; an image
 without bytecode compiles torch's Python source in every new process.
 
+With --repeat N the three runs of every configuration are repeated N times, in rounds, each round with
+a new save dir, home and /tmp: a goal is met when every round meets it.
+
 Writes bench/results/<gpu>-x<N>-startup[-image-bytecode].json, which names this command, and prints a table.
 """
 
@@ -114,7 +117,10 @@ def main() -> int:
         metavar="DIR",
         help="run the jobs as from an image built with bytecode, compiled into DIR before the runs",
     )
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of every configuration's three runs")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat takes a whole number of 1 or more")
     card = torch.cuda.get_device_name(0)
     root = tempfile.mkdtemp(prefix="bench-startup-")
     payload = {
@@ -138,28 +144,30 @@ def main() -> int:
         payload["image_bytecode"] = f"compiled into a prefix before the runs, in {seconds:.1f} s"
         print(f"bytecode compiled in {seconds:.1f} s", flush=True)
         image_env = {"PYTHONPYCACHEPREFIX": prefix}
-    warm = _fresh_caches(root)  # filled by the cold runs, then used warm
-    for config in args.configs.split(","):
-        extra = CONFIGS[config]
-        save_dir = os.path.join(root, f"{config}-save")
-        runs = [
-            (f"{config}-cold", save_dir, STEPS, warm),
-            (f"{config}-restart", save_dir, RESTART_STEPS, _fresh_caches(root)),
-            (f"{config}-warm", os.path.join(root, f"{config}-warm-save"), STEPS, warm),
-        ]
-        for name, run_dir, steps, caches in runs:
-            result = _run(name, extra, args.gpus, run_dir, steps, {**caches, **image_env}, args.log_dir)
-            result["machines_first_run"] = not payload["runs"]
-            payload["runs"].append(result)
-            first = result.get("time_to_first_step_s")
-            print(
-                f"{name:<16} first step {first if first is None else f'{first:.1f}'} s  "
-                f"wall {result['wall_s']:.1f} s  exit {result['exit_code']}",
-                flush=True,
-            )
-            with open(path, "w") as f:
-                json.dump(payload, f, indent=2)
-                f.write("\n")
+    for round_ in range(1, args.repeat + 1):
+        warm = _fresh_caches(root)  # filled by this round's cold runs, then used warm
+        tag = f"-{round_}" if args.repeat > 1 else ""
+        for config in args.configs.split(","):
+            extra = CONFIGS[config]
+            save_dir = os.path.join(root, f"{config}-save{tag}")
+            runs = [
+                (f"{config}-cold{tag}", save_dir, STEPS, warm),
+                (f"{config}-restart{tag}", save_dir, RESTART_STEPS, _fresh_caches(root)),
+                (f"{config}-warm{tag}", os.path.join(root, f"{config}-warm-save{tag}"), STEPS, warm),
+            ]
+            for name, run_dir, steps, caches in runs:
+                result = _run(name, extra, args.gpus, run_dir, steps, {**caches, **image_env}, args.log_dir)
+                result["machines_first_run"] = not payload["runs"]
+                payload["runs"].append(result)
+                first = result.get("time_to_first_step_s")
+                print(
+                    f"{name:<18} first step {first if first is None else f'{first:.1f}'} s  "
+                    f"wall {result['wall_s']:.1f} s  exit {result['exit_code']}",
+                    flush=True,
+                )
+                with open(path, "w") as f:
+                    json.dump(payload, f, indent=2)
+                    f.write("\n")
     print(f"wrote {path}")
     return 0
 
