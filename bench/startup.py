@@ -106,6 +106,23 @@ def _run(
     return result
 
 
+def _planned_runs(configs: List[str], repeat: int, root: str) -> List[tuple]:
+    """(name, train.py options, save dir, steps, caches) of every run, in order: each round runs every
+    configuration cold, restarted and warm, with a home and /tmp of its own."""
+    runs = []
+    for round_ in range(1, repeat + 1):
+        warm = _fresh_caches(root)  # filled by this round's cold runs, then used warm
+        tag = f"-{round_}" if repeat > 1 else ""
+        for config in configs:
+            save_dir = os.path.join(root, f"{config}-save{tag}")
+            runs += [
+                (f"{config}-cold{tag}", CONFIGS[config], save_dir, STEPS, warm),
+                (f"{config}-restart{tag}", CONFIGS[config], save_dir, RESTART_STEPS, _fresh_caches(root)),
+                (f"{config}-warm{tag}", CONFIGS[config], os.path.join(root, f"{config}-warm-save{tag}"), STEPS, warm),
+            ]
+    return runs
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", type=int, default=1)
@@ -144,30 +161,19 @@ def main() -> int:
         payload["image_bytecode"] = f"compiled into a prefix before the runs, in {seconds:.1f} s"
         print(f"bytecode compiled in {seconds:.1f} s", flush=True)
         image_env = {"PYTHONPYCACHEPREFIX": prefix}
-    for round_ in range(1, args.repeat + 1):
-        warm = _fresh_caches(root)  # filled by this round's cold runs, then used warm
-        tag = f"-{round_}" if args.repeat > 1 else ""
-        for config in args.configs.split(","):
-            extra = CONFIGS[config]
-            save_dir = os.path.join(root, f"{config}-save{tag}")
-            runs = [
-                (f"{config}-cold{tag}", save_dir, STEPS, warm),
-                (f"{config}-restart{tag}", save_dir, RESTART_STEPS, _fresh_caches(root)),
-                (f"{config}-warm{tag}", os.path.join(root, f"{config}-warm-save{tag}"), STEPS, warm),
-            ]
-            for name, run_dir, steps, caches in runs:
-                result = _run(name, extra, args.gpus, run_dir, steps, {**caches, **image_env}, args.log_dir)
-                result["machines_first_run"] = not payload["runs"]
-                payload["runs"].append(result)
-                first = result.get("time_to_first_step_s")
-                print(
-                    f"{name:<18} first step {first if first is None else f'{first:.1f}'} s  "
-                    f"wall {result['wall_s']:.1f} s  exit {result['exit_code']}",
-                    flush=True,
-                )
-                with open(path, "w") as f:
-                    json.dump(payload, f, indent=2)
-                    f.write("\n")
+    for name, extra, run_dir, steps, caches in _planned_runs(args.configs.split(","), args.repeat, root):
+        result = _run(name, extra, args.gpus, run_dir, steps, {**caches, **image_env}, args.log_dir)
+        result["machines_first_run"] = not payload["runs"]
+        payload["runs"].append(result)
+        first = result.get("time_to_first_step_s")
+        print(
+            f"{name:<18} first step {first if first is None else f'{first:.1f}'} s  "
+            f"wall {result['wall_s']:.1f} s  exit {result['exit_code']}",
+            flush=True,
+        )
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
     print(f"wrote {path}")
     return 0
 

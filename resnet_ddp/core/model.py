@@ -124,11 +124,11 @@ class CompiledInParts:
 
     def _first_call(self, x: torch.Tensor) -> torch.Tensor:
         before_part, self._before_part = self._before_part, None
-        loaded = _compiled_graphs_loaded()
+        loaded_before = _compiled_graphs_loaded()
         for index, part in enumerate(self.parts):
             before_part(index)
             x = part(self.module, x)
-        loaded = _compiled_graphs_loaded() - loaded
+        loaded = _compiled_graphs_loaded() - loaded_before
         log.debug(f"the compiled model's parts: {loaded} of {len(self.parts)} loaded from the cache")
         return x
 

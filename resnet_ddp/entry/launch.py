@@ -274,7 +274,7 @@ def run(config: Config, plan: LaunchPlan) -> int:
 def _before_torch(config: Config, plan: LaunchPlan, local_rank: int) -> None:
     """A rank's first steps, before it imports torch. Local rank 0 writes the job's bytecode cache where there is
     one (core/compile_cache.py): on a shared volume, one writer per node is enough. It also has SyncBatchNorm's
-    kernels, or the later parts of a compiled one-process model, compiled beside the ranks' start."""
+    kernels, or the parts of a compiled one-process model, compiled beside the ranks' start."""
     if local_rank != 0:
         if sys.pycache_prefix is not None:
             sys.dont_write_bytecode = True
