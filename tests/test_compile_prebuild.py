@@ -104,6 +104,26 @@ def test_the_rank_goes_on_at_once_where_its_helpers_died(tmp_path, caplog):
     assert not compile_prebuild._helpers
 
 
+def test_the_helpers_share_out_the_compile_workers_one_process_would_start(tmp_path):
+    def helpers_setting(environ: dict) -> list:
+        compile_prebuild.start(config, device_index=0, environ=environ)
+        settings = []
+        for helper, _ in compile_prebuild._helpers.values():
+            with open(f"/proc/{helper.pid}/environ", "rb") as f:
+                variables = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if v)
+            settings.append(variables.get(b"TORCHINDUCTOR_COMPILE_THREADS"))
+            helper.kill()
+        return settings
+
+    config = parse_config(["--save-dir", str(tmp_path), *TINY_COMPILED], environ={})
+    share = str(compile_prebuild.compile_threads_each(len(os.sched_getaffinity(0)))).encode()
+    assert helpers_setting({"PYTHONPATH": ""}) == [share] * compile_prebuild.PARTS
+    # the job's own setting is every helper's
+    assert helpers_setting({"PYTHONPATH": "", "TORCHINDUCTOR_COMPILE_THREADS": "3"}) == [b"3"] * compile_prebuild.PARTS
+    # inductor starts one worker a CPU, at most 32, in each process that compiles
+    assert [compile_prebuild.compile_threads_each(cpus) for cpus in (2, 4, 16, 64, 128)] == [1, 1, 4, 8, 8]
+
+
 def _helpers_of(job: Job) -> list:
     def command_line(pid: int) -> bytes:
         try:

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 PARTS = 4  # core/model.py CompiledInParts (layers/blocks.py PARTS): a helper compiles each
 WAIT_S = 300.0  # far above the helpers' tens of seconds: past it, the rank compiles what is missing itself
+# inductor's compile workers in one process: one a CPU, at most this many (its decide_compile_threads)
+ONE_PROCESS_COMPILE_THREADS = 32
 
 # The rank's helpers by part, each waited for before its part's first call, until WAIT_S after their start.
 _helpers: Dict[int, Tuple[subprocess.Popen, float]] = {}
@@ -58,12 +60,26 @@ def wanted(config: Config, world_size: int, gpu_shared: Optional[bool]) -> bool:
 def start(config: Config, device_index: int, environ=os.environ) -> None:
     """In the rank's process, before torch: start a helper for each part, handing it the job's configuration."""
     deadline, pickled = time.monotonic() + WAIT_S, pickle.dumps(config)
+    threads = str(compile_threads_each(_cpus()))
+    helper_environ = {"TORCHINDUCTOR_COMPILE_THREADS": threads, **environ}  # a job's own setting wins
     for part in range(PARTS):
         args = [str(os.getpid()), str(device_index), str(part)]
         try:
-            _helpers[part] = (start_helper(__name__, args, environ, stdin=pickled), deadline)
+            _helpers[part] = (start_helper(__name__, args, helper_environ, stdin=pickled), deadline)
         except OSError as exc:  # no room for a process: the rank compiles that part
             log.debug(f"part {part + 1} of the compiled model is not prebuilt: {exc}")
+
+
+def compile_threads_each(cpus: int) -> int:
+    """Inductor's compile workers for each helper. Each process that compiles starts a pool of them, as many as
+    it has CPUs: the helpers share out what one process would start, rather than each importing torch into a
+    pool of its own at once, on the CPUs and in the memory limit of the job's pod."""
+    return max(1, min(cpus, ONE_PROCESS_COMPILE_THREADS) // PARTS)
+
+
+def _cpus() -> int:
+    """The CPUs this process may run on, as inductor counts them."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def wait(part: int) -> None:
