@@ -105,14 +105,22 @@ def test_the_rank_goes_on_at_once_where_its_helpers_died(tmp_path, caplog):
 
 
 def test_the_helpers_share_out_the_compile_workers_one_process_would_start(tmp_path):
+    def environ_of(pid: int) -> dict:
+        # Popen returns once the helper's exec has begun: its arguments and environment show a moment later
+        deadline = time.monotonic() + 60
+        while b"resnet_ddp.entry.compile_prebuild" not in _read(f"/proc/{pid}/cmdline"):
+            assert time.monotonic() < deadline, "the helper never started"
+            time.sleep(0.01)
+        return dict(v.split(b"=", 1) for v in _read(f"/proc/{pid}/environ").split(b"\0") if v)
+
     def helpers_setting(environ: dict) -> list:
         compile_prebuild.start(config, device_index=0, environ=environ)
         settings = []
         for helper, _ in compile_prebuild._helpers.values():
-            with open(f"/proc/{helper.pid}/environ", "rb") as f:
-                variables = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if v)
-            settings.append(variables.get(b"TORCHINDUCTOR_COMPILE_THREADS"))
+            settings.append(environ_of(helper.pid).get(b"TORCHINDUCTOR_COMPILE_THREADS"))
             helper.kill()
+        for part in range(compile_prebuild.PARTS):
+            compile_prebuild.wait(part)
         return settings
 
     config = parse_config(["--save-dir", str(tmp_path), *TINY_COMPILED], environ={})
@@ -124,15 +132,16 @@ def test_the_helpers_share_out_the_compile_workers_one_process_would_start(tmp_p
     assert [compile_prebuild.compile_threads_each(cpus) for cpus in (2, 4, 16, 64, 128)] == [1, 1, 4, 8, 8]
 
 
-def _helpers_of(job: Job) -> list:
-    def command_line(pid: int) -> bytes:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                return f.read()
-        except OSError:
-            return b""
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:  # the process has gone
+        return b""
 
-    return [pid for pid in job.leftover_pids() if b"resnet_ddp.entry.compile_prebuild" in command_line(pid)]
+
+def _helpers_of(job: Job) -> list:
+    return [pid for pid in job.leftover_pids() if b"resnet_ddp.entry.compile_prebuild" in _read(f"/proc/{pid}/cmdline")]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
