@@ -71,9 +71,9 @@ def start(config: Config, device_index: int, environ=os.environ) -> None:
 
 
 def compile_threads_each(cpus: int) -> int:
-    """Inductor's compile workers for each helper. Each process that compiles starts a pool of them, as many as
-    it has CPUs: the helpers share out what one process would start, rather than each importing torch into a
-    pool of its own at once, on the CPUs and in the memory limit of the job's pod."""
+    """Inductor's compile workers for each helper. Every process that compiles starts a pool of them at its
+    first compile, one a CPU: the helpers share out one process's pool, rather than each filling the job pod's
+    CPUs and memory with a pool of its own, all importing torch at once."""
     return max(1, min(cpus, ONE_PROCESS_COMPILE_THREADS) // PARTS)
 
 
