@@ -488,7 +488,7 @@ def test_the_launcher_names_a_rank_that_fails_while_it_looks(capsys):
     plan = launch.LaunchPlan("node-env", "cpu", 1, 1, 2, "127.0.0.1", 29500)  # node 1 of 2, one process each
     rank = _RankEndingAsTheLauncherLooks()
     try:
-        assert launch._supervise([rank], plan, received=[]) == 1
+        assert launch._supervise([rank], plan, received=[]) == launch.JobEnd(1, (1, "exited with code 1"))
     finally:
         rank.close()
     assert "resnet-ddp: rank 1 exited with code 1; stopping the other ranks" in capsys.readouterr().err

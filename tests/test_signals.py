@@ -129,6 +129,14 @@ def test_sigterm_as_the_ranks_finish_their_first_step_is_a_stop_not_a_failure(in
     else:
         (line,) = [line for line in result.stderr.splitlines() if line.startswith("[Rank 1]")]
         assert "failed because rank 0 ended first: " in line
+        # rank 0 ended at once and wrote no summary.json: its launcher writes how the job ended
+        summary = json.loads((save_dir / "summary.json").read_text())
+        assert (summary["exit_reason"], summary["exit_code"], summary["signal"]) == (
+            "stopped by signal",
+            143,
+            "SIGTERM",
+        )
+        assert "steps" not in summary and summary["world_size"] == 2
     assert wait_for_no_leftovers(job) == []
 
 

@@ -227,6 +227,38 @@ def test_when_rank_0_fails_first_the_others_say_so_in_one_line(save_dir):
     assert wait_for_no_leftovers(job) == []
 
 
+@pytest.mark.parametrize(
+    "mode,code,says", [("kill", 1, "rank 0 was killed by SIGKILL"), ("exit", 3, "rank 0 exited with code 3")]
+)
+def test_a_killed_rank_0s_launcher_writes_summary_json_in_place_of_an_earlier_runs(mode, code, says, save_dir):
+    save_dir.mkdir()
+    earlier = {"exit_reason": "finished", "exit_code": 0, "ended_utc": "2026-01-01T00:00:00.000Z"}
+    (save_dir / "summary.json").write_text(json.dumps(earlier))
+    job = Job(
+        train_command(
+            *TINY,
+            "--epochs",
+            "50",
+            "--fail-at-step",
+            "3",
+            "--fail-rank",
+            "0",
+            "--fail-mode",
+            mode,
+            "--save-dir",
+            str(save_dir),
+        )
+    )
+    result = job.wait(timeout=120)
+    assert result.returncode == code and says in result.stderr, result.stderr[-2000:]
+    assert wait_for_no_leftovers(job) == []
+    summary = json.loads((save_dir / "summary.json").read_text())
+    assert (summary["exit_reason"], summary["exit_code"], summary["error"]) == ("failed", code, says)
+    assert summary["first_failure"] == {"rank": 0, "host": socket.gethostname(), "error": None}
+    assert summary["world_size"] == 2 and summary["device"] == "cpu" and summary["config"]["scenario"]["fail_rank"] == 0
+    assert summary["ended_utc"] > earlier["ended_utc"] and "steps" not in summary  # the ranks had the figures
+
+
 def test_a_failing_rank_ends_a_torchrun_job(save_dir):
     job = Job(
         [

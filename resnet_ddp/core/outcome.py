@@ -1,12 +1,16 @@
-"""How a run ended: the one place that maps it to the exit code, summary.json's exit_reason and the last line."""
+"""How a run ended: the one place that maps it to the exit code, summary.json's exit_reason and the last line.
+
+Without torch until a loop's stop reason is mapped (RunOutcome.of): the launcher, which never imports torch, says
+with it how a job ended whose rank 0 could not (observe/summary_file.py)."""
 
 from __future__ import annotations
 
 import signal
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
-from resnet_ddp.core.stopping import StopReason
+if TYPE_CHECKING:
+    from resnet_ddp.core.stopping import StopReason
 
 # exit_reason in summary.json, by kind of ending: dashboards and tests read these words.
 FINISHED, DURATION, SIGNAL, NONFINITE, FAILED = (
@@ -34,10 +38,12 @@ class RunOutcome:
     def of(cls, reason: StopReason, diverged: Optional[Tuple[int, int]]) -> "RunOutcome":
         """The outcome of a loop that ended for `reason`; `diverged` is the first non-finite loss (step, rank)
         found under --nan-policy stop, which fails the run whatever else ended it."""
+        from resnet_ddp.core.stopping import StopReason
+
         if diverged is not None:
             return cls(NONFINITE, EXIT_FAILED, first_nonfinite=diverged)
         if reason.kind == StopReason.SIGNAL:
-            return cls(SIGNAL, 128 + reason.signum, signum=reason.signum)
+            return cls.stopped(reason.signum)
         if reason.kind == StopReason.TIME_UP:
             return cls(DURATION, 0)
         if reason.kind == StopReason.NONFINITE:  # agreed, though no rank found it at the checkpoint
@@ -45,12 +51,22 @@ class RunOutcome:
         return cls(FINISHED, 0)
 
     @classmethod
+    def stopped(cls, signum: int) -> "RunOutcome":
+        return cls(SIGNAL, 128 + signum, signum=signum)
+
+    @classmethod
     def failed(
-        cls, error: str, rank: Optional[int], host: Optional[str] = None, *, rank_error_known: bool = True
+        cls,
+        error: str,
+        rank: Optional[int],
+        host: Optional[str] = None,
+        *,
+        rank_error_known: bool = True,
+        exit_code: int = EXIT_FAILED,
     ) -> "RunOutcome":
         """`error`: the first failure's where known, else this rank's own (then not the failed rank's)."""
         first = error if rank_error_known else None
-        return cls(FAILED, EXIT_FAILED, error=error, failed_rank=rank, failed_host=host, failed_error=first)
+        return cls(FAILED, exit_code, error=error, failed_rank=rank, failed_host=host, failed_error=first)
 
     def stopped_late(self, signum: int) -> "RunOutcome":
         """A stop signal that came after the last step: the run's work is done, and the job was stopped all the

@@ -29,6 +29,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from resnet_ddp.config import Config
 from resnet_ddp.core import phases
+from resnet_ddp.core.outcome import RunOutcome
 from resnet_ddp.entry import compile_prebuild, kernel_prebuild
 from resnet_ddp.entry.gpus import Gpu, visible_gpus
 from resnet_ddp.entry.process import (
@@ -39,10 +40,17 @@ from resnet_ddp.entry.process import (
     stop_signals_held,
 )
 from resnet_ddp.errors import ReportedElsewhere, UsageError
+from resnet_ddp.observe import summary_file
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CPU_PROCESSES = 2
+# A rank's refusal (UsageError): the job never trained, and leaves the save dir as it was.
+REFUSED = 2
+# Exit codes of a rank that has told how it ended, where it belongs (summary.json, preflight.json, its traceback,
+# the refusal). A rank ends without a word when killed, at once on a stop signal, or by an exit such as
+# --fail-mode exit's.
+ENDINGS_A_RANK_TELLS = (0, 1, REFUSED)
 # How long ranks get to exit on SIGTERM before SIGKILL, once one rank has failed.
 TERMINATE_GRACE_S = 10.0
 # How long ranks get to stop after a stop signal before SIGKILL (torchrun waits as long for its workers).
@@ -302,7 +310,7 @@ def _run_torchrun_worker(config: Config, plan: LaunchPlan) -> int:
             _say(config, f"error: {exc}")
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(2)  # the process group is up: skip a teardown that could wait on it
+        os._exit(REFUSED)  # the process group is up: skip a teardown that could wait on it
 
 
 def _worker_main(local_rank: int, config: Config, plan: LaunchPlan, launcher_pid: int) -> None:
@@ -320,7 +328,7 @@ def _worker_main(local_rank: int, config: Config, plan: LaunchPlan, launcher_pid
         code = worker.run_process(config)
     except UsageError as exc:
         _say(config, f"error: {exc}")
-        code = 2
+        code = REFUSED
     except ReportedElsewhere as exc:
         code = exc.code
     except Exception:  # outside the training (worker.py reports failures in it once, itself)
@@ -362,6 +370,7 @@ def _spawn_and_supervise(config: Config, plan: LaunchPlan) -> int:
     # The first start would start multiprocessing's resource tracker, which unblocks the stop signals as it
     # returns, in the middle of stop_signals_held: start it before.
     multiprocessing.resource_tracker.ensure_running()
+    summary_found = summary_file.summary_identity(config.save_dir)
     try:
         for local_rank, process in enumerate(processes):
             if local_rank:
@@ -370,16 +379,45 @@ def _spawn_and_supervise(config: Config, plan: LaunchPlan) -> int:
                 if received:  # stopped while starting its ranks: start no more
                     break
                 process.start()
-        return _supervise(processes, plan, received)
+        end = _supervise(processes, plan, received)
+        rank_zero_spoke = processes[0].exitcode in (None, *ENDINGS_A_RANK_TELLS)
+        if plan.hosts_rendezvous and not rank_zero_spoke and end.code != REFUSED:
+            _write_summary_where_rank_zero_did_not(config, plan, end, summary_found)
+        return end.code
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
+def _write_summary_where_rank_zero_did_not(
+    config: Config, plan: LaunchPlan, end: JobEnd, found: Optional[Tuple[int, int]]
+) -> None:
+    """Rank 0 ended without a word (killed, or at once on a stop signal, or by an exit), and wrote no summary.json
+    (the save dir holds the summary `found` at the start, or none): what this launcher saw of the ending, in its
+    place, so that an earlier run's summary does not pass for this one's."""
+    if summary_file.summary_identity(config.save_dir) != found:
+        return
+    if end.code in (128 + signal.SIGTERM, 128 + signal.SIGINT):
+        outcome = RunOutcome.stopped(end.code - 128)
+    else:
+        rank, how = end.first_failure or (0, f"exited with code {end.code}")
+        outcome = RunOutcome.failed(
+            f"rank {rank} {how}", rank, socket.gethostname(), rank_error_known=False, exit_code=end.code
+        )
+    device = plan.own_gpus[0].name if plan.own_gpus else "cpu"
+    summary_file.write_launcher_summary(config.save_dir, outcome, config, plan.world_size, device)
+
+
 STOP_CODES = (128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGINT)
 
 
-def _supervise(processes, plan: LaunchPlan, received: List[int]) -> int:
+@dataclass(frozen=True)
+class JobEnd:
+    code: int  # the launcher's exit code
+    first_failure: Optional[Tuple[int, str]] = None  # the first rank seen failing, and how ("exited with code 3")
+
+
+def _supervise(processes, plan: LaunchPlan, received: List[int]) -> JobEnd:
     """Wait for every rank; the first failure stops the rest and sets the exit code.
 
     A rank that exits 143 or 130 stopped on an agreed signal, and one killed by SIGTERM or SIGINT before it
@@ -404,7 +442,8 @@ def _supervise(processes, plan: LaunchPlan, received: List[int]) -> int:
             # Peers of a failed rank fail too, with 1, once their collectives break, and they may
             # end before we look: a more specific code (3 from --fail-mode exit, 2) says more.
             specific = [code for _, code in failed if code > 1]
-            return specific[0] if specific else 1
+            local_rank, code = failed[0]
+            return JobEnd(specific[0] if specific else 1, (plan.global_rank(local_rank), _how_it_ended(code)))
         never_started = [p for p in processes if p.pid is None]
         running = [p for p, code in zip(processes, codes) if code is None and p.pid is not None]
         if not running:
@@ -425,15 +464,17 @@ def _supervise(processes, plan: LaunchPlan, received: List[int]) -> int:
     codes = [p.exitcode for p in processes if p.pid is not None]
     stops = [code if code > 0 else 128 - code for code in codes if code]
     if received:
-        return 128 + received[0]
-    return stops[0] if stops else 0
+        return JobEnd(128 + received[0])
+    return JobEnd(stops[0] if stops else 0)
+
+
+def _how_it_ended(exit_code: int) -> str:
+    return f"was killed by {signal.Signals(-exit_code).name}" if exit_code < 0 else f"exited with code {exit_code}"
 
 
 def _report_failures(failed, plan: LaunchPlan) -> None:
     for local_rank, code in failed:
-        rank = plan.global_rank(local_rank)
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-        log.error(f"rank {rank} {how}; stopping the other ranks")
+        log.error(f"rank {plan.global_rank(local_rank)} {_how_it_ended(code)}; stopping the other ranks")
 
 
 def _kill_unstopped(processes, plan: LaunchPlan, signum: int) -> None:

@@ -24,10 +24,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from resnet_ddp.core.files import write_atomically
 from resnet_ddp.errors import UsageError
+from resnet_ddp.observe.summary_file import SUMMARY_NAME, utc_iso
 
 METRICS_PATH = os.path.join("logs", "metrics.jsonl")  # as observe.metrics.metrics_path, without importing torch
 OTHER_NODES = os.path.join("logs", "metrics-node*.jsonl")  # the other nodes' files, where they share the save dir
-SUMMARY_NAME = "summary.json"
 PNG_NAME, HTML_NAME = "report.png", "report.html"
 FIGURE_INCHES, DPI = (12, 8), 100  # report.png is 1200 x 800 pixels
 FAILURES = ("failed", "loss not finite")
@@ -89,11 +89,6 @@ def read_summary(save_dir: str) -> Optional[dict]:
 
 def utc(unix_time: float) -> datetime:
     return datetime.fromtimestamp(unix_time, timezone.utc)
-
-
-def utc_iso(unix_time: float) -> str:
-    """As summary.json's started_utc (observe.summary.utc_iso, without importing torch)."""
-    return utc(unix_time).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # What happened when: the run's events, from its records.

@@ -1,19 +1,18 @@
 """The end of a run: every rank's figures gathered into <save-dir>/summary.json, the table, the last line.
 
 summary.json is written by rank 0 for every run that ends, finished, stopped or
-failed (a failed one from what is known where it failed: entry/worker.py); the
-`end` record closes every rank's part of metrics.jsonl.
+failed (a failed one from what is known where it failed: entry/worker.py), and by
+its launcher where rank 0 ended without a word (summary_file.py); the `end` record
+closes every rank's part of metrics.jsonl.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import socket
 import time
-from datetime import datetime, timezone
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -21,18 +20,12 @@ import torch.distributed as dist
 
 from resnet_ddp import __version__
 from resnet_ddp.core.callbacks import Callback
-from resnet_ddp.core.files import write_json
 from resnet_ddp.core.stopping import first_signal
 from resnet_ddp.observe.console import NOTICE
 from resnet_ddp.observe.metrics import MetricsLog, StepTimer
+from resnet_ddp.observe.summary_file import plain, utc_iso, write_summary
 
 log = logging.getLogger(__name__)
-
-SUMMARY_NAME = "summary.json"
-
-
-def utc_iso(unix_time: float) -> str:
-    return datetime.fromtimestamp(unix_time, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def summarise(rank_stats: List[Dict[str, float]], world_size: int) -> Dict[str, float]:
@@ -97,23 +90,12 @@ class RunFacts:
             "device": self.device_name,
             "torch": torch.__version__,
             "version": __version__,
-            "config": _plain(dataclasses.asdict(self.config)),
+            "config": plain(self.config),
             "started_utc": utc_iso(self.started_unix),
             "startup_s": dict(self.startup_s),
             "ended_utc": utc_iso(time.time()),
             "wall_s": self.wall_s(),
         }
-
-
-def _plain(value):
-    """A dataclass tree as JSON takes it (tuples as lists, infinities as null)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, float) and value in (float("inf"), float("-inf")):
-        return None
-    return value
 
 
 def seconds_since_start_of(pid: int) -> Optional[float]:
@@ -124,10 +106,6 @@ def seconds_since_start_of(pid: int) -> Optional[float]:
         return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, AttributeError):
         return None
-
-
-def write_summary(save_dir: str, summary: dict) -> None:
-    write_json(os.path.join(save_dir, SUMMARY_NAME), summary)
 
 
 class RunSummary(Callback):
