@@ -256,6 +256,15 @@ def test_a_failed_run_ends_in_a_red_line_that_names_the_failure(tmp_path, monkey
     assert label.get_text().startswith("failed") and "rank 1" in label.get_text()
 
 
+def test_an_end_names_what_is_known_of_the_first_failure():
+    failure = {"rank": 1, "host": "node-b", "error": "RuntimeError: injected failure"}
+    end = {"exit_reason": "failed", "exit_code": 1, "first_failure": failure}
+    assert report.describe_end(end) == "failed on rank 1 (node-b): RuntimeError: injected failure, exit 1"
+    # a rank that was killed has no error, and one across hosts from its peer no host
+    unknown = {**end, "first_failure": {"rank": 0, "host": None, "error": None}}
+    assert report.describe_end(unknown) == "failed on rank 0, exit 1"
+
+
 def test_the_headline_figures_are_on_the_picture(tmp_path, monkeypatch):
     summary = {**SUMMARY, "mfu": 0.1290512, "device": "NVIDIA H200"}
     figure = drawn(monkeypatch, write_save_dir(tmp_path / "done", records_of_a_run(gpu=True), summary))

@@ -148,10 +148,12 @@ def describe_end(end: dict, with_error: bool = True) -> str:
     if isinstance(nonfinite, dict):
         reason += f" at step {nonfinite.get('step')} on rank {nonfinite.get('rank')}"
     failure = end.get("first_failure")
-    if isinstance(failure, dict):
-        reason += f" on rank {failure.get('rank')} ({failure.get('host')})"
-        if with_error:
-            reason += f": {failure.get('error')}"
+    if isinstance(failure, dict):  # host and error are null where the rank telling it could not learn them
+        reason += f" on rank {failure.get('rank')}"
+        if failure.get("host"):
+            reason += f" ({failure['host']})"
+        if with_error and failure.get("error"):
+            reason += f": {failure['error']}"
     if end.get("exit_code") is not None:
         reason += f", exit {end['exit_code']}"
     return reason
