@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 from conftest import REPO, TINY, Job, run_train, train_command, wait_for_no_leftovers
+from test_signals import PAUSED
 from test_training import GLOBAL_LINE
 
 STOP_LINE = re.compile(r"^\[Rank (\d+)\] stopping after step (\d+) \((SIG\w+)\)$", re.M)
@@ -305,12 +306,45 @@ def test_a_full_disk_while_checkpointing_is_a_clear_error_and_keeps_the_previous
     )
     job = Job(command)
     result = job.wait(timeout=180)
-    assert "exit=1" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+    print(result.stdout[:3000], result.stderr[-3000:])
+    assert re.search("^exit=1$", result.stdout, re.M), result.stdout[-2000:] + result.stderr[-2000:]
     (line,) = [l for l in result.stderr.splitlines() if "could not write checkpoint" in l]
     assert "No space left on device" in line and "previous checkpoints are intact" in line
     # no half-written file beside it; the small summary.json still fits and says how the run ended
     assert "files: ['.lock', 'checkpoint-000000004.pt', 'checkpoints.json', 'logs', 'summary.json']" in result.stdout
     assert "loads at step 4" in result.stdout and "exit reason failed" in result.stdout
+    assert wait_for_no_leftovers(job) == []
+
+
+def test_a_stop_whose_checkpoint_cannot_be_written_fails_the_job(tmp_path):
+    """Exit 143 promises a checkpoint of the stop step: where none could be written (a full disk), the job failed,
+    and says so in its exit code as in summary.json."""
+    save_dir = tmp_path / "small-disk"
+    save_dir.mkdir()
+    # resnet18's checkpoint (about 45 MB) cannot be written in 30 MB; the logs and summary.json can. No epoch
+    # ends before the stop: its checkpoint is the first.
+    long_epochs = ["--dataset-size", "4096", "--epochs", "500"]
+    train = shlex.join(train_command(*TINY, *long_epochs, "--save-dir", str(save_dir)))
+    command = _in_small_shm("16m", ["true"])  # the same root and unshare checks
+    command[-1] = (
+        f"mount -t tmpfs -o size=30m tmpfs {shlex.quote(str(save_dir))} && {{ {train}; echo exit=$?; "
+        f"ls -A {shlex.quote(str(save_dir))}; cat {shlex.quote(str(save_dir / 'summary.json'))}; }}"
+    )
+    job = Job(command, {"RESNET_DDP_TEST_PAUSE_AT": "steady training"})
+    job.wait_for_stderr(f"{PAUSED} steady training", count=2)
+    rank = int("".join(job.stderr_seen).split(f"{PAUSED} steady training (pid ")[1].split(",")[0])
+    with open(f"/proc/{rank}/stat") as f:
+        launcher = int(f.read().rsplit(")", 1)[1].split()[1])  # field 4: the parent
+    os.kill(launcher, signal.SIGTERM)
+    result = job.wait(timeout=180)
+    assert re.search("^exit=1$", result.stdout, re.M), result.stdout[-2000:] + result.stderr[-2000:]
+    (line,) = [l for l in result.stderr.splitlines() if "could not write checkpoint" in l]
+    assert line.startswith("[Rank 0] error: ") and "No space left on device" in line
+    assert ".lock\nlogs\nsummary.json\n" in result.stdout  # no checkpoint, and no half-written one
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
+    assert (summary["exit_reason"], summary["exit_code"]) == ("failed", 1)
+    assert summary["error"].startswith("CheckpointWriteError: could not write checkpoint")
+    assert "stopping after step " in result.stdout  # the ranks had agreed to stop
     assert wait_for_no_leftovers(job) == []
 
 
@@ -326,7 +360,8 @@ def test_a_full_disk_at_the_final_export_is_one_line_and_leaves_no_partial_file(
     )
     job = Job(command)
     result = job.wait(timeout=180)
-    assert "exit=1" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+    print(result.stdout[:3000], result.stderr[-3000:])
+    assert re.search("^exit=1$", result.stdout, re.M), result.stdout[-2000:] + result.stderr[-2000:]
     (line,) = [l for l in result.stderr.splitlines() if l.startswith("[Rank 0]")]
     assert line.startswith(f"[Rank 0] error: could not write the final model {save_dir / 'model_final.pth'}: ")
     assert "No space left on device" in line and "Traceback" not in result.stderr

@@ -29,7 +29,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from resnet_ddp.config import Config
 from resnet_ddp.core import phases
-from resnet_ddp.core.outcome import RunOutcome
+from resnet_ddp.core.outcome import EXIT_FAILED, RunOutcome
 from resnet_ddp.entry import compile_prebuild, kernel_prebuild
 from resnet_ddp.entry.gpus import Gpu, visible_gpus
 from resnet_ddp.entry.process import (
@@ -424,7 +424,10 @@ def _supervise(processes, plan: LaunchPlan, received: List[int]) -> JobEnd:
     could handle them was stopped too: that is a stop, not a failure. Once one rank has stopped, the others
     get TERMINATE_GRACE_S to follow (they stop after the same step, or have nothing to save yet), then are
     killed: a rank still waiting for a peer that is gone would otherwise wait for --dist-timeout. Once the
-    launcher has a stop signal, no rank's exit is a failure: the job was stopped. Ranks that
+    launcher has a stop signal, no rank's exit is a failure: the job was stopped. Rank 0 alone can tell a
+    failure from a stop then, as its process holds the job's store, where a peer that ended on the signal
+    counts itself: a rank 0 of this launcher that exits 1 failed (its stop's checkpoint could not be written),
+    and so did the job. Ranks that
     have not stopped STOP_DEADLINE_S after the launcher's stop signal (one hangs, and the others wait on it)
     are killed, and the job still ends as stopped.
     """
@@ -463,6 +466,8 @@ def _supervise(processes, plan: LaunchPlan, received: List[int]) -> JobEnd:
         multiprocessing.connection.wait([p.sentinel for p in running], timeout=1.0)
     codes = [p.exitcode for p in processes if p.pid is not None]
     stops = [code if code > 0 else 128 - code for code in codes if code]
+    if received and plan.hosts_rendezvous and processes[0].exitcode == EXIT_FAILED:
+        return JobEnd(EXIT_FAILED, (0, _how_it_ended(EXIT_FAILED)))  # rank 0 tells a failure from a stop
     if received:
         return JobEnd(128 + received[0])
     return JobEnd(stops[0] if stops else 0)
