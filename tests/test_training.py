@@ -234,21 +234,8 @@ def test_a_killed_rank_0s_launcher_writes_summary_json_in_place_of_an_earlier_ru
     save_dir.mkdir()
     earlier = {"exit_reason": "finished", "exit_code": 0, "ended_utc": "2026-01-01T00:00:00.000Z"}
     (save_dir / "summary.json").write_text(json.dumps(earlier))
-    job = Job(
-        train_command(
-            *TINY,
-            "--epochs",
-            "50",
-            "--fail-at-step",
-            "3",
-            "--fail-rank",
-            "0",
-            "--fail-mode",
-            mode,
-            "--save-dir",
-            str(save_dir),
-        )
-    )
+    fault = ["--fail-at-step", "3", "--fail-rank", "0", "--fail-mode", mode]
+    job = Job(train_command(*TINY, "--epochs", "50", *fault, "--save-dir", str(save_dir)))
     result = job.wait(timeout=120)
     assert result.returncode == code and says in result.stderr, result.stderr[-2000:]
     assert wait_for_no_leftovers(job) == []
