@@ -58,8 +58,15 @@ def test_strict_preflight_with_a_finding_exits_1_before_training(save_dir):
     assert "Traceback" not in result.stderr
     assert len(warnings(result.stdout, "preflight")) == 1  # the report is printed even with --quiet
     assert "Epoch" not in result.stdout
-    assert sorted(p.name for p in save_dir.iterdir()) == [".lock", "logs", "preflight.json"]
+    assert sorted(p.name for p in save_dir.iterdir()) == [".lock", "logs", "preflight.json", "summary.json"]
     assert sorted(p.name for p in (save_dir / "logs").iterdir()) == ["rank0.log", "rank1.log"]  # each rank's lines
+    # the job failed, and summary.json says why, as for any failed run
+    summary = json.loads((save_dir / "summary.json").read_text())
+    assert (summary["exit_reason"], summary["exit_code"], summary["steps"]) == ("failed", 1, 0)
+    assert (
+        summary["error"]
+        == f"preflight: 1 finding with --preflight strict: not training (see {save_dir / 'preflight.json'})"
+    )
 
 
 def test_a_slow_rank_is_named_by_the_preflight_then_as_a_straggler_once(save_dir):

@@ -47,10 +47,6 @@ log = logging.getLogger(__name__)
 DEFAULT_CPU_PROCESSES = 2
 # A rank's refusal (UsageError): the job never trained, and leaves the save dir as it was.
 REFUSED = 2
-# Exit codes of a rank that has told how it ended, where it belongs (summary.json, preflight.json, its traceback,
-# the refusal). A rank ends without a word when killed, at once on a stop signal, or by an exit such as
-# --fail-mode exit's.
-ENDINGS_A_RANK_TELLS = (0, 1, REFUSED)
 # How long ranks get to exit on SIGTERM before SIGKILL, once one rank has failed.
 TERMINATE_GRACE_S = 10.0
 # How long ranks get to stop after a stop signal before SIGKILL (torchrun waits as long for its workers).
@@ -380,8 +376,7 @@ def _spawn_and_supervise(config: Config, plan: LaunchPlan) -> int:
                     break
                 process.start()
         end = _supervise(processes, plan, received)
-        rank_zero_spoke = processes[0].exitcode in (None, *ENDINGS_A_RANK_TELLS)
-        if plan.hosts_rendezvous and not rank_zero_spoke and end.code != REFUSED:
+        if plan.hosts_rendezvous and end.code not in (0, REFUSED):
             _write_summary_where_rank_zero_did_not(config, plan, end, summary_found)
         return end.code
     finally:
@@ -392,9 +387,10 @@ def _spawn_and_supervise(config: Config, plan: LaunchPlan) -> int:
 def _write_summary_where_rank_zero_did_not(
     config: Config, plan: LaunchPlan, end: JobEnd, found: Optional[Tuple[int, int]]
 ) -> None:
-    """Rank 0 ended without a word (killed, or at once on a stop signal, or by an exit), and wrote no summary.json
-    (the save dir holds the summary `found` at the start, or none): what this launcher saw of the ending, in its
-    place, so that an earlier run's summary does not pass for this one's."""
+    """A job that failed or was stopped, whose rank 0 wrote no summary.json (it was killed, ended at once on a stop
+    signal, exited, or failed outside its training; the save dir holds the summary `found` at the start, or
+    none): what this launcher saw of the ending, in its place, so that an earlier run's summary does not pass
+    for this one's."""
     if summary_file.summary_identity(config.save_dir) != found:
         return
     if end.code in (128 + signal.SIGTERM, 128 + signal.SIGINT):

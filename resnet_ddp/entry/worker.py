@@ -19,7 +19,7 @@ from typing import Optional
 
 from resnet_ddp.config import Config
 from resnet_ddp.core import distributed, phases
-from resnet_ddp.core.outcome import RunOutcome
+from resnet_ddp.core.outcome import EXIT_FAILED, RunOutcome
 from resnet_ddp.core.stopping import StopReason, first_signal
 from resnet_ddp.errors import CheckpointWriteError, ReportedElsewhere, UsageError
 from resnet_ddp.observe import console as console_setup
@@ -55,7 +55,14 @@ def _preflight(config: Config, rank: distributed.RankInfo) -> Optional[int]:
 
     findings = preflight.run(config, rank)
     if findings and config.health.preflight == "strict":
-        return 1
+        if rank.is_main:  # the job failed: summary.json says why, as for any failed run
+            from resnet_ddp.entry.build import device_name
+
+            error = preflight.strict_ending(findings, config.save_dir)
+            outcome = RunOutcome.failed(error, rank.rank, distributed.placement(rank)["host"])
+            facts = RunFacts(config, rank.world_size, device_name(rank.device))
+            write_failure_summary(config.save_dir, facts, outcome, steps=0, epochs_done=0)
+        return EXIT_FAILED
     return 0 if config.health.preflight_only else None
 
 

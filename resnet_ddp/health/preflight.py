@@ -126,10 +126,14 @@ def run(config: Config, rank: distributed.RankInfo) -> List[dict]:
             NOTICE, f"preflight: {_count(len(findings), 'finding')} in {report['elapsed_s']:.1f} s; report in {path}"
         )
         if findings and config.health.preflight == "strict":
-            log.error(
-                f"preflight: {_count(len(findings), 'finding')} with --preflight strict: not training (see {path})"
-            )
+            log.error(strict_ending(findings, config.save_dir))
     return findings
+
+
+def strict_ending(findings: List[dict], save_dir: str) -> str:
+    """Why a job with --preflight strict ends before training: on stderr, and in summary.json."""
+    path = os.path.join(save_dir, REPORT_NAME)
+    return f"preflight: {_count(len(findings), 'finding')} with --preflight strict: not training (see {path})"
 
 
 # ---------------------------------------------------------------- measurements
