@@ -62,6 +62,10 @@ def _preflight(config: Config, rank: distributed.RankInfo) -> Optional[int]:
             outcome = RunOutcome.failed(error, rank.rank, distributed.placement(rank)["host"])
             facts = RunFacts(config, rank.world_size, device_name(rank.device))
             write_failure_summary(config.save_dir, facts, outcome, steps=0, epochs_done=0)
+        # Every rank ends once rank 0 has written its reports: the launcher stops the others at the first exit.
+        import torch.distributed as dist
+
+        dist.barrier()
         return EXIT_FAILED
     return 0 if config.health.preflight_only else None
 
