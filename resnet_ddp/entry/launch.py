@@ -393,7 +393,7 @@ def _write_summary_where_rank_zero_did_not(
     for this one's."""
     if summary_file.summary_identity(config.save_dir) != found:
         return
-    if end.code in (128 + signal.SIGTERM, 128 + signal.SIGINT):
+    if end.code in STOP_CODES:
         outcome = RunOutcome.stopped(end.code - 128)
     else:
         rank, how = end.first_failure or (0, f"exited with code {end.code}")

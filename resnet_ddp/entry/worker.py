@@ -17,6 +17,8 @@ import signal
 import traceback
 from typing import Optional
 
+import torch.distributed as dist
+
 from resnet_ddp.config import Config
 from resnet_ddp.core import distributed, phases
 from resnet_ddp.core.outcome import EXIT_FAILED, RunOutcome
@@ -62,10 +64,7 @@ def _preflight(config: Config, rank: distributed.RankInfo) -> Optional[int]:
             outcome = RunOutcome.failed(error, rank.rank, distributed.placement(rank)["host"])
             facts = RunFacts(config, rank.world_size, device_name(rank.device))
             write_failure_summary(config.save_dir, facts, outcome, steps=0, epochs_done=0)
-        # Every rank ends once rank 0 has written its reports: the launcher stops the others at the first exit.
-        import torch.distributed as dist
-
-        dist.barrier()
+        dist.barrier()  # every rank ends once rank 0 has written its reports: the first exit stops the rest
         return EXIT_FAILED
     return 0 if config.health.preflight_only else None
 

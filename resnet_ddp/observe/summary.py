@@ -9,6 +9,7 @@ closes every rank's part of metrics.jsonl.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -23,7 +24,7 @@ from resnet_ddp.core.callbacks import Callback
 from resnet_ddp.core.stopping import first_signal
 from resnet_ddp.observe.console import NOTICE
 from resnet_ddp.observe.metrics import MetricsLog, StepTimer
-from resnet_ddp.observe.summary_file import plain, utc_iso, write_summary
+from resnet_ddp.observe.summary_file import utc_iso, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class RunFacts:
             "device": self.device_name,
             "torch": torch.__version__,
             "version": __version__,
-            "config": plain(self.config),
+            "config": dataclasses.asdict(self.config),  # write_json makes its infinities null
             "started_utc": utc_iso(self.started_unix),
             "startup_s": dict(self.startup_s),
             "ended_utc": utc_iso(time.time()),

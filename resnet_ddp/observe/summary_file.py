@@ -1,4 +1,4 @@
-"""summary.json as a file, without torch: its name, its times and values, writing it, and the short one a launcher
+"""summary.json as a file, without torch: its name, its times, writing it, and the short one a launcher
 writes when rank 0 ended without writing its own.
 
 observe/summary.py writes the summary of every run that rank 0 sees end. A rank 0 that is killed (the OOM
@@ -25,19 +25,6 @@ def utc_iso(unix_time: float) -> str:
     return datetime.fromtimestamp(unix_time, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def plain(value):
-    """A dataclass tree as JSON takes it (tuples as lists, infinities as null)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return plain(dataclasses.asdict(value))
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, float) and value in (float("inf"), float("-inf")):
-        return None
-    return value
-
-
 def write_summary(save_dir: str, summary: dict) -> None:
     write_json(os.path.join(save_dir, SUMMARY_NAME), summary)
 
@@ -61,7 +48,7 @@ def write_launcher_summary(save_dir: str, outcome, config, world_size: int, devi
         "world_size": world_size,
         "device": device,
         "version": __version__,
-        "config": plain(config),
+        "config": dataclasses.asdict(config),  # write_json makes its infinities null
         "ended_utc": utc_iso(time.time()),
     }
     try:
