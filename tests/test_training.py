@@ -20,6 +20,8 @@ from conftest import (
     wait_for_no_leftovers,
 )
 
+from resnet_ddp.observe import report
+
 EPOCH_LINE = re.compile(r"^\[Rank (\d+)\] Epoch +(\d+) - Avg Loss: (\d+\.\d{4})$", re.M)
 GLOBAL_LINE = re.compile(r"^\[Rank 0\] Epoch +(\d+) - Global Avg Loss: (\d+\.\d{4}) \((\d+) ranks\)$", re.M)
 DONE_LINE = re.compile(r"^\[Rank (\d+)\] Training completed in \d+\.\d\d seconds$", re.M)
@@ -244,6 +246,25 @@ def test_a_killed_rank_0s_launcher_writes_summary_json_in_place_of_an_earlier_ru
     assert summary["first_failure"] == {"rank": 0, "host": socket.gethostname(), "error": None}
     assert summary["world_size"] == 2 and summary["device"] == "cpu" and summary["config"]["scenario"]["fail_rank"] == 0
     assert summary["ended_utc"] > earlier["ended_utc"] and "steps" not in summary  # the ranks had the figures
+
+
+def test_a_killed_rank_0_under_torchrun_leaves_a_summary_json_of_this_run_saying_it_never_ended(save_dir):
+    """torchrun's agent, not our launcher, is rank 0's parent: the summary rank 0 wrote as training started stays,
+    never an earlier run's end."""
+    save_dir.mkdir()
+    earlier = {"exit_reason": "finished", "exit_code": 0, "ended_utc": "2026-01-01T00:00:00.000Z", "img_s": 1.0}
+    (save_dir / "summary.json").write_text(json.dumps(earlier))
+    fault = ["--fail-at-step", "3", "--fail-rank", "0", "--fail-mode", "kill"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    job = Job([*torchrun, "train.py", *TINY, "--epochs", "50", *fault, "--save-dir", str(save_dir)])
+    result = job.wait(timeout=120)
+    assert result.returncode == 1 and "Signal 9 (SIGKILL)" in result.stderr, result.stderr[-2000:]
+    assert wait_for_no_leftovers(job) == []
+    summary = json.loads((save_dir / "summary.json").read_text())
+    assert summary["exit_reason"] == "running" and summary["started_utc"] > earlier["ended_utc"]
+    assert summary["world_size"] == 2 and summary["config"]["scenario"]["fail_mode"] == "kill"
+    assert "ended_utc" not in summary and "img_s" not in summary
+    assert report.read_summary(str(save_dir)) is None  # the report draws the last log point's figures instead
 
 
 def test_a_failing_rank_ends_a_torchrun_job(save_dir):

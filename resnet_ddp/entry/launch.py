@@ -387,11 +387,10 @@ def _spawn_and_supervise(config: Config, plan: LaunchPlan) -> int:
 def _write_summary_where_rank_zero_did_not(
     config: Config, plan: LaunchPlan, end: JobEnd, found: Optional[Tuple[int, int]]
 ) -> None:
-    """A job that failed or was stopped, whose rank 0 wrote no summary.json (it was killed, ended at once on a stop
-    signal, exited, or failed outside its training; the save dir holds the summary `found` at the start, or
-    none): what this launcher saw of the ending, in its place, so that an earlier run's summary does not pass
-    for this one's."""
-    if summary_file.summary_identity(config.save_dir) != found:
+    """A job that failed or was stopped, whose rank 0 wrote no end to summary.json (it was killed, ended at once on
+    a stop signal, exited, or failed outside its training; the save dir holds the summary `found` at the start,
+    none, or rank 0's `running` one): what this launcher saw of the ending, in its place."""
+    if summary_file.summary_identity(config.save_dir) != found and not summary_file.says_running(config.save_dir):
         return
     if end.code in STOP_CODES:
         outcome = RunOutcome.stopped(end.code - 128)

@@ -1,9 +1,9 @@
 """The end of a run: every rank's figures gathered into <save-dir>/summary.json, the table, the last line.
 
-summary.json is written by rank 0 for every run that ends, finished, stopped or
-failed (a failed one from what is known where it failed: entry/worker.py), and by
-its launcher where rank 0 ended without a word (summary_file.py); the `end` record
-closes every rank's part of metrics.jsonl.
+summary.json is written by rank 0 as training starts (`running`) and for every run
+that ends, finished, stopped or failed (a failed one from what is known where it
+failed: entry/worker.py), and by its launcher where rank 0 ended without a word
+(summary_file.py); the `end` record closes every rank's part of metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from resnet_ddp.core.callbacks import Callback
 from resnet_ddp.core.stopping import first_signal
 from resnet_ddp.observe.console import NOTICE
 from resnet_ddp.observe.metrics import MetricsLog, StepTimer
-from resnet_ddp.observe.summary_file import utc_iso, write_summary
+from resnet_ddp.observe.summary_file import RUNNING, utc_iso, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,8 @@ class RunFacts:
         """Seconds since training started (the original example's "Training completed in" figure)."""
         return time.perf_counter() - self.training_started
 
-    def fields(self) -> dict:
+    def start_fields(self) -> dict:
+        """What summary.json says of the run before it ends."""
         return {
             "world_size": self.world_size,
             "device": self.device_name,
@@ -94,9 +95,10 @@ class RunFacts:
             "config": dataclasses.asdict(self.config),  # write_json makes its infinities null
             "started_utc": utc_iso(self.started_unix),
             "startup_s": dict(self.startup_s),
-            "ended_utc": utc_iso(time.time()),
-            "wall_s": self.wall_s(),
         }
+
+    def fields(self) -> dict:
+        return {**self.start_fields(), "ended_utc": utc_iso(time.time()), "wall_s": self.wall_s()}
 
 
 def seconds_since_start_of(pid: int) -> Optional[float]:
@@ -135,6 +137,9 @@ class RunSummary(Callback):
     def on_start(self, state) -> None:
         self.facts.training_starts()
         self._first_step_after_s: Optional[float] = None
+        if self.rank.is_main:  # replaced at the end; left as it is where rank 0 dies without a word under torchrun
+            with contextlib.suppress(OSError):  # a full disk fails the run at its first checkpoint, not here
+                write_summary(self.save_dir, {"exit_reason": RUNNING, **self.facts.start_fields()})
 
     def after_step(self, state) -> None:
         if self._first_step_after_s is not None or state.steps_run != 1:

@@ -1,15 +1,17 @@
 """summary.json as a file, without torch: its name, its times, writing it, and the short one a launcher
 writes when rank 0 ended without writing its own.
 
-observe/summary.py writes the summary of every run that rank 0 sees end. A rank 0 that is killed (the OOM
-killer, --fail-mode kill) or ends at once on a stop signal before its first step writes none, and an earlier
-run's summary.json would then pass for this one's. The launcher that started rank 0 (standalone and node-env
-modes) sees it end, and writes what it knows; it never imports torch.
+observe/summary.py writes the summary of every run that rank 0 sees end, and one that says `running` as its
+training starts, so that an earlier run's never passes for this one's. A rank 0 that is killed (the OOM
+killer, --fail-mode kill) or ends at once on a stop signal writes no end: the launcher that started it
+(standalone and node-env modes) sees it end, and writes what it knows; it never imports torch. Under torchrun,
+whose agent is rank 0's parent, the `running` one stays.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from datetime import datetime, timezone
@@ -19,6 +21,7 @@ from resnet_ddp import __version__
 from resnet_ddp.core.files import write_json
 
 SUMMARY_NAME = "summary.json"
+RUNNING = "running"  # the exit_reason of a run that has not ended, or ended without a word
 
 
 def utc_iso(unix_time: float) -> str:
@@ -37,6 +40,15 @@ def summary_identity(save_dir: str) -> Optional[Tuple[int, int]]:
     except OSError:
         return None
     return stat.st_ino, stat.st_mtime_ns
+
+
+def says_running(save_dir: str) -> bool:
+    """Whether the save dir's summary.json is that of a run that has not written its end."""
+    try:
+        with open(os.path.join(save_dir, SUMMARY_NAME), encoding="utf-8") as f:
+            return json.load(f).get("exit_reason") == RUNNING
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def write_launcher_summary(save_dir: str, outcome, config, world_size: int, device: str) -> None:
