@@ -277,7 +277,7 @@ def results_header(argv: List[str], card: str, gpus_on_machine: int) -> Dict:
     """What a results file starts with: the command that makes it again, and what it measured."""
     return {
         "command": shlex.join(["python", "bench/run.py", *argv]),
-        "commit": _commit(),
+        "commit": measured_commit(),
         "card": card,
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
@@ -287,7 +287,7 @@ def results_header(argv: List[str], card: str, gpus_on_machine: int) -> Dict:
     }
 
 
-def _commit() -> Optional[str]:
+def measured_commit() -> Optional[str]:
     """The commit the runs measure, "-dirty" if the tree has changes; None outside a git checkout."""
     try:
         described = subprocess.run(

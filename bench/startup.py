@@ -22,7 +22,8 @@ without bytecode compiles torch's Python source in every new process.
 With --repeat N the three runs of every configuration are repeated N times, in rounds, each round with
 a new save dir, home and /tmp: a goal is met when every round meets it.
 
-Writes bench/results/<gpu>-x<N>-startup[-image-bytecode].json, which names this command, and prints a table.
+Writes bench/results/<gpu>-x<N>-startup[-image-bytecode].json, which names this command, the commit, card and
+torch it measured, and prints a table.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from typing import Dict, List
 
 import torch
 from gpus import child_env
+from run import measured_commit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"default": [], "fast": ["--fast"]}
@@ -140,15 +142,7 @@ def main() -> int:
         parser.error("--repeat takes a whole number of 1 or more")
     card = torch.cuda.get_device_name(0)
     root = tempfile.mkdtemp(prefix="bench-startup-")
-    payload = {
-        "command": shlex.join(["python", "bench/startup.py", *sys.argv[1:]]),
-        "card": card,
-        "torch": torch.__version__,
-        "date": datetime.date.today().isoformat(),
-        "gpus": args.gpus,
-        "image_bytecode": "as installed",
-        "runs": [],
-    }
+    payload = results_header(sys.argv[1:], card, args.gpus)
     slug = card.replace("NVIDIA ", "").replace(" ", "-").lower()
     suffix = "-image-bytecode" if args.image_bytecode else ""
     path = os.path.join(args.results_dir, f"{slug}-x{args.gpus}-startup{suffix}.json")
@@ -176,6 +170,20 @@ def main() -> int:
             f.write("\n")
     print(f"wrote {path}")
     return 0
+
+
+def results_header(argv: List[str], card: str, gpus: int) -> Dict:
+    """What a results file starts with: the command that makes it again, and what it measured."""
+    return {
+        "command": shlex.join(["python", "bench/startup.py", *argv]),
+        "commit": measured_commit(),
+        "card": card,
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "gpus": gpus,
+        "image_bytecode": "as installed",
+        "runs": [],
+    }
 
 
 if __name__ == "__main__":

@@ -49,11 +49,11 @@ def test_trace_summary_adds_kernel_time_by_kind_and_counts_overlap_once(tmp_path
     assert any(line.split()[:3] == ["+0.50", "0.25", "->"] and "triton_poi_fused_add_relu" in line for line in lines)
 
 
-def _bench_run_module(monkeypatch):
+def _bench_module(monkeypatch, script: str = "run"):
     import importlib.util
 
     monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))
-    spec = importlib.util.spec_from_file_location("bench_run", os.path.join(REPO, "bench", "run.py"))
+    spec = importlib.util.spec_from_file_location(f"bench_{script}", os.path.join(REPO, "bench", f"{script}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -61,7 +61,7 @@ def _bench_run_module(monkeypatch):
 
 def test_a_second_benchmark_run_on_the_same_day_keeps_the_first_ones_results(tmp_path, monkeypatch):
     """bench/run.py names its file by date, card and GPU count: a second run must not overwrite the first."""
-    bench_run = _bench_run_module(monkeypatch)
+    bench_run = _bench_module(monkeypatch)
     stem = str(tmp_path / "2026-11-27-h100-80gb-hbm3-x4")
     assert bench_run._unused_path(stem) == stem + ".json"
     (tmp_path / "2026-11-27-h100-80gb-hbm3-x4.json").write_text("{}")
@@ -72,7 +72,7 @@ def test_a_second_benchmark_run_on_the_same_day_keeps_the_first_ones_results(tmp
 def test_a_benchmark_experiment_on_top_of_fast_is_timed_like_the_fast_row(monkeypatch):
     """A variant's figure is set against the fast row's of the same call: both run the same steps with the same
     warm-up, so that they meet as many epoch ends (variants once ran 400 steps against the fast row's 250)."""
-    bench_run = _bench_run_module(monkeypatch)
+    bench_run = _bench_module(monkeypatch)
     fast = bench_run.run_window("fast", [])
     assert fast[0] == ["--fast"]
     assert bench_run.run_window("symm-mem", ["--fast"]) == ([], *fast[1:])
@@ -85,7 +85,7 @@ def test_a_benchmark_experiment_on_top_of_fast_is_timed_like_the_fast_row(monkey
 
 def test_a_benchmark_variant_runs_from_a_patched_copy_and_a_stale_patch_stops_the_harness(tmp_path, monkeypatch):
     """bench/run.py --variant NAME=PATCH: the A/B of a code change in one call; the tree itself stays as it was."""
-    bench_run = _bench_run_module(monkeypatch)
+    bench_run = _bench_module(monkeypatch)
     readme = open(os.path.join(REPO, "README.en.md")).read().splitlines()
     patch = tmp_path / "title.patch"
     context = "".join(f" {line}\n" for line in readme[1:3])
@@ -106,7 +106,7 @@ def test_a_benchmark_variant_runs_from_a_patched_copy_and_a_stale_patch_stops_th
 
 
 def test_a_results_file_names_the_command_that_makes_it_again_and_the_commit_it_measured(monkeypatch):
-    bench_run = _bench_run_module(monkeypatch)
+    bench_run = _bench_module(monkeypatch)
     argv = ["--gpus", "1,4", "--configs", "original,default", "--experiment", "nccl:4:--fast --no-syncbn-symm-mem"]
     header = bench_run.results_header(argv, "NVIDIA H100 80GB HBM3", 4)
     assert header["command"] == (
@@ -117,6 +117,18 @@ def test_a_results_file_names_the_command_that_makes_it_again_and_the_commit_it_
     if head.returncode == 0:
         assert head.stdout.startswith(header["commit"].removesuffix("-dirty"))
     assert header["card"] == "NVIDIA H100 80GB HBM3" and header["gpus_on_machine"] == 4
+
+
+def test_a_startup_results_file_names_the_command_and_the_commit_it_measured(monkeypatch):
+    startup = _bench_module(monkeypatch, "startup")
+    argv = ["--gpus", "1", "--configs", "default,fast", "--image-bytecode", "/tmp/pyc"]
+    header = startup.results_header(argv, "NVIDIA H200", 1)
+    assert shlex.split(header["command"])[:2] == ["python", "bench/startup.py"]
+    assert shlex.split(header["command"])[2:] == argv
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert head.stdout.startswith(header["commit"].removesuffix("-dirty"))
+    assert (header["card"], header["gpus"], header["runs"]) == ("NVIDIA H200", 1, [])
 
 
 def test_an_unknown_configuration_is_refused_before_anything_runs():
