@@ -271,12 +271,13 @@ def test_the_headline_figures_are_on_the_picture(tmp_path, monkeypatch):
     headline = only(with_gid(figure, "headline"))
     for figure_text in ("42.3 img/s", "step p50 379 ms", "MFU 12.9%", "finished"):
         assert figure_text in headline.get_text()
-    # a running job: no summary.json yet, so the last log point's figures, and no end
+    # a running job (its summary.json says so, or it has none yet): the last log point's figures, and no end
     running = [r for r in records_of_a_run(gpu=True) if r["kind"] != "end"]
-    figure = drawn(monkeypatch, write_save_dir(tmp_path / "running", running))
-    headline = only(with_gid(figure, "headline"))
-    for figure_text in ("42.3 img/s", "step 379 ms", "MFU 12.9%", "running"):
-        assert figure_text in headline.get_text()
+    for name, summary in (("starting", None), ("running", {"exit_reason": "running", "world_size": 2})):
+        figure = drawn(monkeypatch, write_save_dir(tmp_path / name, running, summary))
+        headline = only(with_gid(figure, "headline"))
+        for figure_text in ("42.3 img/s", "step 379 ms", "MFU 12.9%", "running (figures of the last log point)"):
+            assert figure_text in headline.get_text()
 
 
 @pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])

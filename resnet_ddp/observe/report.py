@@ -167,7 +167,8 @@ def short_number(x: float) -> str:
 
 
 def headline(summary: Optional[dict], records: Sequence[dict]) -> str:
-    """summary.json's figures; for a running job (no summary.json yet), those of its last log point."""
+    """summary.json's figures; for a running job (its summary.json says so, or it has none yet), those of its last
+    log point."""
     if summary is not None and is_of_the_last_run(summary, records):
         parts = [
             f"{short_number(summary['img_s'])} img/s" if "img_s" in summary else None,
@@ -186,7 +187,7 @@ def headline(summary: Optional[dict], records: Sequence[dict]) -> str:
         f"step {short_number(max(r.get('step_ms', 0) for r in last.values()))} ms",
         f"MFU {100 * first['mfu']:.1f}%" if first.get("mfu") is not None else None,
         f"at step {first.get('global_step')} of {first.get('total_steps')}",
-        ends[0]["exit_reason"] if ends else "running (no summary.json yet; figures of the last log point)",
+        ends[0]["exit_reason"] if ends else "running (figures of the last log point)",
     ]
     return "   ·   ".join(p for p in parts if p)
 
