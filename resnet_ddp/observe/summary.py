@@ -139,7 +139,7 @@ class RunSummary(Callback):
         self._first_step_after_s: Optional[float] = None
         if self.rank.is_main:  # replaced at the end; left as it is where rank 0 dies without a word under torchrun
             with contextlib.suppress(OSError):  # a full disk fails the run at its first checkpoint, not here
-                write_summary(self.save_dir, {"exit_reason": RUNNING, **self.facts.start_fields()})
+                write_summary(self.save_dir, {"exit_reason": RUNNING, "exit_code": None, **self.facts.start_fields()})
 
     def after_step(self, state) -> None:
         if self._first_step_after_s is not None or state.steps_run != 1:
