@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from resnet_ddp.core.files import write_atomically
 from resnet_ddp.errors import UsageError
-from resnet_ddp.observe.summary_file import RUNNING, SUMMARY_NAME, utc_iso
+from resnet_ddp.observe.summary_file import RUNNING, read_summary_file, utc_iso
 
 METRICS_PATH = os.path.join("logs", "metrics.jsonl")  # as observe.metrics.metrics_path, without importing torch
 OTHER_NODES = os.path.join("logs", "metrics-node*.jsonl")  # the other nodes' files, where they share the save dir
@@ -76,12 +76,8 @@ def _is_record(record) -> bool:
 
 def read_summary(save_dir: str) -> Optional[dict]:
     """summary.json, or None while the run is going (or when it was killed before writing its end)."""
-    try:
-        with open(os.path.join(save_dir, SUMMARY_NAME), encoding="utf-8") as f:
-            summary = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(summary, dict) or summary.get("exit_reason") == RUNNING:
+    summary = read_summary_file(save_dir)
+    if summary is None or summary.get("exit_reason") == RUNNING:
         return None
     # A field of another type than the job writes (a hand-edited file) is left out rather than drawn.
     return {k: v for k, v in summary.items() if k not in _SUMMARY_TYPES or isinstance(v, _SUMMARY_TYPES[k])}

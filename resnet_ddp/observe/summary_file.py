@@ -42,13 +42,20 @@ def summary_identity(save_dir: str) -> Optional[Tuple[int, int]]:
     return stat.st_ino, stat.st_mtime_ns
 
 
-def says_running(save_dir: str) -> bool:
-    """Whether the save dir's summary.json is that of a run that has not written its end."""
+def read_summary_file(save_dir: str) -> Optional[dict]:
+    """The save dir's summary.json as written, or None where there is none, or none that parses to an object."""
     try:
         with open(os.path.join(save_dir, SUMMARY_NAME), encoding="utf-8") as f:
-            return json.load(f).get("exit_reason") == RUNNING
-    except (OSError, ValueError, AttributeError):
-        return False
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def says_running(save_dir: str) -> bool:
+    """Whether the save dir's summary.json is that of a run that has not written its end."""
+    summary = read_summary_file(save_dir)
+    return summary is not None and summary.get("exit_reason") == RUNNING
 
 
 def write_launcher_summary(save_dir: str, outcome, config, world_size: int, device: str) -> None:
